@@ -1,0 +1,117 @@
+"""Budgets and allocators: *how many* tokens each layer and KV head keeps, separate from *which* (the method).
+
+``budget`` (a top-level config number): <= 1 is the fraction of KV entries kept (1.0 = no compression), > 1 is the
+average number of tokens kept per KV head, window included (the AdaKV/KVCache-Factory "B"). ``tokens_per_head``
+turns it into the per-head average for a cache of n tokens. kvpress's ``compression_ratio`` is ``1 - budget``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def check_budget(budget: object) -> float:
+    """One clear message for a non-numeric or non-positive budget."""
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise ValueError(f"budget must be a number (a fraction <= 1 or tokens per head > 1), got {budget!r}")
+    if not budget > 0 or math.isinf(budget):
+        raise ValueError(f"budget must be > 0 (a fraction <= 1 or tokens per head > 1), got {budget!r}")
+    return float(budget)
+
+
+def tokens_per_head(budget: float, n: int) -> int:
+    """Average tokens kept per KV head (window included) for a cache of n tokens; never more than n, at least 1.
+
+    Fractions use floor(budget * n) as kvpress does (int(n * (1 - compression_ratio))).
+    """
+    if budget <= 1:
+        return max(1, min(n, math.floor(budget * n + 1e-9)))
+    return min(n, int(budget))
+
+
+def compression_ratio(budget: float, n: int | None = None) -> float:
+    """kvpress convention: the fraction removed. For token budgets (> 1) it needs the cache length n."""
+    if budget <= 1:
+        return 1.0 - budget
+    return 1.0 - min(1.0, budget / n) if n else float("nan")
+
+
+@dataclass
+class Allocator:
+    """Splits a layer's non-window budget over its KV heads (and, for some allocators, over layers).
+
+    ``allocate(scores, keep, layer, n_layers)``: scores (H, m) of the m candidate (non-window) tokens, ``keep`` the
+    average number of candidates to keep per head in an average layer; returns (H,) counts, each <= m.
+    """
+
+    name: str = "uniform"
+
+    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int) -> Tensor:
+        h, m = scores.shape
+        return torch.full((h,), min(keep, m), dtype=torch.long)
+
+
+@dataclass
+class Uniform(Allocator):
+    """Every layer and every KV head keeps the same number of tokens (SnapKV, H2O, StreamingLLM)."""
+
+    name: str = "uniform"
+
+
+@dataclass
+class Pyramid(Allocator):
+    """PyramidKV's arithmetic layer schedule (https://arxiv.org/abs/2406.02069), methods_core §2.5.
+
+    With base b = keep: m_min = b // beta, m_max = 2b - m_min; if m_max >= m (the candidates) then m_max = m and
+    m_min = 2b - m_max; step = (m_max - m_min) // (L - 1); layer l keeps m_max - l * step (floored step, so the total
+    can exceed L * b slightly, as in the authors' code). ``kvf_fallback`` reproduces KVCache-Factory's rule of
+    falling back to the uniform b when m < 2b (the AdaKV/CompressKV ports have no such rule; default off).
+    Every head of a layer keeps the same number.
+    """
+
+    name: str = "pyramid"
+    beta: int = 20
+    kvf_fallback: bool = False
+
+    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int) -> Tensor:
+        h, m = scores.shape
+        b = min(keep, m)
+        if n_layers == 1 or (self.kvf_fallback and m < 2 * b):
+            return torch.full((h,), b, dtype=torch.long)
+        m_min = b // self.beta
+        m_max = 2 * b - m_min
+        if m_max >= m:
+            m_max, m_min = m, 2 * b - m
+        step = (m_max - m_min) // (n_layers - 1)
+        return torch.full((h,), max(0, min(m, m_max - layer * step)), dtype=torch.long)
+
+
+@dataclass
+class HeadAdaptive(Allocator):
+    """AdaKV's head-wise budgets within a layer (https://arxiv.org/abs/2407.11550), methods_core §2.6.
+
+    The layer's H * keep candidates are chosen by one top-k over all heads' scores; a_h = picks in head h. With the
+    safeguard alpha, cap_h = round(a_h * (1 - alpha) + floor(alpha * keep)) (torch.round, half to even), clamped to
+    the m candidates. alpha = 0.2 is the AdaKV LongBench setting; alpha = 0 is DefensiveKV's plain flattened top-k.
+    ``normalize`` (KVCache-Factory's port; off in the AdaKV repo) rescales head h's scores by its top-keep mass.
+    """
+
+    name: str = "head_adaptive"
+    alpha: float = 0.2
+    normalize: bool = False
+
+    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int) -> Tensor:
+        h, m = scores.shape
+        keep = min(keep, m)
+        s = scores.float()
+        if self.normalize:
+            top = s.topk(keep, dim=-1).values.sum(-1, keepdim=True)  # (H, 1)
+            s = s * top / s.sum(-1, keepdim=True).clamp_min(1e-12)
+        picks = s.reshape(-1).topk(h * keep).indices // m  # (H*keep,) head of every pick
+        counts = torch.bincount(picks, minlength=h).float()  # (H,)
+        caps = torch.round(counts * (1 - self.alpha) + math.floor(self.alpha * keep))
+        return caps.clamp(0, m).long()

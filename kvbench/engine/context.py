@@ -1,0 +1,106 @@
+"""What a method sees when it scores one layer's cache: ``LayerContext``.
+
+New inputs become new fields here, never new arguments in every method's ``score()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kvbench.ops import group_reduce
+
+
+@dataclass
+class LayerContext:
+    """One layer at compression time (batch squeezed; n = tokens in the layer's cache when it is compressed).
+
+    Attributes:
+        layer_idx, n_layers: which decoder layer, of how many.
+        module: the attention module (``o_proj`` etc. for methods that need weights, e.g. value-norm weighting).
+        queries: (H_q, q, d) post-RoPE queries of the forward that just filled the cache (the whole prompt in
+            one-shot prefill, so the observation window is ``queries[:, -w:]``).
+        keys, values: (H_kv, n, d) the layer's cached keys (post-RoPE, original positions) and values.
+        positions: (n,) original RoPE positions of the cached tokens.
+        window: effective observation window (always-kept recent tokens), already clamped to the budget.
+        keep: average tokens kept per KV head in this run, window included (budget converted to tokens).
+        scaling: the attention softmax scale (1/sqrt(d) for these models).
+        hidden_states: (q, hidden) the attention module's input for the same forward (post input-norm), or None.
+        spans: named token ranges [start, end) in cache coordinates, e.g. {"context": (0, 900), "question": ...};
+            future multimodal runs add image/frame spans here.
+    """
+
+    layer_idx: int
+    n_layers: int
+    module: nn.Module
+    queries: Tensor
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    window: int
+    keep: int
+    scaling: float
+    hidden_states: Tensor | None = None
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def n_groups(self) -> int:
+        return self.queries.shape[0] // self.keys.shape[0]
+
+    def group(self, x: Tensor, how: str = "mean") -> Tensor:
+        """(H_q, ...) -> (H_kv, ...) over each KV head's query group."""
+        return group_reduce(x, self.n_kv_heads, how)
+
+    def window_attention(self, w: int | None = None) -> Tensor:
+        """Observation-window attention probabilities over the non-window keys: (H_q, w, n - w).
+
+        As in SnapKV and its descendants (methods_core §1.1): the last w queries (true positions) against all n
+        keys, causal mask only inside the last w x w block, softmax over all n keys in fp32, cast back to the
+        model dtype, then the window columns dropped (so rows sum to < 1).
+        """
+        w = self.window if w is None else w
+        key = f"window_attention:{w}"
+        if key not in self.memo:
+            self.memo[key] = self._window_attention(w)
+        return self.memo[key]
+
+    def _window_attention(self, w: int) -> Tensor:
+        q = self.queries[:, -w:]  # (H_q, w, d)
+        k = self.keys.repeat_interleave(self.n_groups, 0)  # (H_q, n, d)
+        logits = torch.einsum("hwd,hnd->hwn", q.float(), k.float()) * self.scaling  # (H_q, w, n)
+        causal = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)  # True above the diagonal
+        logits[:, :, self.n - w :].masked_fill_(causal, float("-inf"))
+        probs = logits.softmax(-1).to(self.queries.dtype)  # (H_q, w, n)
+        return probs[:, :, : self.n - w]
+
+    def attention_column_sums(self, chunk: int = 512) -> Tensor:
+        """Sum over *all* prompt queries of the causal attention each key receives: (H_q, n).
+
+        Computed in query chunks to bound memory (H2O's accumulated attention; softmax in fp32, fully causal).
+        """
+        if "colsum" in self.memo:
+            return self.memo["colsum"]
+        k = self.keys.repeat_interleave(self.n_groups, 0).float()  # (H_q, n, d)
+        q_all = self.queries.float()
+        offset = self.n - q_all.shape[1]  # queries cover the last q positions of the cache
+        total = torch.zeros(q_all.shape[0], self.n, device=k.device)
+        for s in range(0, q_all.shape[1], chunk):
+            q = q_all[:, s : s + chunk]  # (H_q, c, d)
+            logits = torch.einsum("hcd,hnd->hcn", q, k) * self.scaling
+            rows = torch.arange(s, s + q.shape[1], device=k.device)[:, None] + offset
+            logits.masked_fill_(torch.arange(self.n, device=k.device)[None, :] > rows, float("-inf"))
+            total += logits.softmax(-1).to(self.queries.dtype).float().sum(1)
+        self.memo["colsum"] = total
+        return total

@@ -1,0 +1,78 @@
+"""DefensiveKV: worst-case (defensive) aggregation of window attention, value-norm weighting, flattened top-k."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvbench.engine.context import LayerContext
+from kvbench.method import Method
+from kvbench.ops import pool1d
+
+
+@dataclass
+class DefensiveKV(Method):
+    """DefensiveKV (FFY0/DefensiveKV ``efficient_defensivekv_press.py``), methods_core §5.1-5.2.
+
+    Per layer, with A the window attention (w = 32, probabilities over all n keys, non-window columns kept):
+      1. ave[h, j] = mean_{g,i} A; base[h, g, i] = sum_j A (row mass).
+      2. P = avgpool_5(A) per row, renormalised to keep the row mass: P <- P / sum_j P * base.
+      3. Defensive aggregation: M[h, j] = max_g max_i P; D = max(M, mean_j M) (worst case, floored at the mean).
+      4. CriticalKV value norms: N[h, j] = mean_g ||v_{h,j} W_O^{(h,g)}||_1, normalised across KV heads per token;
+         S = D * N / sum_h N.
+      5. Stage-1 forcing: window_bias = mean mass on the w keys just before the window; tau = 0.9 - window_bias;
+         c_h = first index where the cumulative sorted ave[h]/sum(ave[h]) reaches tau (argmax of the boolean, so
+         one token short of tau, as in the authors' code), clamped to int((n - w) * keep / n - w); those top c_h
+         tokens of head h get S = max(S).
+    The window is always kept. The ``head_adaptive`` allocator with alpha = 0 (``conf/method/defensivekv.yaml``)
+    then takes the layer's flattened top-k over all (head, token) scores: heads get unequal lengths, physically.
+
+    Deviations: the layer budget is H_kv * floor(n * budget) entries instead of floor(n * budget * H_kv) (at most
+    H_kv - 1 entries apart); scores stay in the model dtype (fp32 on CPU; the authors cast to bf16).
+    """
+
+    name: str = "defensivekv"
+    window: int = 32
+    kernel: int = 5
+    tau: float = 0.9
+    norm_chunk: int = 1024
+
+    def score(self, ctx: LayerContext) -> Tensor:
+        h, w, n = ctx.n_kv_heads, ctx.window, ctx.n
+        attn = ctx.window_attention().float()  # (H_q, w, n - w)
+        grouped = attn.reshape(h, ctx.n_groups, w, n - w)  # (H, G, w, n - w)
+        ave = grouped.mean((1, 2))  # (H, n - w)
+        pooled = pool1d(grouped, self.kernel, "avg")  # (H, G, w, n - w)
+        pooled = pooled / pooled.sum(-1, keepdim=True).clamp_min(1e-30) * grouped.sum(-1, keepdim=True)
+        m = pooled.amax((1, 2))  # (H, n - w)
+        d = torch.maximum(m, m.mean(-1, keepdim=True))
+        norms = self.value_norms(ctx)[:, : n - w]  # (H, n - w)
+        s = d * norms / norms.sum(0, keepdim=True).clamp_min(1e-30)
+        return self.force_stage1(s, ave, attn, ctx)
+
+    def value_norms(self, ctx: LayerContext) -> Tensor:
+        """N[h, j] = mean_g ||v_{h,j} W_O^{(h,g)}||_1: (H_kv, n). Chunked over tokens to bound memory."""
+        weight = ctx.module.o_proj.weight  # (hidden, H_q * d)
+        d = ctx.values.shape[-1]
+        w_o = weight.T.reshape(ctx.n_kv_heads, ctx.n_groups, d, -1).float()  # (H, G, d, hidden)
+        out = []
+        for s in range(0, ctx.n, self.norm_chunk):
+            v = ctx.values[:, s : s + self.norm_chunk].float()  # (H, c, d)
+            out.append(torch.einsum("hcd,hgdo->hgco", v, w_o).abs().sum(-1).mean(1))  # (H, c)
+        return torch.cat(out, 1)
+
+    def force_stage1(self, s: Tensor, ave: Tensor, attn: Tensor, ctx: LayerContext) -> Tensor:
+        """CriticalKV stage 1: give each head's top-c_h tokens (by ave) the tensor-wide maximum score."""
+        w, n = ctx.window, ctx.n
+        bias = attn[:, :, max(0, n - 2 * w) : n - w].sum(-1).mean()  # mass on the w keys before the window
+        sorted_ave, order = (ave / ave.sum(-1, keepdim=True).clamp_min(1e-30)).sort(-1, descending=True)
+        counts = (sorted_ave.cumsum(-1) >= self.tau - bias).int().argmax(-1)  # (H,)
+        limit = max(0, int((n - w) * ctx.keep / n - w))
+        counts = counts.clamp(max=limit)
+        forced = torch.arange(s.shape[-1], device=s.device)[None, :] < counts[:, None]  # (H, n - w) in sorted order
+        out = s.clone()
+        rows = torch.arange(s.shape[0], device=s.device)[:, None].expand_as(order)
+        out[rows[forced], order[forced]] = s.max()
+        return out
