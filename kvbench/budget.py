@@ -13,13 +13,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kvbench.errors import UsageError
+
 
 def check_budget(budget: object) -> float:
     """One clear message for a non-numeric or non-positive budget."""
     if isinstance(budget, bool) or not isinstance(budget, int | float):
-        raise ValueError(f"budget must be a number (a fraction <= 1 or tokens per head > 1), got {budget!r}")
+        raise UsageError(f"budget must be a number (a fraction <= 1 or tokens per head > 1), got {budget!r}")
     if not budget > 0 or math.isinf(budget):
-        raise ValueError(f"budget must be > 0 (a fraction <= 1 or tokens per head > 1), got {budget!r}")
+        raise UsageError(f"budget must be > 0 (a fraction <= 1 or tokens per head > 1), got {budget!r}")
     return float(budget)
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvbench.errors import UsageError
+
 
 def pool1d(x: Tensor, kernel: int, mode: str = "avg") -> Tensor:
     """Smooth scores along the last (key) axis with stride 1 and padding kernel//2.
@@ -17,7 +19,7 @@ def pool1d(x: Tensor, kernel: int, mode: str = "avg") -> Tensor:
     if kernel <= 1 or mode == "none":
         return x
     if kernel % 2 == 0:
-        raise ValueError(f"pooling kernel must be odd to keep the length, got {kernel}")
+        raise UsageError(f"pooling kernel must be odd to keep the length, got {kernel}")
     shape = x.shape
     flat = x.reshape(-1, 1, shape[-1])  # (B, 1, m)
     if mode == "avg":
@@ -25,7 +27,7 @@ def pool1d(x: Tensor, kernel: int, mode: str = "avg") -> Tensor:
     elif mode == "max":
         out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
     else:
-        raise ValueError(f"unknown pooling {mode!r}: use 'avg', 'max' or 'none'")
+        raise UsageError(f"unknown pooling {mode!r}: use 'avg', 'max' or 'none'")
     return out.reshape(shape)
 
 
@@ -39,7 +41,7 @@ def group_reduce(x: Tensor, n_kv_heads: int, how: str = "mean") -> Tensor:
         return grouped.amax(1)
     if how == "sum":
         return grouped.sum(1)
-    raise ValueError(f"unknown GQA reduction {how!r}: use 'mean', 'max' or 'sum'")
+    raise UsageError(f"unknown GQA reduction {how!r}: use 'mean', 'max' or 'sum'")
 
 
 def topk_per_head(scores: Tensor, counts: Tensor) -> list[Tensor]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from kvbench.engine.context import LayerContext
+from kvbench.errors import UsageError
 from kvbench.method import Method
-from kvbench.ops import pool1d
+from kvbench.ops import group_reduce, pool1d
 
 
 @dataclass
@@ -37,6 +39,12 @@ class SnapKV(Method):
     pooling: str = "max"
     reduce: str = "mean"
     gqa: str = "mean"
+
+    def __post_init__(self) -> None:
+        pool1d(torch.zeros(1, 8), self.kernel, self.pooling)  # validates kernel and pooling with a clear message
+        group_reduce(torch.zeros(1, 1), 1, self.gqa)
+        if self.reduce not in ("mean", "sum"):
+            raise UsageError(f"reduce={self.reduce!r}; use 'mean' or 'sum'")
 
     def score(self, ctx: LayerContext) -> Tensor:
         attn = ctx.window_attention()  # (H_q, w, n - w)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvbench.engine.store import LayerKV, cu_from_lens, ragged_index
+from kvbench.errors import UsageError
 
 BACKENDS = ("sdpa", "eager", "flash_attention_2")
 
@@ -28,9 +29,9 @@ def flash_attn_available() -> bool:
 def check_backend(name: str) -> str:
     """Validate an ``attn_implementation`` value with one clear message."""
     if name not in BACKENDS:
-        raise ValueError(f"attn_implementation={name!r} is not supported; choose one of {', '.join(BACKENDS)}")
+        raise UsageError(f"attn_implementation={name!r} is not supported; choose one of {', '.join(BACKENDS)}")
     if name == "flash_attention_2" and not flash_attn_available():
-        raise RuntimeError(
+        raise UsageError(
             "attn_implementation=flash_attention_2 needs the flash-attn package and a CUDA GPU, and they are not "
             "available here. Use model.attn_implementation=sdpa (torch's SDPA, which runs its own FlashAttention-2 "
             "kernel on GPU), or install flash-attn on the GPU node."
@@ -57,7 +58,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str
     if backend == "flash_attention_2":
         from flash_attn import flash_attn_func
 
-        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, softmax_scale=scale)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, n, H, d)
+        return flash_attn_func(qt, kt, vt, causal=True, softmax_scale=scale)
     if backend == "eager":
         n = q.shape[2]
         mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, None]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 
 from kvbench.budget import Allocator, tokens_per_head
-from kvbench.engine.attention import causal_attention, cached_attention, check_backend
+from kvbench.engine.attention import cached_attention, causal_attention, check_backend
 from kvbench.engine.context import LayerContext
 from kvbench.engine.store import KVStore, LayerKV
 from kvbench.method import Method
@@ -63,7 +63,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
-def _now(device: torch.device) -> float:
+def sync_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -154,9 +154,9 @@ class Engine:
             tokens.append(int(logits.argmax()))
             if len(tokens) == max_new_tokens or (should_stop is not None and should_stop(tokens)):
                 break
-            t0 = _now(self.device)
+            t0 = sync_time(self.device)
             logits = self.forward([tokens[-1]])
-            times.append(_now(self.device) - t0)
+            times.append(sync_time(self.device) - t0)
         return tokens, times
 
     # -- the attention function ---------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class Engine:
         keep = tokens_per_head(self.budget, n)
         if keep >= n:
             return
-        t0 = _now(self.device)
+        t0 = sync_time(self.device)
         keys, values = layer.dense()
         ctx = LayerContext(
             layer_idx=module.layer_idx, n_layers=self.n_layers, module=module, queries=queries, keys=keys,
@@ -193,7 +193,7 @@ class Engine:
             scaling=scale, hidden_states=self._hidden.pop(module.layer_idx, None), spans=self.spans,
         )
         layer.select(select_tokens(self.method.score(ctx), ctx, self.allocator))
-        self.compress_seconds += _now(self.device) - t0
+        self.compress_seconds += sync_time(self.device) - t0
 
 
 def select_tokens(scores: Tensor, ctx: LayerContext, allocator: Allocator) -> list[Tensor]:

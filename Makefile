@@ -1,0 +1,41 @@
+# kvbench. `make demo` and `make test` each set up .venv themselves (idempotent) and never pull a second torch.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+ARGS ?=
+
+.PHONY: help install demo test test-all lint format efficiency clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned to the machine's CPU build; everything after is constrained to it
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install kvbench (editable) with pinned torch
+
+demo: $(STAMP)  ## the main job: DefensiveKV at budget 0.2 on the embedded model and task (ARGS=... to add overrides)
+	$(BIN)/python -m kvbench method=defensivekv budget=0.2 $(ARGS)
+
+test: $(STAMP)  ## the test suite (CPU, offline; slow checks excluded)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(ARGS)
+
+test-all: $(STAMP)  ## every test including the slow ones
+	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check kvbench methods scripts tests
+
+format: $(STAMP)  ## ruff fix + format
+	$(BIN)/ruff check --fix kvbench methods scripts tests
+
+efficiency: $(STAMP)  ## per-method prefill / compression / decode times and KV bytes
+	$(BIN)/python scripts/efficiency.py $(ARGS)
+
+clean:  ## remove the virtual environment and caches (results are kept)
+	rm -rf $(VENV) .pytest_cache .ruff_cache logs

@@ -1,0 +1,86 @@
+"""Loading a model and its tokenizer from the hub, a local directory, or the embedded assets, offline-aware."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from kvbench.engine.attention import check_backend
+from kvbench.errors import UsageError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(UsageError):
+    """A model that cannot be loaded, with the reason and what to do."""
+
+
+def resolve_source(pretrained: str) -> str:
+    """``embedded:<name>`` -> the shipped directory; a path must exist; anything else is a hub id."""
+    if pretrained.startswith("embedded:"):
+        path = ASSETS / pretrained.split(":", 1)[1]
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"embedded model {pretrained!r} not found at {path}; available: {embedded_models()}")
+        return str(path)
+    if Path(pretrained).expanduser().exists():
+        return str(Path(pretrained).expanduser())
+    if pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1:  # hub ids are "org/name"
+        raise ModelLoadError(f"model path {pretrained!r} does not exist")
+    return pretrained
+
+
+def embedded_models() -> list[str]:
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").exists()) if ASSETS.exists() else []
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers on 443 (a quick probe, so offline nodes fail fast instead of retrying)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device={device!r} but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def load_model(spec: Any, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from a ``conf/model/*.yaml`` node (pretrained, revision, dtype, ...)."""
+    check_backend(spec.attn_implementation)
+    if spec.dtype not in DTYPES:
+        raise UsageError(f"model.dtype={spec.dtype!r}; choose one of {', '.join(DTYPES)}")
+    source = resolve_source(str(spec.pretrained))
+    local = Path(source).exists()
+    kwargs: dict[str, Any] = {"revision": None if local else spec.get("revision"),
+                              "trust_remote_code": bool(spec.get("trust_remote_code", False))}
+    if not local and not hub_reachable():
+        kwargs["local_files_only"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        # the engine replaces the attention function; "sdpa" only decides what transformers builds at load time
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[spec.dtype], attn_implementation="sdpa",
+                                                     **kwargs)
+    except OSError as err:
+        if kwargs.get("local_files_only"):
+            raise ModelLoadError(
+                f"model {source!r} (revision {spec.get('revision')}) is not in the local Hugging Face cache and the "
+                "hub cannot be reached. Download it on a machine with network "
+                f"(`huggingface-cli download {source} --revision {spec.get('revision') or 'main'}`, with HF_HOME "
+                "pointing at shared storage), or set model.pretrained=/path/to/local/copy."
+            ) from err
+        raise ModelLoadError(f"could not load model {source!r}: {err}") from err
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,163 @@
+"""One sample through the engine under a protocol: prompt encoding, prefill + compression, answers, records.
+
+Protocols (recorded in every run):
+  * ``query_aware``: for each question, the prompt context + question is prefilled and compressed together (the
+    observation window holds the question), then the answer is decoded (SnapKV, KVCache-Factory, CAKE papers).
+  * ``query_agnostic``: the context alone is prefilled and compressed once; each question is then appended over the
+    compressed cache (uncompressed), answered, and rolled back, so all questions share one compressed context
+    (kvpress, DefensiveKV).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from kvbench.engine.engine import Engine, sync_time
+from kvbench.metrics import score_prediction
+from kvbench.tasks.base import Question, Sample
+
+PROTOCOLS = ("query_aware", "query_agnostic")
+SPLIT = "\u241eKVBENCH-SPLIT\u241e"
+
+
+@dataclass
+class Generation:
+    """Decoding settings of a task."""
+
+    max_new_tokens: int
+    stop: list[str]
+
+
+def encode(tok: PreTrainedTokenizerBase, context: str, question: str, chat: bool, max_length: int | None
+           ) -> tuple[list[int], list[int]]:
+    """Context and question token ids; concatenated they are the full prompt.
+
+    With ``chat`` the tokenizer's chat template wraps context + question as one user turn and is split at their
+    boundary (kvpress's approach), so the question part carries the template's suffix. Contexts longer than
+    ``max_length`` (prompt + question) are cut in the middle, keeping the first and last halves.
+    """
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": context + SPLIT + question}], tokenize=False,
+                                       add_generation_prompt=True)
+        prefix, suffix = text.split(SPLIT)
+        ctx = tok(prefix, add_special_tokens=False).input_ids
+        q = tok(suffix, add_special_tokens=False).input_ids
+    else:
+        ctx = tok(context, add_special_tokens=True).input_ids
+        q = tok(question, add_special_tokens=False).input_ids
+    if max_length and len(ctx) + len(q) > max_length:
+        half = (max_length - len(q)) // 2
+        ctx = ctx[:half] + ctx[len(ctx) - half :]
+    return ctx, q
+
+
+def stopper(tok: PreTrainedTokenizerBase, stop: list[str]) -> Callable[[list[int]], bool]:
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+
+    def should_stop(tokens: list[int]) -> bool:
+        if tokens[-1] in eos:
+            return True
+        text = tok.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in stop)
+
+    return should_stop
+
+
+def postprocess(tok: PreTrainedTokenizerBase, tokens: list[int], stop: list[str]) -> str:
+    """Decoded answer cut at the first stop string."""
+    text = tok.decode(tokens, skip_special_tokens=True)
+    cuts = [text.index(s) for s in stop if s in text]
+    return (text[: min(cuts)] if cuts else text).strip()
+
+
+def cache_stats(engine: Engine, n: int) -> dict[str, Any]:
+    """Entries and bytes held right after compression, against the full cache of n tokens."""
+    store = engine.store
+    entries, nbytes = store.n_entries(), store.nbytes()
+    full_entries = n * sum(layer.n_heads for layer in store.layers if layer is not None)
+    return {
+        "compressed_tokens": n,
+        "kept_entries": entries,
+        "full_entries": full_entries,
+        "kept_fraction": entries / full_entries,
+        "kv_bytes_kept": nbytes,
+        "kv_bytes_full": round(nbytes / entries * full_entries),
+        "kept_per_layer": [sum(lens) for lens in store.lengths()],
+    }
+
+
+def prefill(engine: Engine, ids: list[int], spans: dict[str, tuple[int, int]]) -> tuple[torch.Tensor, dict]:
+    """Fresh cache, compressed prefill; returns last logits and the prefill statistics."""
+    engine.reset()
+    engine.spans = spans
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    t0 = sync_time(engine.device)
+    logits = engine.forward(ids, compress=True)
+    total = sync_time(engine.device) - t0
+    stats = cache_stats(engine, len(ids))
+    stats.update(prefill_s=total - engine.compress_seconds, compress_s=engine.compress_seconds,
+                 peak_kv_bytes_prefill=engine.store.peak_bytes)
+    return logits, stats
+
+
+def answer(engine: Engine, tok: PreTrainedTokenizerBase, logits: torch.Tensor, gen: Generation) -> dict[str, Any]:
+    tokens, times = engine.generate(logits, gen.max_new_tokens, stopper(tok, gen.stop))
+    return {
+        "prediction": postprocess(tok, tokens, gen.stop),
+        "new_tokens": len(tokens),
+        "decode_s_per_token": sum(times) / len(times) if times else None,
+    }
+
+
+def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, gen: Generation, metrics: list[str],
+               protocol: str, chat: bool, max_length: int | None, skip: set[str]) -> list[dict[str, Any]]:
+    """Answer every question of ``sample`` not in ``skip``; one record per question."""
+    todo = [q for q in sample.questions if f"{sample.id}/{q.id}" not in skip]
+    records = []
+    if protocol == "query_agnostic" and todo:
+        ctx, _ = encode(tok, sample.context, todo[0].text, chat, max_length)
+        logits, stats = prefill(engine, ctx, {"context": (0, len(ctx))})
+        snap = engine.store.snapshot()
+        for q in todo:
+            engine.store.rollback(snap)
+            engine.store.reset_peak()
+            _, q_ids = encode(tok, sample.context, q.text, chat, max_length)
+            t0 = sync_time(engine.device)
+            q_logits = engine.forward(q_ids)
+            extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids)}
+            records.append(_record(engine, tok, sample, q, q_logits, gen, metrics, {**stats, **extra}))
+        engine.store.rollback(snap)
+        return records
+    for q in todo:
+        ctx, q_ids = encode(tok, sample.context, q.text, chat, max_length)
+        spans = {"context": (0, len(ctx)), "question": (len(ctx), len(ctx) + len(q_ids))}
+        logits, stats = prefill(engine, ctx + q_ids, spans)
+        stats["question_tokens"] = len(q_ids)
+        records.append(_record(engine, tok, sample, q, logits, gen, metrics, stats))
+    return records
+
+
+def _record(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, q: Question, logits: torch.Tensor,
+            gen: Generation, metrics: list[str], stats: dict[str, Any]) -> dict[str, Any]:
+    out = answer(engine, tok, logits, gen)
+    peak_mem = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None
+    return {
+        "id": f"{sample.id}/{q.id}",
+        "sample_id": sample.id,
+        "question_id": q.id,
+        "prediction": out["prediction"],
+        "references": q.answers,
+        "scores": score_prediction(out["prediction"], q.answers, metrics),
+        **stats,
+        "new_tokens": out["new_tokens"],
+        "decode_s_per_token": out["decode_s_per_token"],
+        "peak_kv_bytes": max(engine.store.peak_bytes, stats["peak_kv_bytes_prefill"]),
+        "peak_mem_bytes": peak_mem,
+        "meta": {**sample.meta, **q.meta},
+    }

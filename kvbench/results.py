@@ -1,0 +1,136 @@
+"""Run directories: the resolved config, per-sample predictions (append-only, the resume key) and final metrics.
+
+Layout of one run (the path depends only on the config, never on time)::
+
+    <results>/<task>/<model>/<method>/<allocator>/<protocol>/budget=<b>/seed=<s>/
+        config.yaml         resolved config + config_hash
+        predictions.jsonl   one line per scored question, appended and flushed as each finishes
+        metrics.json        written atomically, last: its presence means "finished"
+
+Rerunning resumes: finished lines are skipped, a half-written last line is dropped, a finished run returns at
+once, and a different config for the same directory is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from kvbench.errors import UsageError
+
+# keys that do not change results and so are not part of the config hash
+VOLATILE_KEYS = ("paths", "limit", "overwrite", "progress", "run_dir", "hydra", "device")
+
+
+class ConfigMismatchError(UsageError):
+    """The run directory holds results of a different configuration."""
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """sha256 (16 hex chars) of the canonical JSON of the config without volatile keys."""
+    stable = {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunStore:
+    """One run directory."""
+
+    def __init__(self, run_dir: str | Path, cfg: dict[str, Any]) -> None:
+        self.dir = Path(run_dir)
+        self.cfg = cfg
+        self.hash = config_hash(cfg)
+        self.config_path = self.dir / "config.yaml"
+        self.predictions_path = self.dir / "predictions.jsonl"
+        self.metrics_path = self.dir / "metrics.json"
+
+    @property
+    def complete(self) -> bool:
+        return self.metrics_path.exists()
+
+    def open(self, overwrite: bool = False) -> None:
+        """Create the directory, or check that the one there belongs to the same config."""
+        if overwrite:
+            for p in (self.metrics_path, self.predictions_path, self.config_path):
+                p.unlink(missing_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.config_path.exists():
+            old = yaml.safe_load(self.config_path.read_text()) or {}
+            if old.get("config_hash") != self.hash:
+                diff = _diff(old.get("config", {}), self.cfg)
+                raise ConfigMismatchError(
+                    f"{self.dir} already holds results of a different configuration (hash {old.get('config_hash')} "
+                    f"vs {self.hash}; differing keys: {diff}). Give the variant its own name (e.g. "
+                    "method.name=snapkv_w8), use another paths.results, or pass overwrite=true to discard the old run."
+                )
+            return
+        _atomic_write(self.config_path, yaml.safe_dump({"config_hash": self.hash, "config": self.cfg}, sort_keys=False))
+
+    def records(self) -> list[dict[str, Any]]:
+        """Finished lines; a partial last line (killed mid-write) is cut off the file."""
+        if not self.predictions_path.exists():
+            return []
+        raw = self.predictions_path.read_bytes()
+        end = raw.rfind(b"\n") + 1
+        if end < len(raw):  # half-written last line
+            with open(self.predictions_path, "r+b") as f:
+                f.truncate(end)
+        return [json.loads(line) for line in raw[:end].decode().splitlines() if line.strip()]
+
+    def done_ids(self) -> set[str]:
+        return {r["id"] for r in self.records()}
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.predictions_path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        _atomic_write(self.metrics_path, json.dumps(metrics, indent=2, default=float) + "\n")
+
+    def load_metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics_path.read_text())
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        if not prefix and k in VOLATILE_KEYS:
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def load_results(root: str | Path, samples: bool = False) -> pd.DataFrame:
+    """Every finished run under ``root`` as one row (metrics + flattened config), or one row per sample."""
+    rows = []
+    for metrics_path in sorted(Path(root).rglob("metrics.json")):
+        run_dir = metrics_path.parent
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["config"]
+        flat_cfg = pd.json_normalize(cfg, sep=".").iloc[0].to_dict()
+        if samples:
+            for rec in RunStore(run_dir, cfg).records():
+                rows.append({**flat_cfg, **pd.json_normalize(rec, sep=".").iloc[0].to_dict(), "run_dir": str(run_dir)})
+        else:
+            m = json.loads(metrics_path.read_text())
+            rows.append({**flat_cfg, **pd.json_normalize(m, sep=".").iloc[0].to_dict(), "run_dir": str(run_dir)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,122 @@
+"""``run(cfg)``: one configuration end to end, resumable, with no Hydra global state (tests and notebooks call it)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections import defaultdict
+from typing import Any
+
+import torch
+import transformers
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from kvbench.budget import check_budget, compression_ratio
+from kvbench.engine import Engine
+from kvbench.errors import UsageError
+from kvbench.models import load_model, pick_device
+from kvbench.pipeline import PROTOCOLS, Generation, run_sample
+from kvbench.results import RunStore
+from kvbench.tasks import load_samples
+
+TIMING_KEYS = ("prefill_s", "compress_s", "question_s", "decode_s_per_token")
+SIZE_KEYS = ("kept_fraction", "kv_bytes_full", "kv_bytes_kept", "compressed_tokens")
+
+
+def validate(cfg: DictConfig) -> float:
+    """Check the top-level keys a user types; returns the budget as a float."""
+    budget = check_budget(cfg.budget)
+    if cfg.protocol not in PROTOCOLS:
+        raise UsageError(f"protocol={cfg.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    return budget
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume, or return) the configuration's run directory; returns its metrics."""
+    budget = validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    store = RunStore(cfg.run_dir, resolved)
+    if store.complete and not cfg.overwrite:
+        metrics = store.load_metrics()
+        print(f"[kvbench] already finished: {store.dir}", file=sys.stderr)
+        print(format_table(metrics))
+        return metrics
+    store.open(overwrite=bool(cfg.overwrite))
+    samples = load_samples(cfg.task, cfg.limit)
+    done = store.done_ids()
+    todo = [s for s in samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
+    torch.manual_seed(int(cfg.seed))
+    device = pick_device(str(cfg.device))
+    model, tok = load_model(cfg.model, device)
+    method, allocator = instantiate(cfg.method), instantiate(cfg.allocator)
+    gen = Generation(int(cfg.task.max_new_tokens), list(cfg.task.stop))
+    with Engine(model, method, allocator, budget, backend=cfg.model.attn_implementation) as engine:
+        bar = tqdm(todo, desc=f"{cfg.method.name} b={cfg.budget}", unit="sample", disable=not cfg.progress,
+                   file=sys.stderr, initial=len(samples) - len(todo), total=len(samples))
+        for sample in bar:
+            for record in run_sample(engine, tok, sample, gen, list(cfg.task.metrics), cfg.protocol,
+                                     bool(cfg.model.chat_template), cfg.model.get("max_length"), done):
+                store.append(record)
+    metrics = aggregate(store.records(), resolved, budget, store.hash, device)
+    store.write_metrics(metrics)
+    print(format_table(metrics))
+    return metrics
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float, cfg_hash: str,
+              device: torch.device) -> dict[str, Any]:
+    """Run-level metrics: scores x100 (mean over questions, also per context length), sizes, times, memory."""
+    names = list(records[0]["scores"]) if records else []
+    score = {m: 100 * statistics.fmean(r["scores"][m] for r in records) for m in names}
+    by_length: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_length[str(r["meta"].get("length", "all"))].append(r)
+    sizes = {k: _mean([r.get(k) for r in records]) for k in SIZE_KEYS}
+    return {
+        "task": cfg["task"]["name"], "model": cfg["model"]["name"], "method": cfg["method"]["name"],
+        "allocator": cfg["allocator"]["name"], "protocol": cfg["protocol"], "budget": budget, "seed": cfg["seed"],
+        "compression_ratio": compression_ratio(budget) if budget <= 1 else 1 - (sizes["kept_fraction"] or 1.0),
+        "achieved_compression_ratio": 1 - (sizes["kept_fraction"] or 1.0),
+        "n_samples": len({r["sample_id"] for r in records}), "n_questions": len(records),
+        "score": score,
+        "score_by_length": {k: {m: 100 * statistics.fmean(r["scores"][m] for r in rs) for m in names}
+                            for k, rs in sorted(by_length.items(), key=lambda kv: (len(kv[0]), kv[0]))},
+        **sizes,
+        "peak_kv_bytes": max((r["peak_kv_bytes"] for r in records), default=None),
+        "peak_mem_bytes": max((r["peak_mem_bytes"] for r in records if r["peak_mem_bytes"]), default=None),
+        **{k: _mean([r.get(k) for r in records]) for k in TIMING_KEYS},
+        "config_hash": cfg_hash,
+        "env": {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device)},
+    }
+
+
+def format_table(m: dict[str, Any]) -> str:
+    """A short human-readable summary of one run's metrics."""
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{1000 * v:.1f} ms"
+
+    def mib(v: float | None) -> str:
+        return "-" if v is None else f"{v / 2**20:.2f} MiB"
+
+    score = "  ".join(f"{k}={v:.1f}" for k, v in m["score"].items())
+    rows = [
+        ("run", f"{m['task']} | {m['model']} | {m['method']} ({m['allocator']}) | {m['protocol']} | "
+                f"budget {m['budget']}"),
+        ("score", f"{score}   ({m['n_questions']} questions, {m['n_samples']} contexts)"),
+        ("by length", "  ".join(f"{k}: {next(iter(v.values())):.1f}" for k, v in m["score_by_length"].items())),
+        ("kept KV", f"{100 * (m['kept_fraction'] or 0):.1f} % of entries (compression_ratio "
+                    f"{m['achieved_compression_ratio']:.3f})"),
+        ("KV bytes", f"{mib(m['kv_bytes_full'])} full -> {mib(m['kv_bytes_kept'])} kept; "
+                     f"peak {mib(m['peak_kv_bytes'])}"),
+        ("time", f"prefill {ms(m['prefill_s'])} | compression {ms(m['compress_s'])} | "
+                 f"decode {ms(m['decode_s_per_token'])}/token"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,73 @@
+"""Per-method prefill / compression / decode times and KV bytes (a benchmark script, not a timed test).
+
+    python scripts/efficiency.py                                   # embedded model, every method, 2048 tokens
+    python scripts/efficiency.py --model kvbench-tiny --lengths 1024 4096 --budget 0.2 --decode 32 --repeats 3
+    python scripts/efficiency.py --device cuda --model llama3.1-8b-instruct --lengths 16384
+
+Methods and allocators come from ``conf/`` (composed with Hydra), so the numbers are those of the real configs.
+Times are medians over ``--repeats`` runs after one warm-up; bytes are exact (the engine's own storage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from kvbench.engine import Engine
+from kvbench.models import load_model, pick_device
+from kvbench.pipeline import sync_time
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def measure(model: torch.nn.Module, method_name: str, budget: float, ids: torch.Tensor, decode: int,
+            backend: str) -> dict[str, float]:
+    """One compressed prefill plus ``decode`` greedy steps; times in seconds, bytes exact."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"method={method_name}"])
+    with Engine(model, instantiate(cfg.method), instantiate(cfg.allocator), budget, backend=backend) as eng:
+        eng.reset()
+        t0 = sync_time(eng.device)
+        logits = eng.forward(ids, compress=True)
+        prefill = sync_time(eng.device) - t0
+        kept, peak = eng.store.nbytes(), eng.store.peak_bytes
+        full = kept / eng.store.n_entries() * ids.numel() * sum(layer.n_heads for layer in eng.store.layers)
+        _, times = eng.generate(logits, decode + 1)
+    return {"prefill_ms": 1000 * (prefill - eng.compress_seconds), "compress_ms": 1000 * eng.compress_seconds,
+            "decode_ms": 1000 * statistics.median(times), "kv_full_mib": full / 2**20, "kv_kept_mib": kept / 2**20, "peak_kv_mib": peak / 2**20}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="kvbench-tiny", help="a conf/model option")
+    p.add_argument("--methods", nargs="*", default=sorted(f.stem for f in (CONF / "method").glob("*.yaml")))
+    p.add_argument("--lengths", nargs="*", type=int, default=[2048])
+    p.add_argument("--budget", type=float, default=0.2)
+    p.add_argument("--decode", type=int, default=16, help="decode steps timed per run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        spec = compose("config", overrides=[f"model={args.model}"]).model
+    model, tok = load_model(spec, pick_device(args.device))
+    gen = torch.Generator().manual_seed(0)
+    header = f"{'method':<14}{'tokens':>8}{'prefill ms':>12}{'compress ms':>13}{'decode ms/tok':>15}"
+    print(header + f"{'KV full MiB':>13}{'KV kept MiB':>13}{'peak KV MiB':>13}")
+    for n in args.lengths:
+        ids = torch.randint(5, len(tok), (n,), generator=gen)
+        for name in args.methods:
+            runs = [measure(model, name, args.budget, ids, args.decode, spec.attn_implementation)
+                    for _ in range(args.repeats + 1)][1:]
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            print(f"{name:<14}{n:>8}{med['prefill_ms']:>12.1f}{med['compress_ms']:>13.1f}{med['decode_ms']:>15.2f}"
+                  f"{med['kv_full_mib']:>13.2f}{med['kv_kept_mib']:>13.2f}"
+                  f"{med['peak_kv_mib']:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()
