@@ -39,7 +39,8 @@ def measure(model: torch.nn.Module, method_name: str, budget: float, ids: torch.
         full = kept / eng.store.n_entries() * ids.numel() * sum(layer.n_heads for layer in eng.store.layers)
         _, times = eng.generate(logits, decode + 1)
     return {"prefill_ms": 1000 * (prefill - eng.compress_seconds), "compress_ms": 1000 * eng.compress_seconds,
-            "decode_ms": 1000 * statistics.median(times), "kv_full_mib": full / 2**20, "kv_kept_mib": kept / 2**20, "peak_kv_mib": peak / 2**20}
+            "decode_ms": 1000 * statistics.median(times), "kv_full_mib": full / 2**20, "kv_kept_mib": kept / 2**20,
+            "peak_kv_mib": peak / 2**20}
 
 
 def main() -> None:
