@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from kvbench.engine.attention import check_backend
 from kvbench.errors import UsageError
@@ -69,6 +70,7 @@ def load_model(spec: Any, device: torch.device) -> tuple[PreTrainedModel, PreTra
                               "trust_remote_code": bool(spec.get("trust_remote_code", False))}
     if not local and not hub_reachable():
         kwargs["local_files_only"] = True
+    hf_logging.disable_progress_bar()  # kvbench shows its own progress; the weight-loading bar is noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         # the engine replaces the attention function; "sdpa" only decides what transformers builds at load time

@@ -25,7 +25,7 @@ import yaml
 from kvbench.errors import UsageError
 
 # keys that do not change results and so are not part of the config hash
-VOLATILE_KEYS = ("paths", "limit", "overwrite", "progress", "run_dir", "hydra", "device")
+VOLATILE_KEYS = ("paths", "limit", "overwrite", "progress", "run_dir", "hydra", "device", "threads")
 
 
 class ConfigMismatchError(UsageError):

@@ -49,6 +49,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     todo = [s for s in samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
     torch.manual_seed(int(cfg.seed))
     device = pick_device(str(cfg.device))
+    if device.type == "cpu" and cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     model, tok = load_model(cfg.model, device)
     method, allocator = instantiate(cfg.method), instantiate(cfg.allocator)
     gen = Generation(int(cfg.task.max_new_tokens), list(cfg.task.stop))
@@ -77,7 +79,7 @@ def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float,
     score = {m: 100 * statistics.fmean(r["scores"][m] for r in records) for m in names}
     by_length: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        by_length[str(r["meta"].get("length", "all"))].append(r)
+        by_length[str(r["meta"].get("target_length", r["meta"].get("length", "all")))].append(r)
     sizes = {k: _mean([r.get(k) for r in records]) for k in SIZE_KEYS}
     return {
         "task": cfg["task"]["name"], "model": cfg["model"]["name"], "method": cfg["method"]["name"],
