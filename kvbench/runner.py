@@ -38,12 +38,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     budget = validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     store = RunStore(cfg.run_dir, resolved)
-    if store.complete and not cfg.overwrite:
+    store.open(overwrite=bool(cfg.overwrite))  # refuses a directory that holds another configuration
+    if store.complete:
         metrics = store.load_metrics()
         print(f"[kvbench] already finished: {store.dir}", file=sys.stderr)
         print(format_table(metrics))
         return metrics
-    store.open(overwrite=bool(cfg.overwrite))
     samples = load_samples(cfg.task, cfg.limit)
     done = store.done_ids()
     todo = [s for s in samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]

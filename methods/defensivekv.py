@@ -14,7 +14,7 @@ from kvbench.ops import pool1d
 
 @dataclass
 class DefensiveKV(Method):
-    """DefensiveKV (FFY0/DefensiveKV ``efficient_defensivekv_press.py``), methods_core §5.1-5.2.
+    """DefensiveKV (https://github.com/FFY0/DefensiveKV, ``efficient_defensivekv_press.py``), methods_core §5.1-5.2.
 
     Per layer, with A the window attention (w = 32, probabilities over all n keys, non-window columns kept):
       1. ave[h, j] = mean_{g,i} A; base[h, g, i] = sum_j A (row mass).
