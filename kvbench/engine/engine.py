@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +26,10 @@ from kvbench.budget import Allocator, tokens_per_head
 from kvbench.engine.attention import cached_attention, causal_attention, check_backend
 from kvbench.engine.context import LayerContext
 from kvbench.engine.store import KVStore, LayerKV
-from kvbench.method import Method
 from kvbench.ops import topk_per_head
+
+if TYPE_CHECKING:  # kvbench.method imports the engine's LayerContext
+    from kvbench.method import Method
 
 ATTN_NAME = "kvbench"
 

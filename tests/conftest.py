@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny random GQA models of every supported architecture, and methods built from the Hydra configs.
+
+Models: hidden 64, 2 layers, 4 query heads, 2 KV heads (G = 2), head_dim 16, vocab 128, seeded and in eval mode.
+Weights are initialised with a larger std than the transformers default (0.02) so that attention is peaked and
+evicting tokens visibly changes the logits (otherwise every compression test would pass on near-uniform attention).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+_MODEL_CLASSES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+VOCAB = 128
+HIDDEN = 64
+N_LAYERS = 2
+N_HEADS = 4
+N_KV_HEADS = 2
+HEAD_DIM = 16
+
+
+def method_names() -> list[str]:
+    """Every method with a config file (a new ``conf/method/<name>.yaml`` is tested automatically)."""
+    names = sorted(p.stem for p in CONF_DIR.glob("method/*.yaml"))
+    assert names, f"no method configs found under {CONF_DIR / 'method'}"
+    return names
+
+
+METHODS = tuple(method_names())
+
+
+def build_model(arch: str, seed: int = 0, attn_implementation: str = "eager") -> torch.nn.Module:
+    """A tiny random decoder of the given architecture (fp32, CPU, eval mode)."""
+    config_cls, model_cls = _MODEL_CLASSES[arch]
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        num_key_value_heads=N_KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=1024,
+        initializer_range=0.15,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    if arch == "mistral":
+        kwargs["sliding_window"] = None
+    config = config_cls(**kwargs)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Factory: ``tiny_model(arch)`` -> a cached tiny random model (one per architecture and session).
+
+    Each architecture gets its own seed so that Llama and Mistral (same module layout) are different models.
+    """
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(arch: str) -> torch.nn.Module:
+        if arch not in cache:
+            cache[arch] = build_model(arch, seed=ARCHS.index(arch) + 1)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture
+def prompt():
+    """Factory: ``prompt(n, seed=0)`` -> a (n,) long tensor of random token ids."""
+
+    def make(n: int, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1000 + seed)
+        return torch.randint(0, VOCAB, (n,), generator=g)
+
+    return make
+
+
+@functools.cache
+def method_config(name: str, overrides: tuple[str, ...] = ()) -> DictConfig:
+    """The composed Hydra config of ``method=<name>`` (plus extra overrides), as the CLI would build it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"method={name}", *overrides])
+
+
+def load_method(name: str, overrides: tuple[str, ...] = ()):
+    """Fresh (method, allocator) instances for ``conf/method/<name>.yaml`` (with its allocator override)."""
+    cfg = method_config(name, tuple(overrides))
+    return instantiate(cfg.method), instantiate(cfg.allocator)

@@ -1,0 +1,178 @@
+"""Every discovered method x budgets {1.0, 0.5, 0.1} x architectures, through ``Engine.forward(ids, compress=True)``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import ARCHS, HEAD_DIM, METHODS, N_KV_HEADS, N_LAYERS, load_method
+from torch import Tensor
+
+from kvbench.budget import tokens_per_head
+from kvbench.engine import Engine
+
+N = 200
+BUDGETS = (1.0, 0.5, 0.1)
+DECODE_STEPS = 4
+
+
+@dataclass
+class Run:
+    method: object
+    allocator: object
+    keep: int  # tokens per head (window included) the budget asks for
+    compressed: bool
+    lens: list[Tensor]  # per layer (H,) after prefill
+    positions: list[list[list[int]]]  # per layer, per head: original positions after prefill
+    shapes: list[tuple]  # per layer: keys, values, positions shapes and lens.sum()
+    nbytes: int
+    logits: list[Tensor]  # prefill, then after every decode step
+    tokens: list[int]
+    lens_after: list[list[Tensor]]  # per decode step, per layer (H,)
+    new_positions: list[list[list[int]]]  # per decode step, per layer: the last position of each head
+    next_positions: list[int]
+
+
+@pytest.fixture(scope="session")
+def run(tiny_model):
+    cache: dict[tuple, Run] = {}
+
+    def get(name: str, budget: float, arch: str) -> Run:
+        key = (name, budget, arch)
+        if key in cache:
+            return cache[key]
+        method, allocator = load_method(name)
+        ids = torch.randint(0, 128, (N,), generator=torch.Generator().manual_seed(7 + ARCHS.index(arch)))
+        with Engine(tiny_model(arch), method, allocator, budget=budget) as eng:
+            eng.reset()
+            logits = [eng.forward(ids, compress=True)]
+            layers = eng.store.layers
+            lens = [ly.lens.clone() for ly in layers]
+            positions = [[ly.head(h)[2].tolist() for h in range(ly.n_heads)] for ly in layers]
+            shapes = [(tuple(ly.keys.shape), tuple(ly.values.shape), tuple(ly.positions.shape), int(ly.lens.sum()))
+                      for ly in layers]
+            nbytes = eng.store.nbytes()
+            tokens, lens_after, new_pos, next_pos = [], [], [], []
+            for _ in range(DECODE_STEPS):
+                tokens.append(int(logits[-1].argmax()))
+                logits.append(eng.forward([tokens[-1]]))
+                lens_after.append([ly.lens.clone() for ly in eng.store.layers])
+                new_pos.append([[int(ly.head(h)[2][-1]) for h in range(ly.n_heads)] for ly in eng.store.layers])
+                next_pos.append(eng.store.next_position)
+        keep = tokens_per_head(budget, N)
+        cache[key] = Run(method, allocator, keep, method.compresses and keep < N, lens, positions, shapes, nbytes,
+                         logits, tokens, lens_after, new_pos, next_pos)
+        return cache[key]
+
+    return get
+
+
+FULL_BYTES = N_LAYERS * N_KV_HEADS * N * HEAD_DIM * 4 * 2  # fp32 keys + values
+GRID = [(m, b, a) for m in METHODS for b in BUDGETS for a in ARCHS]
+COMPRESSED_GRID = [(m, b, a) for m, b, a in GRID if m != "fullkv" and b < 1]
+
+
+@pytest.mark.parametrize(("name", "budget", "arch"), GRID)
+def test_cache_layout_and_window(run, name, budget, arch):
+    r = run(name, budget, arch)
+    assert len(r.lens) == N_LAYERS
+    for layer, (kshape, vshape, pshape, total) in enumerate(r.shapes):
+        assert kshape == (total, HEAD_DIM) and vshape == (total, HEAD_DIM) and pshape == (total,)
+        assert r.lens[layer].shape == (N_KV_HEADS,)
+        for h, pos in enumerate(r.positions[layer]):
+            assert len(pos) == int(r.lens[layer][h])
+            assert pos == sorted(set(pos)), "positions within a head are unique, in token order"
+            assert all(0 <= p < N for p in pos)
+            if not r.compressed:
+                assert pos == list(range(N)), "no compression: every token kept at its position"
+                continue
+            assert 1 <= len(pos) < N
+            window = min(r.method.window, r.keep)
+            assert pos[len(pos) - window:] == list(range(N - window, N)), f"layer {layer} head {h} lost its window"
+    if name == "fullkv":
+        assert all(ln.tolist() == [N] * N_KV_HEADS for ln in r.lens)
+
+
+@pytest.mark.parametrize(("name", "budget", "arch"), COMPRESSED_GRID)
+def test_counts_follow_the_allocator(run, name, budget, arch):
+    r = run(name, budget, arch)
+    assert r.compressed
+    kind = r.allocator.name
+    per_layer = [int(ln.sum()) for ln in r.lens]
+    if kind == "uniform":
+        assert all(ln.tolist() == [r.keep] * N_KV_HEADS for ln in r.lens)
+    elif kind == "pyramid":
+        assert all(len(set(ln.tolist())) == 1 for ln in r.lens), "pyramid: one size for all heads of a layer"
+        assert per_layer == sorted(per_layer, reverse=True), "pyramid: lower layers keep more"
+    elif kind in ("head_adaptive", "flat"):
+        for total in per_layer:
+            slack = 0 if r.allocator.alpha == 0 else N_KV_HEADS  # rounding of the safeguard
+            assert abs(total - N_KV_HEADS * r.keep) <= slack
+    else:
+        pytest.fail(f"untested allocator {kind!r}: add its expectations here")
+
+
+@pytest.mark.parametrize(("name", "budget", "arch"), GRID)
+def test_kv_bytes_match_budget(run, name, budget, arch):
+    r = run(name, budget, arch)
+    assert r.nbytes == sum(s[3] for s in r.shapes) * HEAD_DIM * 4 * 2
+    if name == "fullkv" or budget == 1.0:
+        assert r.nbytes == FULL_BYTES
+    else:
+        assert math.isclose(r.nbytes, budget * FULL_BYTES, rel_tol=0.02), (r.nbytes, budget * FULL_BYTES)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", METHODS)
+def test_budget_one_is_bit_identical_to_fullkv(run, name, arch):
+    r, ref = run(name, 1.0, arch), run("fullkv", 1.0, arch)
+    assert r.tokens == ref.tokens
+    for a, b in zip(r.logits, ref.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("name", "budget", "arch"), GRID)
+def test_decoding_grows_cache_by_one_per_head(run, name, budget, arch):
+    r = run(name, budget, arch)
+    assert all(torch.isfinite(lg).all() for lg in r.logits)
+    for step in range(DECODE_STEPS):
+        assert r.next_positions[step] == N + step + 1
+        for layer in range(N_LAYERS):
+            assert torch.equal(r.lens_after[step][layer], r.lens[layer] + step + 1)
+            assert r.new_positions[step][layer] == [N + step] * N_KV_HEADS
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compression_changes_the_output(run, arch):
+    """Sanity: at budget 0.1 the decode logits of a compressing method differ from FullKV's."""
+    ref = run("fullkv", 0.1, arch)
+    for name in METHODS:
+        if name != "fullkv":
+            r = run(name, 0.1, arch)
+            assert torch.equal(r.logits[0], ref.logits[0]), "prefill logits use the full K/V"
+            assert (r.logits[1] - ref.logits[1]).abs().max() > 1e-4, name
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.1])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamingllm_keeps_sinks_and_recent(run, arch, budget):
+    if "streamingllm" not in METHODS:
+        pytest.skip("streamingllm not configured")
+    r = run("streamingllm", budget, arch)
+    sinks = r.method.n_sink
+    expected = list(range(sinks)) + list(range(N - (r.keep - sinks), N))
+    for layer in r.positions:
+        for pos in layer:
+            assert pos == expected
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pyramid_schedule_in_engine(run, arch):
+    """PyramidKV at budget 0.5 (b = 100 - 32 = 68 candidates, m = 168, L = 2): m_min = 3, m_max = 133, step = 130."""
+    if "pyramidkv" not in METHODS:
+        pytest.skip("pyramidkv not configured")
+    r = run("pyramidkv", 0.5, arch)
+    window = r.method.window
+    assert [ln.tolist() for ln in r.lens] == [[133 + window] * N_KV_HEADS, [3 + window] * N_KV_HEADS]
