@@ -123,6 +123,7 @@ def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, gen
     if protocol == "query_agnostic" and todo:
         ctx, _ = encode(tok, sample.context, todo[0].text, chat, max_length)
         logits, stats = prefill(engine, ctx, {"context": (0, len(ctx))})
+        stats["context_tokens"] = len(ctx)
         snap = engine.store.snapshot()
         for q in todo:
             engine.store.rollback(snap)
@@ -138,7 +139,7 @@ def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, gen
         ctx, q_ids = encode(tok, sample.context, q.text, chat, max_length)
         spans = {"context": (0, len(ctx)), "question": (len(ctx), len(ctx) + len(q_ids))}
         logits, stats = prefill(engine, ctx + q_ids, spans)
-        stats["question_tokens"] = len(q_ids)
+        stats.update(context_tokens=len(ctx), question_tokens=len(q_ids))
         records.append(_record(engine, tok, sample, q, logits, gen, metrics, stats))
     return records
 

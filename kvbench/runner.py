@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
 import sys
 from collections import defaultdict
@@ -93,6 +94,7 @@ def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float,
         **sizes,
         "peak_kv_bytes": max((r["peak_kv_bytes"] for r in records), default=None),
         "peak_mem_bytes": max((r["peak_mem_bytes"] for r in records if r["peak_mem_bytes"]), default=None),
+        "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         **{k: _mean([r.get(k) for r in records]) for k in TIMING_KEYS},
         "config_hash": cfg_hash,
         "env": {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device)},

@@ -69,7 +69,7 @@ def test_method_defaults_pick_their_allocator_and_the_command_line_wins() -> Non
 
 def test_run_dir_is_deterministic_and_results_root_configurable(monkeypatch) -> None:
     cfg = composed("method=snapkv", "budget=0.1", "paths.results=/scratch/r")
-    assert cfg.run_dir == "/scratch/r/synth_multikey/kvbench-tiny/snapkv/uniform/query_aware/budget=0.1/seed=0"
+    assert cfg.run_dir == "/scratch/r/synth_multikey_dense/kvbench-tiny/snapkv/uniform/query_aware/budget=0.1/seed=0"
     monkeypatch.setenv("KVBENCH_RESULTS", "/env/root")
     assert composed().run_dir.startswith("/env/root/")
 
@@ -91,3 +91,14 @@ def test_unknown_method_lists_the_valid_ones() -> None:
     res = _cli("method=nosuchmethod")
     assert res.returncode != 0
     assert "nosuchmethod" in res.stderr and all(m in res.stderr for m in options("method"))
+
+
+def test_multirun_grid_runs_locally(tmp_path) -> None:
+    res = _cli("-m", "method=snapkv,adakv", "budget=0.1,0.2", "limit=1", "progress=false",
+               f"paths.results={tmp_path / 'results'}", f"paths.logs={tmp_path / 'logs'}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    done = sorted(p.parent.relative_to(tmp_path / "results").as_posix()
+                  for p in (tmp_path / "results").rglob("metrics.json"))
+    assert done == [f"synth_multikey_dense/kvbench-tiny/{m}/{a}/query_aware/budget={b}/seed=0"
+                    for m, a in (("adakv", "head_adaptive"), ("snapkv", "uniform")) for b in ("0.1", "0.2")]
+    assert list((tmp_path / "logs" / "sweeps").glob("*/*/multirun.yaml")), "Hydra's files go to paths.logs"

@@ -36,7 +36,7 @@ def test_run_writes_run_dir_and_second_call_returns_at_once(tmp_path) -> None:
     cfg = config(tmp_path, "method=snapkv", "budget=0.2", "limit=3")
     metrics = run(cfg)
     run_dir = Path(cfg.run_dir)
-    assert run_dir == tmp_path / "synth_multikey/kvbench-tiny/snapkv/uniform/query_aware/budget=0.2/seed=0"
+    assert run_dir == tmp_path / "synth_multikey_dense/kvbench-tiny/snapkv/uniform/query_aware/budget=0.2/seed=0"
     recs = lines(cfg.run_dir)
     assert [r["id"] for r in recs] == [f"multikey-L1024-{i}/q0" for i in range(3)]
     for r in recs:
