@@ -254,6 +254,14 @@ def _set_tokenizer_class(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def _add_legacy_rope_theta(path: Path) -> None:
+    """Also write the top-level ``rope_theta`` that transformers 4.x reads (5.x writes only ``rope_parameters``);
+    without it 4.57 silently falls back to theta 10000 and the induction head stops matching."""
+    cfg = json.loads(path.read_text())
+    cfg["rope_theta"] = ROPE_THETA
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def model_card(seed: int) -> str:
     """The README.md shipped next to the weights."""
     return MODEL_CARD.format(
@@ -271,6 +279,7 @@ def save_embedded_model(out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = 0
     model.save_pretrained(out, safe_serialization=True)
     (out / "model.safetensors").chmod(0o644)
+    _add_legacy_rope_theta(out / "config.json")
     tok = build_tokenizer()
     tok.save_pretrained(out)
     _set_tokenizer_class(out / "tokenizer_config.json")

@@ -52,7 +52,9 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=16, help="decode steps timed per run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (as the runner's `threads` key)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         spec = compose("config", overrides=[f"model={args.model}"]).model
     model, tok = load_model(spec, pick_device(args.device))

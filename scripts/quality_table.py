@@ -45,8 +45,13 @@ def main() -> None:
     df = df[(df["task.name"] == args.task) & (df["model.name"] == args.model)]
     for protocol in args.protocols:
         sub = df[df["protocol"] == protocol]
-        table = sub.pivot_table(index="method.name", columns="budget", values="score.exact_match", aggfunc="first")
-        print(f"\n{args.task}, {args.model}, {protocol} (exact match %, budget = kept fraction):\n")
+        comp = sub[sub["method.name"] != "fullkv"]
+        table = comp.pivot_table(index="method.name", columns="budget", values="score.exact_match", aggfunc="first")
+        full = sub.loc[sub["method.name"] == "fullkv", "score.exact_match"]
+        if len(full):
+            table.loc["fullkv (reference)"] = full.iloc[0]
+        table.columns = [f"budget {b:g}" for b in table.columns]
+        print(f"\n{args.task}, {args.model}, {protocol} (exact match %):\n")
         print(table.round(1).to_markdown())
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kvbench.embedded import DEFAULT_DIR, save_embedded_model
@@ -67,8 +69,11 @@ def test_assets_load(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast) -> N
 
 def test_builder_is_deterministic(tmp_path: Path) -> None:
     out = save_embedded_model(tmp_path / "tiny", seed=0)
-    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+    for name in ("model.safetensors", "tokenizer.json"):
         assert _sha256(out / name) == _sha256(DEFAULT_DIR / name), name
+    shipped = json.loads((DEFAULT_DIR / "config.json").read_text())
+    if shipped["transformers_version"] == transformers.__version__:  # config.json records the writing version
+        assert _sha256(out / "config.json") == _sha256(DEFAULT_DIR / "config.json")
 
 
 def test_prompt_concatenation_is_plain(tok: PreTrainedTokenizerFast) -> None:
