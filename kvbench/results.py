@@ -62,23 +62,31 @@ class RunStore:
     def complete(self) -> bool:
         return self.metrics_path.exists()
 
-    def open(self, overwrite: bool = False) -> None:
-        """Create the directory, or check that the one there belongs to the same config."""
-        if overwrite:
-            for p in (self.metrics_path, self.predictions_path, self.config_path):
-                p.unlink(missing_ok=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if self.config_path.exists():
-            old = yaml.safe_load(self.config_path.read_text()) or {}
-            if old.get("config_hash") != self.hash:
-                diff = _diff(old.get("config", {}), self.cfg)
-                raise ConfigMismatchError(
-                    f"{self.dir} already holds results of a different configuration (hash {old.get('config_hash')} "
-                    f"vs {self.hash}; differing keys: {diff}). Give the variant its own name (e.g. "
-                    "method.name=snapkv_w8), use another paths.results, or pass overwrite=true to discard the old run."
-                )
+    def check(self) -> None:
+        """Refuse a directory that holds results of another configuration (writes nothing)."""
+        if not self.config_path.exists():
             return
-        _atomic_write(self.config_path, yaml.safe_dump({"config_hash": self.hash, "config": self.cfg}, sort_keys=False))
+        old = yaml.safe_load(self.config_path.read_text()) or {}
+        if old.get("config_hash") != self.hash:
+            diff = _diff(old.get("config", {}), self.cfg)
+            raise ConfigMismatchError(
+                f"{self.dir} already holds results of a different configuration (hash {old.get('config_hash')} "
+                f"vs {self.hash}; differing keys: {diff}). Give the variant its own name (e.g. "
+                "method.name=snapkv_w8), use another paths.results, or pass overwrite=true to discard the old run."
+            )
+
+    def discard(self) -> None:
+        """Delete this run's files (``overwrite=true``)."""
+        for p in (self.metrics_path, self.predictions_path, self.config_path):
+            p.unlink(missing_ok=True)
+
+    def open(self) -> None:
+        """Create the directory and its config.yaml, or check that the one there belongs to the same config."""
+        self.check()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.config_path.exists():
+            text = yaml.safe_dump({"config_hash": self.hash, "config": self.cfg}, sort_keys=False)
+            _atomic_write(self.config_path, text)
 
     def records(self) -> list[dict[str, Any]]:
         """Finished lines; a partial last line (killed mid-write) is cut off the file."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import transformers
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -39,21 +40,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     budget = validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     store = RunStore(cfg.run_dir, resolved)
-    store.open(overwrite=bool(cfg.overwrite))  # refuses a directory that holds another configuration
-    if store.complete:
+    if cfg.overwrite:
+        store.discard()
+    store.check()  # refuses a directory that holds another configuration, finished or not
+    if store.complete and store.load_metrics().get("limit") == cfg.limit:
         metrics = store.load_metrics()
         print(f"[kvbench] already finished: {store.dir}", file=sys.stderr)
         print(format_table(metrics))
         return metrics
+    method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
     samples = load_samples(cfg.task, cfg.limit)
-    done = store.done_ids()
-    todo = [s for s in samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
-    torch.manual_seed(int(cfg.seed))
     device = pick_device(str(cfg.device))
     if device.type == "cpu" and cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     model, tok = load_model(cfg.model, device)
-    method, allocator = instantiate(cfg.method), instantiate(cfg.allocator)
+    store.open()  # only a configuration that loaded claims its run directory
+    done = store.done_ids()
+    todo = [s for s in samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
+    torch.manual_seed(int(cfg.seed))
     gen = Generation(int(cfg.task.max_new_tokens), list(cfg.task.stop))
     with Engine(model, method, allocator, budget, backend=cfg.model.attn_implementation) as engine:
         bar = tqdm(todo, desc=f"{cfg.method.name} b={cfg.budget}", unit="sample", disable=not cfg.progress,
@@ -62,10 +66,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for record in run_sample(engine, tok, sample, gen, list(cfg.task.metrics), cfg.protocol,
                                      bool(cfg.model.chat_template), cfg.model.get("max_length"), done):
                 store.append(record)
-    metrics = aggregate(store.records(), resolved, budget, store.hash, device)
+    wanted = {s.id for s in samples}  # a different limit re-aggregates over exactly the requested samples
+    metrics = aggregate([r for r in store.records() if r["sample_id"] in wanted], resolved, budget, store.hash, device)
     store.write_metrics(metrics)
     print(format_table(metrics))
     return metrics
+
+
+def build(node: DictConfig, what: str) -> Any:
+    """Instantiate a config node, turning Hydra's wrapped errors into one clear message."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        raise UsageError(f"invalid {what} configuration ({node.get('name', '?')}): {err.__cause__ or err}") from err
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -85,6 +98,7 @@ def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float,
     return {
         "task": cfg["task"]["name"], "model": cfg["model"]["name"], "method": cfg["method"]["name"],
         "allocator": cfg["allocator"]["name"], "protocol": cfg["protocol"], "budget": budget, "seed": cfg["seed"],
+        "limit": cfg["limit"],
         "compression_ratio": compression_ratio(budget) if budget <= 1 else 1 - (sizes["kept_fraction"] or 1.0),
         "achieved_compression_ratio": 1 - (sizes["kept_fraction"] or 1.0),
         "n_samples": len({r["sample_id"] for r in records}), "n_questions": len(records),

@@ -24,7 +24,9 @@ def test_changed_config_is_refused_with_the_differing_keys(tmp_path) -> None:
     with pytest.raises(ConfigMismatchError, match="method.window"):
         RunStore(tmp_path, other).open()
     RunStore(tmp_path, {**CFG, "limit": 5}).open()  # volatile keys do not count
-    RunStore(tmp_path, other).open(overwrite=True)  # overwrite replaces the old run
+    replaced = RunStore(tmp_path, other)
+    replaced.discard()  # overwrite=true replaces the old run
+    replaced.open()
     assert "window: 8" in (tmp_path / "config.yaml").read_text()
 
 

@@ -51,6 +51,16 @@ def test_run_writes_run_dir_and_second_call_returns_at_once(tmp_path) -> None:
     assert run(cfg) == metrics and (run_dir / "metrics.json").stat().st_mtime_ns == mtime
 
 
+def test_raising_the_limit_extends_a_finished_run(tmp_path) -> None:
+    first = run(config(tmp_path, "method=snapkv", "limit=2"))
+    cfg = config(tmp_path, "method=snapkv", "limit=4")
+    first_lines = lines(cfg.run_dir)
+    second = run(cfg)
+    assert first["n_questions"] == 2 and second["n_questions"] == 4
+    assert lines(cfg.run_dir)[:2] == first_lines and len(lines(cfg.run_dir)) == 4  # the first two were kept
+    assert run(config(tmp_path, "method=snapkv", "limit=2"))["n_questions"] == 2  # and nothing rerun
+
+
 def test_changed_config_for_same_directory_is_refused(tmp_path) -> None:
     run(config(tmp_path, "method=snapkv", "limit=1"))
     with pytest.raises(ConfigMismatchError, match="method.window"):
@@ -74,11 +84,21 @@ def test_bad_budget_is_one_clear_error(tmp_path, budget: str) -> None:
         run(config(tmp_path, f"budget={budget}"))
 
 
+def test_bad_method_parameter_or_task_is_one_clear_error_and_writes_nothing(tmp_path) -> None:
+    with pytest.raises(UsageError, match="pooling"):
+        run(config(tmp_path, "method=snapkv", "method.pooling=median"))
+    with pytest.raises(UsageError, match="unknown synthetic kind"):
+        run(config(tmp_path, "task.loader.kind=haystack"))
+    assert not list(tmp_path.rglob("config.yaml")), "a rejected config must not claim a run directory"
+    run(config(tmp_path, "method=snapkv", "limit=1"))  # the same directory then works with a valid config
+
+
 def test_bad_protocol_and_missing_model_path(tmp_path) -> None:
     with pytest.raises(UsageError, match="protocol"):
         run(config(tmp_path, "protocol=sometimes"))
     with pytest.raises(ModelLoadError, match="does not exist"):
         run(config(tmp_path, "model.pretrained=/no/such/model", "limit=1"))
+    assert not list(tmp_path.rglob("config.yaml"))
 
 
 def test_hub_id_offline_names_the_model_and_the_fix(monkeypatch, tmp_path) -> None:

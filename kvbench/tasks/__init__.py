@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from kvbench.errors import UsageError
@@ -18,7 +19,10 @@ def load_samples(task: Any, limit: int | None = None) -> list[Sample]:
     """Instantiate the task's loader, check the samples, and keep the first ``limit``."""
     for name in task.metrics:
         get_metric(name)
-    samples = list(instantiate(task.loader))
+    try:
+        samples = list(instantiate(task.loader))
+    except InstantiationException as err:
+        raise UsageError(f"task {task.name!r} could not be loaded: {err.__cause__ or err}") from err
     if limit is not None:
         if int(limit) < 1:
             raise UsageError(f"limit must be a positive number of samples, got {limit}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from kvbench.errors import UsageError
 from kvbench.tasks import synthetic_vocab as sv
 from kvbench.tasks.base import Question, Sample
 
@@ -85,7 +86,7 @@ def _sentence(rng: random.Random, n: int) -> list[str]:
 def _filler(rng: random.Random, n_tokens: int) -> list[list[str]]:
     """Filler sentences with exactly n_tokens tokens in total (0 or >= MIN_SENTENCE)."""
     if 0 < n_tokens < MIN_SENTENCE:
-        raise ValueError(f"cannot fill {n_tokens} tokens with sentences of >= {MIN_SENTENCE} tokens")
+        raise UsageError(f"cannot fill {n_tokens} tokens with sentences of >= {MIN_SENTENCE} tokens")
     sentences: list[list[str]] = []
     remaining = n_tokens
     while remaining > 2 * MAX_SENTENCE:
@@ -179,11 +180,11 @@ def make_samples(
         answer_len: codes per answer (<= MAX_NEW_TOKENS - 1).
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown synthetic kind {kind!r}; expected one of {KINDS}")
+        raise UsageError(f"unknown synthetic kind {kind!r}; expected one of {KINDS}")
     if not 1 <= answer_len < MAX_NEW_TOKENS:
-        raise ValueError(f"answer_len must be in [1, {MAX_NEW_TOKENS - 1}]")
+        raise UsageError(f"answer_len must be in [1, {MAX_NEW_TOKENS - 1}]")
     if kind == "multiquery" and not 1 <= n_questions <= n_keys:
-        raise ValueError("multiquery needs 1 <= n_questions <= n_keys")
+        raise UsageError("multiquery needs 1 <= n_questions <= n_keys")
     samples: list[Sample] = []
     for length in lengths:
         cells = [min(max(d, 0.0), 1.0) for d in (depths or DEFAULT_DEPTHS)] if kind == "needle" else [None]
