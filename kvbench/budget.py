@@ -72,7 +72,9 @@ class Pyramid(Allocator):
     m_min = 2b - m_max; step = (m_max - m_min) // (L - 1); layer l keeps m_max - l * step (floored step, so the total
     can exceed L * b slightly, as in the authors' code). ``kvf_fallback`` reproduces KVCache-Factory's rule of
     falling back to the uniform b when m < 2b (the AdaKV/CompressKV ports have no such rule; default off).
-    Every head of a layer keeps the same number.
+    Every head of a layer keeps the same number. The schedule is recomputed for every prompt: the AdaKV/CompressKV
+    ports compute it once from the first sample and reuse it (a stale-state bug that matters only when the clamp
+    is active); that is not reproduced.
     """
 
     name: str = "pyramid"

@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if store.complete and store.load_metrics().get("limit") == cfg.limit:
         metrics = store.load_metrics()
         print(f"[kvbench] already finished: {store.dir}", file=sys.stderr)
-        print(format_table(metrics))
+        print(format_table(metrics, cfg.run_dir))
         return metrics
     method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
     samples = load_samples(cfg.task, cfg.limit)
@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     wanted = {s.id for s in samples}  # a different limit re-aggregates over exactly the requested samples
     metrics = aggregate([r for r in store.records() if r["sample_id"] in wanted], resolved, budget, store.hash, device)
     store.write_metrics(metrics)
-    print(format_table(metrics))
+    print(format_table(metrics, cfg.run_dir))
     return metrics
 
 
@@ -115,7 +115,7 @@ def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float,
     }
 
 
-def format_table(m: dict[str, Any]) -> str:
+def format_table(m: dict[str, Any], run_dir: str | None = None) -> str:
     """A short human-readable summary of one run's metrics."""
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{1000 * v:.1f} ms"
@@ -136,5 +136,7 @@ def format_table(m: dict[str, Any]) -> str:
         ("time", f"prefill {ms(m['prefill_s'])} | compression {ms(m['compress_s'])} | "
                  f"decode {ms(m['decode_s_per_token'])}/token"),
     ]
+    if run_dir:
+        rows.append(("run dir", str(run_dir)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -77,9 +77,9 @@ class LayerContext:
         return self.memo[key]
 
     def _window_attention(self, w: int) -> Tensor:
-        q = self.queries[:, -w:]  # (H_q, w, d)
-        k = self.keys.repeat_interleave(self.n_groups, 0)  # (H_q, n, d)
-        logits = torch.einsum("hwd,hnd->hwn", q.float(), k.float()) * self.scaling  # (H_q, w, n)
+        q = self.queries[:, -w:].reshape(self.n_kv_heads, self.n_groups, w, -1)  # (H_kv, G, w, d)
+        logits = torch.einsum("hgwd,hnd->hgwn", q.float(), self.keys.float()) * self.scaling  # (H_kv, G, w, n)
+        logits = logits.reshape(-1, w, self.n)  # (H_q, w, n); query head i belongs to KV head i // G
         causal = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)  # True above the diagonal
         logits[:, :, self.n - w :].masked_fill_(causal, float("-inf"))
         probs = logits.softmax(-1).to(self.queries.dtype)  # (H_q, w, n)
@@ -92,14 +92,15 @@ class LayerContext:
         """
         if "colsum" in self.memo:
             return self.memo["colsum"]
-        k = self.keys.repeat_interleave(self.n_groups, 0).float()  # (H_q, n, d)
-        q_all = self.queries.float()
-        offset = self.n - q_all.shape[1]  # queries cover the last q positions of the cache
-        total = torch.zeros(q_all.shape[0], self.n, device=k.device)
-        for s in range(0, q_all.shape[1], chunk):
-            q = q_all[:, s : s + chunk]  # (H_q, c, d)
-            logits = torch.einsum("hcd,hnd->hcn", q, k) * self.scaling
-            rows = torch.arange(s, s + q.shape[1], device=k.device)[:, None] + offset
+        k = self.keys.float()  # (H_kv, n, d)
+        n_q = self.queries.shape[1]
+        q_all = self.queries.float().reshape(self.n_kv_heads, self.n_groups, n_q, -1)  # (H_kv, G, q, d)
+        offset = self.n - n_q  # queries cover the last q positions of the cache
+        total = torch.zeros(self.queries.shape[0], self.n, device=k.device)
+        for s in range(0, n_q, chunk):
+            q = q_all[:, :, s : s + chunk]  # (H_kv, G, c, d)
+            logits = torch.einsum("hgcd,hnd->hgcn", q, k).flatten(0, 1) * self.scaling  # (H_q, c, n)
+            rows = torch.arange(s, s + q.shape[2], device=k.device)[:, None] + offset
             logits.masked_fill_(torch.arange(self.n, device=k.device)[None, :] > rows, float("-inf"))
             total += logits.softmax(-1).to(self.queries.dtype).float().sum(1)
         self.memo["colsum"] = total
