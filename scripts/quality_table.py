@@ -30,12 +30,14 @@ def main() -> None:
     p.add_argument("--task", default="synth_multikey")
     p.add_argument("--model", default="kvbench-tiny")
     p.add_argument("--results", default="results")
+    p.add_argument("--limit", type=int, default=None, help="first N samples of the task (a quick look)")
     args = p.parse_args()
     for protocol in args.protocols:
         for method in args.methods:
             for budget in [1.0] if method == "fullkv" else args.budgets:
                 overrides = [f"method={method}", f"budget={budget}", f"protocol={protocol}", f"task={args.task}",
-                             f"model={args.model}", f"paths.results={args.results}", "progress=false"]
+                             f"model={args.model}", f"paths.results={args.results}", "progress=false",
+                             f"limit={'null' if args.limit is None else args.limit}"]
                 with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
                     cfg = compose("config", overrides=overrides)
                 with contextlib.redirect_stdout(io.StringIO()):
