@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import statistics
 import sys
@@ -13,6 +14,7 @@ import transformers
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 from tqdm import tqdm
 
 from kvbench.budget import check_budget, compression_ratio
@@ -29,6 +31,12 @@ SIZE_KEYS = ("kept_fraction", "kv_bytes_full", "kv_bytes_kept", "compressed_toke
 
 def validate(cfg: DictConfig) -> float:
     """Check the top-level keys a user types; returns the budget as a float."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
+        key = re.search(r"Missing mandatory value: (\S+)", str(err))
+        raise UsageError(f"missing required setting {key.group(1) if key else err} (e.g. model=hf "
+                         "model.pretrained=Qwen/Qwen2.5-7B-Instruct)") from None
     budget = check_budget(cfg.budget)
     if cfg.protocol not in PROTOCOLS:
         raise UsageError(f"protocol={cfg.protocol!r}; choose one of {', '.join(PROTOCOLS)}")

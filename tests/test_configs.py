@@ -45,7 +45,12 @@ def test_every_allocator_composes(name: str) -> None:
 @pytest.mark.parametrize("name", options("model"))
 def test_every_model_option_has_the_loader_keys(name: str) -> None:
     cfg = composed(f"model={name}")
-    assert cfg.model.name == name
+    if cfg.model._get_node("pretrained")._is_missing():  # a template that needs model.pretrained (model=hf)
+        cfg = composed(f"model={name}", "model.pretrained=Qwen/Qwen2.5-7B-Instruct")
+        assert cfg.model.name == "Qwen--Qwen2.5-7B-Instruct"
+        assert composed(f"model={name}", "model.pretrained=/data/models/my-llama").model.name == "my-llama"
+    else:
+        assert cfg.model.name == name
     for key in ("pretrained", "revision", "dtype", "attn_implementation", "max_length", "chat_template"):
         assert key in cfg.model, f"model/{name}.yaml lacks {key}"
 

@@ -93,6 +93,11 @@ def test_bad_method_parameter_or_task_is_one_clear_error_and_writes_nothing(tmp_
     run(config(tmp_path, "method=snapkv", "limit=1"))  # the same directory then works with a valid config
 
 
+def test_missing_required_setting_is_named(tmp_path) -> None:
+    with pytest.raises(UsageError, match="model.pretrained"):
+        run(config(tmp_path, "model=hf"))
+
+
 def test_bad_protocol_and_missing_model_path(tmp_path) -> None:
     with pytest.raises(UsageError, match="protocol"):
         run(config(tmp_path, "protocol=sometimes"))
@@ -104,7 +109,8 @@ def test_bad_protocol_and_missing_model_path(tmp_path) -> None:
 def test_hub_id_offline_names_the_model_and_the_fix(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    spec = config(tmp_path, "model.pretrained=meta-llama/Llama-3.1-8B-Instruct", "model.revision=abc123").model
+    overrides = ("model=hf", "model.pretrained=meta-llama/Llama-3.1-8B-Instruct", "model.revision=abc123")
+    spec = config(tmp_path, *overrides).model
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache") as err:
         load_model(spec, torch.device("cpu"))
     assert "meta-llama/Llama-3.1-8B-Instruct" in str(err.value) and "huggingface-cli download" in str(err.value)

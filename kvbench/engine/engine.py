@@ -189,10 +189,11 @@ class Engine:
             return
         t0 = sync_time(self.device)
         keys, values = layer.dense()
+        window = min(self.method.window, keep, queries.shape[1])  # never more than this forward's queries
         ctx = LayerContext(
             layer_idx=module.layer_idx, n_layers=self.n_layers, module=module, queries=queries, keys=keys,
-            values=values, positions=layer.positions[:n], window=min(self.method.window, keep), keep=keep,
-            scaling=scale, hidden_states=self._hidden.pop(module.layer_idx, None), spans=self.spans,
+            values=values, positions=layer.positions[:n], window=window, keep=keep, scaling=scale,
+            hidden_states=self._hidden.pop(module.layer_idx, None), spans=self.spans,
         )
         layer.select(select_tokens(self.method.score(ctx), ctx, self.allocator))
         self.compress_seconds += sync_time(self.device) - t0
