@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -51,6 +52,8 @@ class Allocator:
     """
 
     name: str = "uniform"
+
+    equal_heads: ClassVar[bool] = True  # every KV head of a layer keeps the same number (the layer stays dense)
 
     def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int) -> Tensor:
         h, m = scores.shape
@@ -107,6 +110,8 @@ class HeadAdaptive(Allocator):
     name: str = "head_adaptive"
     alpha: float = 0.2
     normalize: bool = False
+
+    equal_heads: ClassVar[bool] = False
 
     def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int) -> Tensor:
         h, m = scores.shape

@@ -26,11 +26,25 @@ SPLIT = "\u241eKVBENCH-SPLIT\u241e"
 
 
 @dataclass
-class Generation:
-    """Decoding settings of a task."""
+class RunOptions:
+    """How every sample of a run is prompted, prefilled, decoded and scored.
 
+    Attributes:
+        protocol: ``query_aware`` or ``query_agnostic`` (see the module docstring).
+        max_new_tokens, stop: greedy decoding limit and stop strings (the task's).
+        metrics: metric names (``kvbench.metrics``).
+        chat: wrap prompts in the tokenizer's chat template. max_length: prompt tokens before middle truncation.
+        prefill_chunk: prefill the compressed prompt in blocks of this many tokens, compressing after each block
+            (so the cache never holds more than budget x tokens seen + one block); None = one block.
+    """
+
+    protocol: str
     max_new_tokens: int
     stop: list[str]
+    metrics: list[str]
+    chat: bool = False
+    max_length: int | None = None
+    prefill_chunk: int | None = None
 
 
 def encode(tok: PreTrainedTokenizerBase, context: str, question: str, chat: bool, max_length: int | None
@@ -91,14 +105,16 @@ def cache_stats(engine: Engine, n: int) -> dict[str, Any]:
     }
 
 
-def prefill(engine: Engine, ids: list[int], spans: dict[str, tuple[int, int]]) -> tuple[torch.Tensor, dict]:
-    """Fresh cache, compressed prefill; returns last logits and the prefill statistics."""
+def prefill(engine: Engine, ids: list[int], spans: dict[str, tuple[int, int]], chunk: int | None = None
+            ) -> tuple[torch.Tensor, dict]:
+    """Fresh cache, compressed prefill (in blocks of ``chunk`` tokens if set); last logits and prefill statistics."""
     engine.reset()
     engine.spans = spans
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     t0 = sync_time(engine.device)
-    logits = engine.forward(ids, compress=True)
+    for start in range(0, len(ids), chunk or len(ids)):
+        logits = engine.forward(ids[start : start + (chunk or len(ids))], compress=True)
     total = sync_time(engine.device) - t0
     stats = cache_stats(engine, len(ids))
     stats.update(prefill_s=total - engine.compress_seconds, compress_s=engine.compress_seconds,
@@ -106,47 +122,56 @@ def prefill(engine: Engine, ids: list[int], spans: dict[str, tuple[int, int]]) -
     return logits, stats
 
 
-def answer(engine: Engine, tok: PreTrainedTokenizerBase, logits: torch.Tensor, gen: Generation) -> dict[str, Any]:
-    tokens, times = engine.generate(logits, gen.max_new_tokens, stopper(tok, gen.stop))
+def answer(engine: Engine, tok: PreTrainedTokenizerBase, logits: torch.Tensor, opts: RunOptions) -> dict[str, Any]:
+    tokens, times = engine.generate(logits, opts.max_new_tokens, stopper(tok, opts.stop))
     return {
-        "prediction": postprocess(tok, tokens, gen.stop),
+        "prediction": postprocess(tok, tokens, opts.stop),
         "new_tokens": len(tokens),
         "decode_s_per_token": sum(times) / len(times) if times else None,
     }
 
 
-def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, gen: Generation, metrics: list[str],
-               protocol: str, chat: bool, max_length: int | None, skip: set[str]) -> list[dict[str, Any]]:
+def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, opts: RunOptions, skip: set[str]
+               ) -> list[dict[str, Any]]:
     """Answer every question of ``sample`` not in ``skip``; one record per question."""
     todo = [q for q in sample.questions if f"{sample.id}/{q.id}" not in skip]
+    if opts.protocol == "query_agnostic":
+        return _query_agnostic(engine, tok, sample, todo, opts)
     records = []
-    if protocol == "query_agnostic" and todo:
-        ctx, _ = encode(tok, sample.context, todo[0].text, chat, max_length)
-        logits, stats = prefill(engine, ctx, {"context": (0, len(ctx))})
-        stats["context_tokens"] = len(ctx)
-        snap = engine.store.snapshot()
-        for q in todo:
-            engine.store.rollback(snap)
-            engine.store.reset_peak()
-            _, q_ids = encode(tok, sample.context, q.text, chat, max_length)
-            t0 = sync_time(engine.device)
-            q_logits = engine.forward(q_ids)
-            extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids)}
-            records.append(_record(engine, tok, sample, q, q_logits, gen, metrics, {**stats, **extra}))
-        engine.store.rollback(snap)
-        return records
     for q in todo:
-        ctx, q_ids = encode(tok, sample.context, q.text, chat, max_length)
+        ctx, q_ids = encode(tok, sample.context, q.text, opts.chat, opts.max_length)
         spans = {"context": (0, len(ctx)), "question": (len(ctx), len(ctx) + len(q_ids))}
-        logits, stats = prefill(engine, ctx + q_ids, spans)
+        logits, stats = prefill(engine, ctx + q_ids, spans, opts.prefill_chunk)
         stats.update(context_tokens=len(ctx), question_tokens=len(q_ids))
-        records.append(_record(engine, tok, sample, q, logits, gen, metrics, stats))
+        records.append(_record(engine, tok, sample, q, logits, opts, stats))
+    return records
+
+
+def _query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question],
+                    opts: RunOptions) -> list[dict[str, Any]]:
+    """Compress the context once; append, answer and roll back every question over that cache."""
+    if not todo:
+        return []
+    ctx, _ = encode(tok, sample.context, todo[0].text, opts.chat, opts.max_length)
+    _, stats = prefill(engine, ctx, {"context": (0, len(ctx))}, opts.prefill_chunk)
+    stats["context_tokens"] = len(ctx)
+    snap = engine.store.snapshot()
+    records = []
+    for q in todo:
+        engine.store.rollback(snap)
+        engine.store.reset_peak()
+        _, q_ids = encode(tok, sample.context, q.text, opts.chat, opts.max_length)
+        t0 = sync_time(engine.device)
+        q_logits = engine.forward(q_ids)
+        extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids)}
+        records.append(_record(engine, tok, sample, q, q_logits, opts, {**stats, **extra}))
+    engine.store.rollback(snap)
     return records
 
 
 def _record(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, q: Question, logits: torch.Tensor,
-            gen: Generation, metrics: list[str], stats: dict[str, Any]) -> dict[str, Any]:
-    out = answer(engine, tok, logits, gen)
+            opts: RunOptions, stats: dict[str, Any]) -> dict[str, Any]:
+    out = answer(engine, tok, logits, opts)
     peak_mem = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None
     return {
         "id": f"{sample.id}/{q.id}",
@@ -154,7 +179,7 @@ def _record(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, q: Que
         "question_id": q.id,
         "prediction": out["prediction"],
         "references": q.answers,
-        "scores": score_prediction(out["prediction"], q.answers, metrics),
+        "scores": score_prediction(out["prediction"], q.answers, opts.metrics),
         **stats,
         "new_tokens": out["new_tokens"],
         "decode_s_per_token": out["decode_s_per_token"],

@@ -21,7 +21,7 @@ from kvbench.budget import check_budget, compression_ratio
 from kvbench.engine import Engine
 from kvbench.errors import UsageError
 from kvbench.models import load_model, pick_device
-from kvbench.pipeline import PROTOCOLS, Generation, run_sample
+from kvbench.pipeline import PROTOCOLS, RunOptions, run_sample
 from kvbench.results import RunStore
 from kvbench.tasks import load_samples
 
@@ -40,6 +40,9 @@ def validate(cfg: DictConfig) -> float:
     budget = check_budget(cfg.budget)
     if cfg.protocol not in PROTOCOLS:
         raise UsageError(f"protocol={cfg.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    chunk = cfg.get("prefill_chunk")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise UsageError(f"prefill_chunk must be a positive number of tokens or null, got {chunk!r}")
     return budget
 
 
@@ -57,6 +60,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(format_table(metrics, cfg.run_dir))
         return metrics
     method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
+    if cfg.prefill_chunk and not allocator.equal_heads:
+        raise UsageError(f"prefill_chunk needs an allocator that keeps equal per-head counts (uniform, pyramid); "
+                         f"{cfg.allocator.name} gives heads different lengths, which cannot be re-compressed yet")
     samples = load_samples(cfg.task, cfg.limit)
     device = pick_device(str(cfg.device))
     if device.type == "cpu" and cfg.get("threads"):
@@ -66,13 +72,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     done = store.done_ids()
     todo = [s for s in samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
     torch.manual_seed(int(cfg.seed))
-    gen = Generation(int(cfg.task.max_new_tokens), list(cfg.task.stop))
+    opts = RunOptions(protocol=cfg.protocol, max_new_tokens=int(cfg.task.max_new_tokens), stop=list(cfg.task.stop),
+                      metrics=list(cfg.task.metrics), chat=bool(cfg.model.chat_template),
+                      max_length=cfg.model.get("max_length"), prefill_chunk=cfg.get("prefill_chunk"))
     with Engine(model, method, allocator, budget, backend=cfg.model.attn_implementation) as engine:
         bar = tqdm(todo, desc=f"{cfg.method.name} b={cfg.budget}", unit="sample", disable=not cfg.progress,
                    file=sys.stderr, initial=len(samples) - len(todo), total=len(samples))
         for sample in bar:
-            for record in run_sample(engine, tok, sample, gen, list(cfg.task.metrics), cfg.protocol,
-                                     bool(cfg.model.chat_template), cfg.model.get("max_length"), done):
+            for record in run_sample(engine, tok, sample, opts, done):
                 store.append(record)
     wanted = {s.id for s in samples}  # a different limit re-aggregates over exactly the requested samples
     metrics = aggregate([r for r in store.records() if r["sample_id"] in wanted], resolved, budget, store.hash, device)

@@ -182,9 +182,13 @@ class Engine:
 
     def _compress_layer(self, module: nn.Module, queries: Tensor, layer: LayerKV, scale: float) -> None:
         if not layer.uniform:
-            raise RuntimeError("re-compressing a ragged layer needs a method-specific policy (not in this method)")
+            raise RuntimeError(
+                "this layer already has per-head lengths (a head-adaptive allocator compressed it earlier); "
+                "re-compressing it, e.g. block-wise with prefill_chunk, is only supported with uniform or "
+                "pyramid allocators for now"
+            )
         n = int(layer.lens[0])
-        keep = tokens_per_head(self.budget, n)
+        keep = tokens_per_head(self.budget, int(self._positions[-1]) + 1)  # of all tokens seen, evicted or not
         if keep >= n:
             return
         t0 = sync_time(self.device)
