@@ -117,7 +117,7 @@ def test_hub_id_offline_names_the_model_and_the_fix(monkeypatch, tmp_path) -> No
 
 
 def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path) -> None:
-    args = ["method=adakv", "budget=0.2", "limit=8", "progress=false"]
+    args = ["method=adakv", "budget=0.2", "limit=12", "progress=false"]
     ref_cfg = config(tmp_path / "ref", *args)
     run(ref_cfg)
     expected = [(r["id"], r["prediction"]) for r in lines(ref_cfg.run_dir)]
