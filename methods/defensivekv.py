@@ -37,7 +37,7 @@ class DefensiveKV(Method):
     window: int = 32
     kernel: int = 5
     tau: float = 0.9
-    norm_chunk: int = 1024
+    norm_chunk: int = 256
 
     def score(self, ctx: LayerContext) -> Tensor:
         h, w, n = ctx.n_kv_heads, ctx.window, ctx.n

@@ -85,13 +85,15 @@ class LayerContext:
         probs = logits.softmax(-1).to(self.queries.dtype)  # (H_q, w, n)
         return probs[:, :, : self.n - w]
 
-    def attention_column_sums(self, chunk: int = 512) -> Tensor:
+    def attention_column_sums(self, max_elements: int = 2**26) -> Tensor:
         """Sum over *all* prompt queries of the causal attention each key receives: (H_q, n).
 
-        Computed in query chunks to bound memory (H2O's accumulated attention; softmax in fp32, fully causal).
+        H2O's accumulated attention (softmax in fp32, fully causal), computed in query chunks of at most
+        ``max_elements`` logits (256 MiB in fp32) so long prompts fit next to the model on a GPU.
         """
         if "colsum" in self.memo:
             return self.memo["colsum"]
+        chunk = max(1, max_elements // (self.queries.shape[0] * self.n))
         k = self.keys.float()  # (H_kv, n, d)
         n_q = self.queries.shape[1]
         q_all = self.queries.float().reshape(self.n_kv_heads, self.n_groups, n_q, -1)  # (H_kv, G, q, d)
