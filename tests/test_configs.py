@@ -92,10 +92,11 @@ def test_help_lists_models_methods_tasks() -> None:
         assert name in out
 
 
-def test_unknown_method_lists_the_valid_ones() -> None:
-    res = _cli("method=nosuchmethod")
+@pytest.mark.parametrize("group", ["method", "model", "task", "allocator"])
+def test_unknown_option_lists_the_valid_ones(group: str) -> None:
+    res = _cli(f"{group}=nosuchthing")
     assert res.returncode != 0
-    assert "nosuchmethod" in res.stderr and all(m in res.stderr for m in options("method"))
+    assert "nosuchthing" in res.stderr and all(m in res.stderr for m in options(group))
 
 
 def test_multirun_grid_runs_locally(tmp_path) -> None:
