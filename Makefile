@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 ARGS ?=
 
-.PHONY: help install demo test test-all lint format efficiency clean
+.PHONY: help install demo test test-all test-compat lint format efficiency clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,17 @@ test: $(STAMP)  ## the test suite (CPU, offline; slow checks excluded)
 test-all: $(STAMP)  ## every test including the slow ones
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
 
+COMPAT := .venv-transformers4
+$(COMPAT)/.install-stamp: pyproject.toml constraints.txt
+	test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q -c constraints.txt torch==2.13.0
+	$(COMPAT)/bin/pip install -q -c constraints.txt "transformers==4.57.6" -e ".[dev]"
+	touch $@
+
+test-compat: $(COMPAT)/.install-stamp  ## engine, methods and runner tests on transformers 4.57 (the previous major)
+	$(COMPAT)/bin/python -m pytest -q -m "not slow and not gpu" tests/test_engine.py tests/test_methods.py \
+		tests/test_runner.py tests/test_embedded_model.py tests/test_blockwise.py $(ARGS)
+
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check kvbench methods scripts tests
 
@@ -38,4 +49,4 @@ efficiency: $(STAMP)  ## per-method prefill / compression / decode times and KV 
 	$(BIN)/python scripts/efficiency.py $(ARGS)
 
 clean:  ## remove the virtual environment and caches (results are kept)
-	rm -rf $(VENV) .pytest_cache .ruff_cache logs
+	rm -rf $(VENV) $(COMPAT) .pytest_cache .ruff_cache logs
