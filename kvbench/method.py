@@ -14,6 +14,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from kvbench.engine.context import LayerContext
+from kvbench.errors import UsageError
 
 
 @dataclass
@@ -23,10 +24,19 @@ class Method(ABC):
     Attributes:
         name: the method's name (the config file stem; used in run directories).
         window: observation window / always-kept recent tokens (clamped by the engine to the per-head budget).
+        cache: ``kv_head`` (default) stores one cache per KV head; ``query_head`` repeats the KV heads to the query
+            heads before compression and keeps one token set per query head, as KVCache-Factory (legacy) and the
+            AdaKV repo do by default. That reproduces their numbers but holds G times the memory, and the reported
+            bytes show it.
     """
 
     name: str = ""
     window: int = 0
+    cache: str = "kv_head"
+
+    def __post_init__(self) -> None:
+        if self.cache not in ("kv_head", "query_head"):
+            raise UsageError(f"cache={self.cache!r}; use 'kv_head' or 'query_head'")
 
     compresses: ClassVar[bool] = True
 

@@ -93,12 +93,13 @@ def cache_stats(engine: Engine, n: int) -> dict[str, Any]:
     """Entries and bytes held right after compression, against the full cache of n tokens."""
     store = engine.store
     entries, nbytes = store.n_entries(), store.nbytes()
-    full_entries = n * sum(layer.n_heads for layer in store.layers if layer is not None)
+    stored_heads = sum(layer.n_heads for layer in store.layers if layer is not None)
+    full_entries = n * engine.n_layers * engine.n_kv_heads  # the uncompressed cache, one entry per KV head
     return {
         "compressed_tokens": n,
         "kept_entries": entries,
         "full_entries": full_entries,
-        "kept_fraction": entries / full_entries,
+        "kept_fraction": entries / (n * stored_heads),  # per stored head (query heads in query_head mode)
         "kv_bytes_kept": nbytes,
         "kv_bytes_full": round(nbytes / entries * full_entries),
         "kept_per_layer": [sum(lens) for lens in store.lengths()],

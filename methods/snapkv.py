@@ -41,6 +41,7 @@ class SnapKV(Method):
     gqa: str = "mean"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         pool1d(torch.zeros(1, 8), self.kernel, self.pooling)  # validates kernel and pooling with a clear message
         group_reduce(torch.zeros(1, 1), 1, self.gqa)
         if self.reduce not in ("mean", "sum"):

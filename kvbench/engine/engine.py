@@ -88,6 +88,7 @@ class Engine:
         self.backend = check_backend(backend)
         self.modules = attention_modules(model)
         self.n_layers = len(self.modules)
+        self.n_kv_heads = model.config.get_text_config().num_key_value_heads  # heads of an unexpanded cache
         self.device = next(model.parameters()).device
         self.store = KVStore(self.n_layers)
         self.spans: dict[str, tuple[int, int]] = {}
@@ -166,6 +167,9 @@ class Engine:
         """query (1, Hq, q, d), key/value (1, Hkv, q, d) post-RoPE for the new tokens -> (1, q, Hq, d)."""
         if query.shape[0] != 1:
             raise ValueError("the kvbench engine runs one sample at a time (batch size 1)")
+        if self.method.cache == "query_head":  # one cache per query head (G x the memory), as in KVCache-Factory
+            g = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
         i = module.layer_idx
         layer = self.store.layers[i]
         if layer is None:
