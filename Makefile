@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 ARGS ?=
 
-.PHONY: help install demo test test-all test-compat lint format efficiency clean
+.PHONY: help install demo test test-all test-compat test-gpu lint format efficiency clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ demo: $(STAMP)  ## the main job: DefensiveKV at budget 0.2 on the embedded model
 test: $(STAMP)  ## the test suite (CPU, offline; slow checks excluded)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(ARGS)
 
+test-gpu: $(STAMP)  ## the GPU checks (bf16 SDPA / flash-attn paths against the exact path); needs CUDA
+	$(BIN)/python -m pytest -q -m gpu tests/test_gpu.py $(ARGS)
+
 test-all: $(STAMP)  ## every test including the slow ones
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
 
@@ -37,7 +40,7 @@ $(COMPAT)/.install-stamp: pyproject.toml constraints.txt
 
 test-compat: $(COMPAT)/.install-stamp  ## engine, methods and runner tests on transformers 4.57 (the previous major)
 	$(COMPAT)/bin/python -m pytest -q -m "not slow and not gpu" tests/test_engine.py tests/test_methods.py \
-		tests/test_runner.py tests/test_embedded_model.py tests/test_blockwise.py $(ARGS)
+		tests/test_runner.py tests/test_embedded_model.py tests/test_blockwise.py tests/test_gqa_cache.py $(ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check kvbench methods scripts tests
