@@ -85,14 +85,15 @@ class LayerContext:
         probs = logits.softmax(-1).to(self.queries.dtype)  # (H_q, w, n)
         return probs[:, :, : self.n - w]
 
-    def attention_column_sums(self, max_elements: int = 2**26) -> Tensor:
+    def attention_column_sums(self, max_elements: int | None = None) -> Tensor:
         """Sum over *all* prompt queries of the causal attention each key receives: (H_q, n).
 
         H2O's accumulated attention (softmax in fp32, fully causal), computed in query chunks of at most
-        ``max_elements`` logits (256 MiB in fp32) so long prompts fit next to the model on a GPU.
+        ``max_elements`` logits: 2**21 on CPU (cache-friendly), 2**28 on GPU (1 GiB in fp32, few kernel launches).
         """
         if "colsum" in self.memo:
             return self.memo["colsum"]
+        max_elements = max_elements or (2**21 if self.keys.device.type == "cpu" else 2**28)
         chunk = max(1, max_elements // (self.queries.shape[0] * self.n))
         k = self.keys.float()  # (H_kv, n, d)
         n_q = self.queries.shape[1]
