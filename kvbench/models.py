@@ -81,7 +81,7 @@ def load_model(spec: Any, device: torch.device) -> tuple[PreTrainedModel, PreTra
             raise ModelLoadError(
                 f"model {source!r} (revision {spec.get('revision')}) is not in the local Hugging Face cache and the "
                 "hub cannot be reached. Download it on a machine with network "
-                f"(`huggingface-cli download {source} --revision {spec.get('revision') or 'main'}`, with HF_HOME "
+                f"(`hf download {source} --revision {spec.get('revision') or 'main'}`, with HF_HOME "
                 "pointing at shared storage), or set model.pretrained=/path/to/local/copy."
             ) from err
         raise ModelLoadError(f"could not load model {source!r}: {err}") from err

@@ -113,7 +113,7 @@ def test_hub_id_offline_names_the_model_and_the_fix(monkeypatch, tmp_path) -> No
     spec = config(tmp_path, *overrides).model
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache") as err:
         load_model(spec, torch.device("cpu"))
-    assert "meta-llama/Llama-3.1-8B-Instruct" in str(err.value) and "huggingface-cli download" in str(err.value)
+    assert "meta-llama/Llama-3.1-8B-Instruct" in str(err.value) and "hf download" in str(err.value)
 
 
 def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path) -> None:
