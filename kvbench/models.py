@@ -79,7 +79,7 @@ def load_model(spec: Any, device: torch.device) -> tuple[PreTrainedModel, PreTra
     except OSError as err:
         if kwargs.get("local_files_only"):
             raise ModelLoadError(
-                f"model {source!r} (revision {spec.get('revision')}) is not in the local Hugging Face cache and the "
+                f"model {source!r} (revision {spec.get('revision') or 'main'}) is not in the local Hugging Face cache and the "
                 "hub cannot be reached. Download it on a machine with network "
                 f"(`hf download {source} --revision {spec.get('revision') or 'main'}`, with HF_HOME "
                 "pointing at shared storage), or set model.pretrained=/path/to/local/copy."
