@@ -78,11 +78,11 @@ def load_model(spec: Any, device: torch.device) -> tuple[PreTrainedModel, PreTra
                                                      **kwargs)
     except OSError as err:
         if kwargs.get("local_files_only"):
+            rev = spec.get("revision") or "main"
             raise ModelLoadError(
-                f"model {source!r} (revision {spec.get('revision') or 'main'}) is not in the local Hugging Face cache and the "
-                "hub cannot be reached. Download it on a machine with network "
-                f"(`hf download {source} --revision {spec.get('revision') or 'main'}`, with HF_HOME "
-                "pointing at shared storage), or set model.pretrained=/path/to/local/copy."
+                f"model {source!r} (revision {rev}) is not in the local Hugging Face cache and the hub cannot be "
+                f"reached. Download it on a machine with network (`hf download {source} --revision {rev}`, with "
+                "HF_HOME pointing at shared storage), or set model.pretrained=/path/to/local/copy."
             ) from err
         raise ModelLoadError(f"could not load model {source!r}: {err}") from err
     return model.to(device).eval(), tokenizer
