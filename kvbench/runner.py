@@ -29,10 +29,10 @@ TIMING_KEYS = ("prefill_s", "compress_s", "question_s", "decode_s_per_token")
 SIZE_KEYS = ("kept_fraction", "kv_bytes_full", "kv_bytes_kept", "compressed_tokens")
 
 
-def validate(cfg: DictConfig) -> float:
-    """Check the top-level keys a user types; returns the budget as a float."""
+def validate(cfg: DictConfig) -> tuple[float, dict[str, Any]]:
+    """Check the top-level keys a user types; returns the budget and the resolved config."""
     try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
         key = re.search(r"Missing mandatory value: (\S+)", str(err))
         raise UsageError(f"missing required setting {key.group(1) if key else err} (e.g. model=hf "
@@ -43,13 +43,12 @@ def validate(cfg: DictConfig) -> float:
     chunk = cfg.get("prefill_chunk")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise UsageError(f"prefill_chunk must be a positive number of tokens or null, got {chunk!r}")
-    return budget
+    return budget, resolved
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume, or return) the configuration's run directory; returns its metrics."""
-    budget = validate(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    budget, resolved = validate(cfg)
     store = RunStore(cfg.run_dir, resolved)
     if cfg.overwrite:
         store.discard()
