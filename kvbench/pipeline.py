@@ -170,6 +170,11 @@ def _query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample
     return records
 
 
+def metric_kwargs(sample: Sample, q: Question) -> dict[str, Any]:
+    """Per-question metric extras (e.g. LongBench's ``all_classes``): ``meta["metric_kwargs"]``, question wins."""
+    return {**sample.meta.get("metric_kwargs", {}), **q.meta.get("metric_kwargs", {})}
+
+
 def _record(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, q: Question, logits: torch.Tensor,
             opts: RunOptions, stats: dict[str, Any]) -> dict[str, Any]:
     out = answer(engine, tok, logits, opts)
@@ -180,7 +185,7 @@ def _record(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, q: Que
         "question_id": q.id,
         "prediction": out["prediction"],
         "references": q.answers,
-        "scores": score_prediction(out["prediction"], q.answers, opts.metrics),
+        "scores": score_prediction(out["prediction"], q.answers, opts.metrics, **metric_kwargs(sample, q)),
         **stats,
         "new_tokens": out["new_tokens"],
         "decode_s_per_token": out["decode_s_per_token"],
