@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
 from kvbench.errors import UsageError
+
+if TYPE_CHECKING:  # the engine's context imports nothing from here, but keep the dependency one-way at run time
+    from kvbench.engine.context import LayerContext
 
 
 def check_budget(budget: object) -> float:
@@ -47,15 +50,18 @@ def compression_ratio(budget: float, n: int | None = None) -> float:
 class Allocator:
     """Splits a layer's non-window budget over its KV heads (and, for some allocators, over layers).
 
-    ``allocate(scores, keep, layer, n_layers)``: scores (H, m) of the m candidate (non-window) tokens, ``keep`` the
-    average number of candidates to keep per head in an average layer; returns (H,) counts, each <= m.
+    ``allocate(scores, keep, layer, n_layers, ctx)``: scores (H, m) of the m candidate (non-window) tokens, ``keep``
+    the average number of candidates to keep per head in an average layer; returns (H,) counts, each <= m. ``ctx``
+    is the layer's ``LayerContext``: an allocator that pairs with a method (e.g. Task-KV's head split) reads what the
+    method left in ``ctx.memo``.
     """
 
     name: str = "uniform"
 
     equal_heads: ClassVar[bool] = True  # every KV head of a layer keeps the same number (the layer stays dense)
 
-    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int) -> Tensor:
+    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int,
+                 ctx: LayerContext | None = None) -> Tensor:
         h, m = scores.shape
         return torch.full((h,), min(keep, m), dtype=torch.long)
 
@@ -84,7 +90,8 @@ class Pyramid(Allocator):
     beta: int = 20
     kvf_fallback: bool = False
 
-    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int) -> Tensor:
+    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int,
+                 ctx: LayerContext | None = None) -> Tensor:
         h, m = scores.shape
         b = min(keep, m)
         if n_layers == 1 or (self.kvf_fallback and m < 2 * b):
@@ -113,7 +120,8 @@ class HeadAdaptive(Allocator):
 
     equal_heads: ClassVar[bool] = False
 
-    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int) -> Tensor:
+    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int,
+                 ctx: LayerContext | None = None) -> Tensor:
         h, m = scores.shape
         keep = min(keep, m)
         s = scores.float()

@@ -406,7 +406,7 @@ def test_wrong_decode_position_is_detected(tiny_model, prompt):
 class _KeepAll(Allocator):
     name: str = "keep_all"
 
-    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int) -> Tensor:
+    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int, ctx: object = None) -> Tensor:
         return torch.full((scores.shape[0],), scores.shape[1], dtype=torch.long)
 
 

@@ -217,6 +217,6 @@ def select_tokens(scores: Tensor, ctx: LayerContext, allocator: Allocator) -> li
     if scores.shape[0] != ctx.n_kv_heads or m not in (n, n - ctx.window):
         raise ValueError(f"score() must return ({ctx.n_kv_heads}, {n - ctx.window}) or ({ctx.n_kv_heads}, {n}), "
                          f"got {tuple(scores.shape)}")
-    counts = allocator.allocate(scores, max(ctx.keep - (n - m), 0), ctx.layer_idx, ctx.n_layers)
+    counts = allocator.allocate(scores, max(ctx.keep - (n - m), 0), ctx.layer_idx, ctx.n_layers, ctx=ctx)
     tail = torch.arange(m, n, device=scores.device)
     return [torch.cat([idx, tail]) for idx in topk_per_head(scores, counts)]
