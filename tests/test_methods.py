@@ -110,6 +110,8 @@ def test_counts_follow_the_allocator(run, name, budget, arch):
         for total in per_layer:
             slack = 0 if r.allocator.alpha == 0 else N_KV_HEADS  # rounding of the safeguard
             assert abs(total - N_KV_HEADS * r.keep) <= slack
+    elif kind == "taskkv":  # full heads + sinks/recent/middle, leftover redistributed: exactly H x keep per layer
+        assert per_layer == [N_KV_HEADS * r.keep] * N_LAYERS
     else:
         pytest.fail(f"untested allocator {kind!r}: add its expectations here")
 
