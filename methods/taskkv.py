@@ -97,6 +97,7 @@ class TaskKV(Method):
         semantic_distance(torch.zeros(1, 2), self.distance)
         group_reduce(torch.zeros(1), 1, self.gqa)
         pool1d(torch.zeros(1, 8), self.kernel, self.pooling)
+        pool1d(torch.zeros(1, 8), 3, self.pooling)  # the mode too, even with kernel 1
 
     def score(self, ctx: LayerContext) -> Tensor:
         col = ctx.window_attention().float().mean(1)  # (H_q, n - w) semantic vectors before sparsification
