@@ -59,6 +59,7 @@ class Allocator:
     name: str = "uniform"
 
     equal_heads: ClassVar[bool] = True  # every KV head of a layer keeps the same number (the layer stays dense)
+    cross_layer: ClassVar[bool] = False  # True: budgets depend on other layers (``CrossLayerAllocator.plan``)
 
     def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int,
                  ctx: LayerContext | None = None) -> Tensor:
@@ -132,3 +133,68 @@ class HeadAdaptive(Allocator):
         counts = torch.bincount(picks, minlength=h).float()  # (H,)
         caps = torch.round(counts * (1 - self.alpha) + math.floor(self.alpha * keep))
         return caps.clamp(0, m).long()
+
+
+@dataclass
+class LayerScores:
+    """One scored layer waiting for a cross-layer allocation.
+
+    Attributes:
+        scores: (H, m) scores of the layer's m candidate tokens (the first m of every head, in cache order).
+        n: tokens per head in the layer (the n - m trailing ones are always kept).
+        stats: per-layer scalars the method left in ``ctx.stats`` (e.g. CAKE's preference).
+    """
+
+    scores: Tensor
+    n: int
+    stats: dict
+
+
+@dataclass
+class CrossLayerAllocator(Allocator):
+    """Allocates over layers: the engine scores each layer, then asks ``plan`` for every scored layer's counts.
+
+    ``plan(layers, keep, n_layers)``: ``layers`` maps layer index -> ``LayerScores`` for the layers scored so far
+    (all of them, unless the method cascades); ``keep`` is the average tokens per KV head, window included. Returns
+    layer index -> (H,) candidate counts. The engine calls it after the last layer, or after every layer when the
+    method sets ``cascading`` (then earlier layers are re-trimmed, each within its previous selection).
+    """
+
+    name: str = "cross_layer"
+
+    cross_layer: ClassVar[bool] = True
+
+    def plan(self, layers: dict[int, LayerScores], keep: int, n_layers: int) -> dict[int, Tensor]:
+        raise NotImplementedError
+
+    def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int,
+                 ctx: LayerContext | None = None) -> Tensor:
+        raise UsageError(f"allocator {self.name!r} allocates across layers; the engine calls its plan()")
+
+
+@dataclass
+class GlobalFlat(CrossLayerAllocator):
+    """One top-k over every (layer, head, token) score of the model: Layer-DefensiveKV's allocation (methods_core §5.2).
+
+    K = L * H * keep entries (window included when the method scores the window, as Layer-DefensiveKV does); layer l
+    head h keeps its number of picks, which a per-head top-k then reproduces. Scores of different layers compete
+    directly, so a layer with a small score scale can lose tokens, its window or whole heads, as in the authors'
+    code. Ties at the threshold are broken by ``torch.topk``.
+    """
+
+    name: str = "global_flat"
+
+    equal_heads: ClassVar[bool] = False
+
+    def plan(self, layers: dict[int, LayerScores], keep: int, n_layers: int) -> dict[int, Tensor]:
+        order = sorted(layers)
+        flat = torch.cat([layers[i].scores.float().reshape(-1) for i in order])  # (sum_l H * m_l,)
+        total = sum(layers[i].scores.shape[0] * (keep - (layers[i].n - layers[i].scores.shape[1])) for i in order)
+        picks = torch.zeros_like(flat, dtype=torch.bool)
+        picks[flat.topk(min(max(total, 0), flat.numel())).indices] = True
+        out, start = {}, 0
+        for i in order:
+            h, m = layers[i].scores.shape
+            out[i] = picks[start : start + h * m].reshape(h, m).sum(-1)  # (H,) picks per head
+            start += h * m
+        return out

@@ -39,6 +39,16 @@ class Method(ABC):
             raise UsageError(f"cache={self.cache!r}; use 'kv_head' or 'query_head'")
 
     compresses: ClassVar[bool] = True
+    cascading: ClassVar[bool] = False  # cross-layer allocators: re-plan after every layer (CAKE), not only the last
+    keeps_window: ClassVar[bool] = True  # the last ``window`` tokens always survive (False: they compete)
+    decode_evict: ClassVar[bool] = False  # evict during generation too, keeping every layer at its prefill budget
+
+    def decode_score(self, ctx: LayerContext) -> Tensor:
+        """Scores of the non-window tokens at a decode step (``ctx.queries`` is the new token's): (H_kv, n - window).
+
+        Only called when ``decode_evict`` is set; one token per head is then evicted per step.
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets decode_evict but has no decode_score()")
 
     @abstractmethod
     def score(self, ctx: LayerContext) -> Tensor:

@@ -156,17 +156,17 @@ def _query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample
     ctx, _ = encode(tok, sample.context, todo[0].text, opts.chat, opts.max_length)
     _, stats = prefill(engine, ctx, {"context": (0, len(ctx))}, opts.prefill_chunk)
     stats["context_tokens"] = len(ctx)
-    snap = engine.store.snapshot()
+    snap = engine.snapshot()
     records = []
     for q in todo:
-        engine.store.rollback(snap)
+        engine.rollback(snap)
         engine.store.reset_peak()
         _, q_ids = encode(tok, sample.context, q.text, opts.chat, opts.max_length)
         t0 = sync_time(engine.device)
         q_logits = engine.forward(q_ids)
         extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids)}
         records.append(_record(engine, tok, sample, q, q_logits, opts, {**stats, **extra}))
-    engine.store.rollback(snap)
+    engine.rollback(snap)
     return records
 
 

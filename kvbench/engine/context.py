@@ -31,6 +31,8 @@ class LayerContext:
         hidden_states: (q, hidden) the attention module's input for the same forward (post input-norm), or None.
         spans: named token ranges [start, end) in cache coordinates, e.g. {"context": (0, 900), "question": ...};
             future multimodal runs add image/frame spans here.
+        memo: scratch space shared by the method and its allocator for this layer (cached attention etc.).
+        stats: per-layer scalars a cross-layer allocator reads after scoring (e.g. CAKE's layer preference).
     """
 
     layer_idx: int
@@ -46,6 +48,7 @@ class LayerContext:
     hidden_states: Tensor | None = None
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     memo: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from kvbench.budget import Allocator, tokens_per_head
+from kvbench.budget import Allocator, LayerScores, Uniform, tokens_per_head
 from kvbench.engine.attention import cached_attention, causal_attention, check_backend
 from kvbench.engine.context import LayerContext
 from kvbench.engine.store import KVStore, LayerKV
@@ -93,8 +93,11 @@ class Engine:
         self.store = KVStore(self.n_layers)
         self.spans: dict[str, tuple[int, int]] = {}
         self.compress_seconds = 0.0
+        self.decode_budget: dict[int, tuple[int, int]] = {}  # layer -> (kept candidates, window) after prefill
+        self._pending: dict[int, LayerScores] = {}  # cross-layer allocation: scored layers awaiting their counts
         self._positions: Tensor | None = None
         self._compress = False
+        self._decoding = False
         self._hidden: dict[int, Tensor] = {}
         self._hooks: list[Any] = []
         self._saved_impl: Any = None
@@ -128,6 +131,15 @@ class Engine:
         self.store = KVStore(self.n_layers)
         self.spans = {}
         self.compress_seconds = 0.0
+        self.decode_budget = {}
+        self._pending = {}
+
+    def snapshot(self) -> Any:
+        """A point to ``rollback`` to; a full copy when decode-time eviction may evict tokens before it."""
+        return self.store.snapshot(copy=self.method.decode_evict)
+
+    def rollback(self, snap: Any) -> None:
+        self.store.rollback(snap)
 
     @torch.inference_mode()
     def forward(self, ids: Tensor | list[int], compress: bool = False) -> Tensor:
@@ -158,7 +170,11 @@ class Engine:
             if len(tokens) == max_new_tokens or (should_stop is not None and should_stop(tokens)):
                 break
             t0 = sync_time(self.device)
-            logits = self.forward([tokens[-1]])
+            self._decoding = True
+            try:
+                logits = self.forward([tokens[-1]])
+            finally:
+                self._decoding = False
             times.append(sync_time(self.device) - t0)
         return tokens, times
 
@@ -182,6 +198,8 @@ class Engine:
         self.store.track_peak()
         if self._compress:
             self._compress_layer(module, query[0], layer, scale)
+        elif self._decoding and self.method.decode_evict and i in self.decode_budget:
+            self._evict_on_decode(module, query[0], layer, scale)
         return out
 
     def _compress_layer(self, module: nn.Module, queries: Tensor, layer: LayerKV, scale: float) -> None:
@@ -203,8 +221,58 @@ class Engine:
             values=values, positions=layer.positions[:n], window=window, keep=keep, scaling=scale,
             hidden_states=self._hidden.pop(module.layer_idx, None), spans=self.spans,
         )
-        layer.select(select_tokens(self.method.score(ctx), ctx, self.allocator))
+        scores = self.method.score(ctx)
+        if self.allocator.cross_layer:
+            check_scores(scores, ctx)
+            self._pending[ctx.layer_idx] = LayerScores(scores, n, dict(ctx.stats))
+            if self.method.cascading or ctx.layer_idx == self.n_layers - 1:
+                for j, counts in self.allocator.plan(self._pending, keep, self.n_layers).items():
+                    self._trim(j, counts)
+        else:
+            layer.select(select_tokens(scores, ctx, self.allocator))
+            self.decode_budget[ctx.layer_idx] = (int(layer.lens[0]) - ctx.window, ctx.window)
         self.compress_seconds += sync_time(self.device) - t0
+
+    def _trim(self, i: int, counts: Tensor) -> None:
+        """Keep layer i's top-``counts[h]`` candidates per head (within its current cache) plus its tail.
+
+        The layer's pending scores are gathered alongside, so a later, smaller plan (cascading) selects a subset.
+        """
+        p, layer = self._pending[i], self.store.layers[i]
+        h, m = p.scores.shape
+        counts = counts.clamp(0, m)
+        picks = [idx.sort().values for idx in topk_per_head(p.scores, counts)]
+        tail = torch.arange(m, p.n, device=p.scores.device)
+        layer.select([torch.cat([idx, tail]) for idx in picks])
+        self.decode_budget[i] = (int(counts[0]), p.n - m)
+        if bool((counts == counts[0]).all()):
+            p.scores = torch.stack([p.scores[k, idx] for k, idx in enumerate(picks)])  # (H, counts)
+            p.n = int(counts[0]) + p.n - m
+        else:  # ragged now: no dense scores left to re-trim with
+            del self._pending[i]
+
+    def _evict_on_decode(self, module: nn.Module, query: Tensor, layer: LayerKV, scale: float) -> None:
+        """Decode-time eviction (CAKE): back to the layer's prefill budget, scored by this step's query alone."""
+        budget, window = self.decode_budget[module.layer_idx]
+        if not layer.uniform or int(layer.lens[0]) <= budget + window:
+            return
+        t0 = sync_time(self.device)
+        keys, values = layer.dense()
+        n = keys.shape[1]
+        ctx = LayerContext(
+            layer_idx=module.layer_idx, n_layers=self.n_layers, module=module, queries=query, keys=keys,
+            values=values, positions=layer.positions[:n], window=window, keep=budget + window, scaling=scale,
+            spans=self.spans,
+        )
+        layer.select(select_tokens(self.method.decode_score(ctx), ctx, Uniform()))
+        self.compress_seconds += sync_time(self.device) - t0
+
+
+def check_scores(scores: Tensor, ctx: LayerContext) -> None:
+    n = ctx.n
+    if scores.shape[0] != ctx.n_kv_heads or scores.shape[-1] not in (n, n - ctx.window):
+        raise ValueError(f"score() must return ({ctx.n_kv_heads}, {n - ctx.window}) or ({ctx.n_kv_heads}, {n}), "
+                         f"got {tuple(scores.shape)}")
 
 
 def select_tokens(scores: Tensor, ctx: LayerContext, allocator: Allocator) -> list[Tensor]:
@@ -213,10 +281,8 @@ def select_tokens(scores: Tensor, ctx: LayerContext, allocator: Allocator) -> li
     scores (H, m) cover the first m tokens; the n - m trailing ones (the window) are always kept. The allocator
     decides how many of the m candidates each head keeps, given the per-head budget minus the window.
     """
+    check_scores(scores, ctx)
     n, m = ctx.n, scores.shape[-1]
-    if scores.shape[0] != ctx.n_kv_heads or m not in (n, n - ctx.window):
-        raise ValueError(f"score() must return ({ctx.n_kv_heads}, {n - ctx.window}) or ({ctx.n_kv_heads}, {n}), "
-                         f"got {tuple(scores.shape)}")
     counts = allocator.allocate(scores, max(ctx.keep - (n - m), 0), ctx.layer_idx, ctx.n_layers, ctx=ctx)
     tail = torch.arange(m, n, device=scores.device)
     return [torch.cat([idx, tail]) for idx in topk_per_head(scores, counts)]

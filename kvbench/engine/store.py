@@ -9,6 +9,7 @@ the bytes of these tensors. Batch size is 1 (one sample at a time, as in kvpress
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -100,6 +101,9 @@ class LayerKV:
         self.keys, self.values, self.positions = self.keys[rows], self.values[rows], self.positions[rows]
         self.lens = lens.clone()
 
+    def clone(self) -> LayerKV:
+        return LayerKV(self.keys.clone(), self.values.clone(), self.lens.clone(), self.positions.clone())
+
     def head(self, h: int) -> tuple[Tensor, Tensor, Tensor]:
         """Keys (len_h, d), values (len_h, d) and positions (len_h,) of one head."""
         cu = cu_from_lens(self.lens)
@@ -148,13 +152,19 @@ class KVStore:
         """Per layer, per KV head, the number of tokens held."""
         return [layer.lens.tolist() if layer is not None else [] for layer in self.layers]
 
-    def snapshot(self) -> tuple[list[Tensor | None], int]:
-        """What ``rollback`` needs to return to this point (per-layer lengths and the logical length)."""
+    def snapshot(self, copy: bool = False) -> tuple[list[Any], int]:
+        """What ``rollback`` needs to return to this point: per-layer lengths and the logical length, or with
+        ``copy`` a copy of every layer (needed when tokens held now may be evicted before the rollback, as with
+        decode-time eviction; costs one more compressed cache)."""
+        if copy:
+            return [None if layer is None else layer.clone() for layer in self.layers], self.next_position
         return [None if layer is None else layer.lens.clone() for layer in self.layers], self.next_position
 
-    def rollback(self, snap: tuple[list[Tensor | None], int]) -> None:
-        """Forget every token appended since ``snap`` (e.g. a question and its answer)."""
-        lens, self.next_position = snap
-        for layer, n in zip(self.layers, lens, strict=True):
-            if layer is not None and n is not None and not torch.equal(layer.lens, n):
-                layer.truncate(n)
+    def rollback(self, snap: tuple[list[Any], int]) -> None:
+        """Forget every token appended (and undo every eviction, for a copied snapshot) since ``snap``."""
+        saved, self.next_position = snap
+        for i, (layer, kept) in enumerate(zip(self.layers, saved, strict=True)):
+            if isinstance(kept, LayerKV):
+                self.layers[i] = kept.clone()
+            elif layer is not None and kept is not None and not torch.equal(layer.lens, kept):
+                layer.truncate(kept)
