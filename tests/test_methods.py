@@ -90,7 +90,8 @@ def test_cache_layout_and_window(run, name, budget, arch):
                 continue
             assert 1 <= len(pos) < N
             window = min(r.method.window, r.keep)
-            assert pos[len(pos) - window:] == list(range(N - window, N)), f"layer {layer} head {h} lost its window"
+            if r.method.keeps_window:
+                assert pos[len(pos) - window:] == list(range(N - window, N)), f"layer {layer} head {h} lost its window"
     if name == "fullkv":
         assert all(ln.tolist() == [N] * N_KV_HEADS for ln in r.lens)
 
@@ -112,6 +113,16 @@ def test_counts_follow_the_allocator(run, name, budget, arch):
             assert abs(total - N_KV_HEADS * r.keep) <= slack
     elif kind == "taskkv":  # full heads + sinks/recent/middle, leftover redistributed: exactly H x keep per layer
         assert per_layer == [N_KV_HEADS * r.keep] * N_LAYERS
+    elif kind == "cake":  # one size per layer; the layer budgets add up to L x keep unless a layer is clamped at N
+        assert all(len(set(ln.tolist())) == 1 for ln in r.lens), "cake: one size for all heads of a layer"
+        if max(int(ln[0]) for ln in r.lens) < N:
+            assert sum(per_layer) == N_LAYERS * N_KV_HEADS * r.keep
+    elif kind == "global_flat":  # one top-k over the model: exactly L x H x keep entries, split unevenly
+        assert sum(per_layer) == N_LAYERS * N_KV_HEADS * r.keep
+    elif kind == "error_aware":  # CompressKV: one size per layer, the layer budgets add up to L x keep (floor/cap)
+        assert all(len(set(ln.tolist())) == 1 for ln in r.lens), "error_aware: one size for all heads of a layer"
+        if max(int(ln[0]) for ln in r.lens) < N:
+            assert sum(per_layer) == N_LAYERS * N_KV_HEADS * r.keep
     else:
         pytest.fail(f"untested allocator {kind!r}: add its expectations here")
 
