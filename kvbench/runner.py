@@ -62,6 +62,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.prefill_chunk and not allocator.equal_heads:
         raise UsageError(f"prefill_chunk needs an allocator that keeps equal per-head counts (uniform, pyramid); "
                          f"{cfg.allocator.name} gives heads different lengths, which cannot be re-compressed yet")
+    if hasattr(allocator, "check_method"):  # an allocator that reads one method's ctx.memo (taskkv) refuses others
+        allocator.check_method(method)
     samples = load_samples(cfg.task, cfg.limit)
     device = pick_device(str(cfg.device))
     if device.type == "cpu" and cfg.get("threads"):

@@ -16,6 +16,7 @@ from kvbench.method import Method
 from kvbench.ops import group_reduce, pool1d
 
 MEMO = "taskkv"  # ctx.memo key: what TaskKV.score leaves for TaskKVAllocator (and for analysis)
+NEEDS_TASKKV = "allocator=taskkv needs method=taskkv (it splits heads by the semantic distances TaskKV.score computes)"
 
 
 def sparsify(v: Tensor, top_t: int) -> Tensor:
@@ -154,12 +155,16 @@ class TaskKVAllocator(Allocator):
         if self.count not in ("budget", "threshold"):
             raise UsageError(f"count={self.count!r}; use 'budget' or 'threshold'")
 
+    def check_method(self, method: Method) -> None:
+        """Called by the runner before a run directory is claimed: only TaskKV leaves the distances in ctx.memo."""
+        if not isinstance(method, TaskKV):
+            raise UsageError(NEEDS_TASKKV)
+
     def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int,
                  ctx: LayerContext | None = None) -> Tensor:
         memo = ctx.memo.get(MEMO) if ctx is not None else None
         if memo is None:
-            raise UsageError("allocator=taskkv needs method=taskkv (it splits heads by the semantic distances that "
-                             "TaskKV.score computes)")
+            raise UsageError(NEEDS_TASKKV)
         h, cand = scores.shape
         keep = min(keep, cand)
         s = min(memo["n_sink"], keep)

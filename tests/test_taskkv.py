@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, HEAD_DIM, N_KV_HEADS, N_LAYERS, load_method
+from conftest import ARCHS, HEAD_DIM, N_KV_HEADS, N_LAYERS, load_method, method_config
 from torch import nn
 
 from kvbench.budget import tokens_per_head
@@ -153,6 +153,15 @@ def test_bad_parameters_and_a_foreign_method_get_one_clear_error():
     ctx, _ = layer(keep=31)
     with pytest.raises(UsageError, match="method=taskkv"):
         TaskKVAllocator().allocate(torch.rand(H, N - W), 23, 0, 1, ctx=ctx)
+
+
+def test_runner_refuses_a_foreign_method_before_claiming_a_run_dir(tmp_path):
+    from kvbench.runner import run
+
+    cfg = method_config("snapkv", ("allocator=taskkv", f"paths.results={tmp_path}", "progress=false"))
+    with pytest.raises(UsageError, match="needs method=taskkv"):
+        run(cfg)
+    assert not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------------------------
