@@ -73,6 +73,14 @@ class TaskKV(Method):
     ``conf/method/taskkv.yaml``, documented there) turns them into the head split and per-head counts, and records
     the heterogeneous heads. With another allocator the method is plain sinks + recent + top middle.
 
+    Further choices [R]: the r recent tokens and the observation window are one parameter (``window``), as in
+    SnapKV; decoding appends every new token to every head (no decode-time eviction); block-wise prefill
+    (``prefill_chunk``) is refused because heads end up with different lengths. Measured on kvbench-tiny
+    (``synth_multikey_dense``, query-aware, 32 questions): 15.6 / 34.4 / 50.0 / 50.0 / 100 % at budget
+    0.05 / 0.1 / 0.2 / 0.5 / 0.7. Below about 0.6 no full head fits among the 2 KV heads, and raw middle activations
+    keep the token the query attends to but not the answer tokens after it (SnapKV without pooling scores the same
+    50 % at 0.2 and 0.5); ``pooling: max, kernel: 7`` (SnapKV's neighbourhood) gives 100 % at 0.1-0.5.
+
     Parameters (all [R]: the paper's values were not retrievable; methods_more §2 suggestions):
         window: observation window w, also the r recent tokens every head keeps (32). n_sink: s attention sinks (4).
         n_middle: m middle activations per non-heterogeneous head (32). top_t: semantic-vector sparsity (64; <= 0
