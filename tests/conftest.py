@@ -79,6 +79,7 @@ def build_model(arch: str, seed: int = 0, attn_implementation: str = "eager") ->
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = model_cls(config).eval()
+    model.config._name_or_path = f"tiny-random-{arch}"  # what name-based lookups (CompressKV calibrations) see
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
     return model
@@ -119,6 +120,35 @@ def method_config(name: str, overrides: tuple[str, ...] = ()) -> DictConfig:
 
 
 def load_method(name: str, overrides: tuple[str, ...] = ()):
-    """Fresh (method, allocator) instances for ``conf/method/<name>.yaml`` (with its allocator override)."""
+    """Fresh (method, allocator) instances for ``conf/method/<name>.yaml`` (with its allocator override).
+
+    A method that finds a per-model calibration by name (``calibration: auto``, CompressKV) is pointed at the
+    calibrations of the tiny random models, computed once per session by ``tiny_calibration_dir``.
+    """
     cfg = method_config(name, tuple(overrides))
+    if cfg.method.get("calibration") == "auto":
+        cfg = method_config(name, (*overrides, f"method.calibration={tiny_calibration_dir()}"))
     return instantiate(cfg.method), instantiate(cfg.allocator)
+
+
+@functools.cache
+def tiny_calibration_dir() -> Path:
+    """CompressKV calibrations (``tiny-random-<arch>.json``) of the tiny random models (seeds as ``tiny_model``),
+    computed with the calibration code of ``scripts/calibrate_compresskv.py`` on token-id needles (no tokenizer),
+    counting every test (an untrained model retrieves nothing). About a second per architecture."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from kvbench.calibration import compresskv as cal
+
+    out = Path(tempfile.mkdtemp(prefix="kvbench-calibration-"))
+    atexit.register(shutil.rmtree, out, True)
+    for arch in ARCHS:
+        model = build_model(arch, seed=ARCHS.index(arch) + 1)
+        probes = cal.token_probes(VOCAB, [96], 1, seed=0, depths=[0.25, 0.75])
+        srh = cal.retrieval_heads(model, probes, cal.token_reader(), max_new_tokens=4, min_recall=None)
+        errors = cal.layer_errors(model, probes, srh["ranking"], cal.token_reader(), steps=3)
+        info = cal.model_info(model, f"tiny-random-{arch}")
+        (out / f"tiny-random-{arch}.json").write_text(cal.dumps(cal.record(info, srh, errors, {"tests": True})))
+    return out
