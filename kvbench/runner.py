@@ -69,6 +69,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if device.type == "cpu" and cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     model, tok = load_model(cfg.model, device)
+    if hasattr(method, "prepare"):  # a method with per-model data (CompressKV's calibration) checks it for this model
+        method.prepare(model)
     store.open()  # only a configuration that loaded claims its run directory
     done = store.done_ids()
     todo = [s for s in samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
