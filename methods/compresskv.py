@@ -240,6 +240,13 @@ class CompressKV(Method):
             self._cache[key] = cal
         return self._cache[key]
 
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Called by the runner once the model is loaded: a missing or mismatched calibration fails before the run
+        directory is claimed."""
+        cfg = model.config.get_text_config()
+        self.load(str(getattr(model.config, "_name_or_path", "") or ""), cfg.num_hidden_layers,
+                  cfg.num_attention_heads)
+
     def score(self, ctx: LayerContext) -> Tensor:
         config = ctx.module.config
         cal = self.load(str(getattr(config, "_name_or_path", "") or ""), ctx.n_layers, ctx.queries.shape[0])

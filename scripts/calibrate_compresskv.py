@@ -33,7 +33,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     p.add_argument("--out", type=Path, help="output file (default: the shipped calibration directory)")
     g = p.add_argument_group("semantic retrieval heads (needle tests)")
-    g.add_argument("--srh-lengths", type=int, nargs="+", default=[512, 1024, 2048], help="context lengths")
+    g.add_argument("--srh-lengths", type=int, nargs="+", default=[512, 1024, 2048],
+                   help="context lengths in synthetic words (= kvbench-tiny tokens; other tokenizers give more)")
     g.add_argument("--srh-depths", type=float, nargs="+", default=DEPTHS, help="needle depths in [0, 1]")
     g.add_argument("--srh-samples", type=int, default=1, help="needles per (length, depth) cell")
     g.add_argument("--srh-seed", type=int, default=9001)

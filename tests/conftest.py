@@ -146,9 +146,9 @@ def tiny_calibration_dir() -> Path:
     atexit.register(shutil.rmtree, out, True)
     for arch in ARCHS:
         model = build_model(arch, seed=ARCHS.index(arch) + 1)
-        probes = cal.token_probes(VOCAB, [96], 1, seed=0, depths=[0.25, 0.75])
-        srh = cal.retrieval_heads(model, probes, cal.token_reader(), max_new_tokens=4, min_recall=None)
-        errors = cal.layer_errors(model, probes, srh["ranking"], cal.token_reader(), steps=3)
+        probes = cal.token_probes(VOCAB, [64], 1, seed=0, depths=[0.25, 0.75])
+        srh = cal.retrieval_heads(model, probes, cal.token_reader(), max_new_tokens=3, min_recall=None)
+        errors = cal.layer_errors(model, probes, srh["ranking"], cal.token_reader(), steps=2)
         info = cal.model_info(model, f"tiny-random-{arch}")
         (out / f"tiny-random-{arch}.json").write_text(cal.dumps(cal.record(info, srh, errors, {"tests": True})))
     return out
