@@ -93,9 +93,11 @@ def main(argv: list[str] | None = None) -> Path:
                              max_length)
     srh = cal.retrieval_heads(model, probes, reader, args.max_new_tokens, None if args.count_all else args.min_recall)
     print(f"[calibrate] heads: {srh['n_counted']}/{srh['n_tests']} needle tests counted", file=sys.stderr)
-    err_probes = [p for kind in args.error_kinds
-                  for p in cal.text_probes(tok, kind, args.error_lengths, args.error_samples, args.error_seed,
-                                           chat=chat, max_length=max_length)]
+    err_probes = []
+    for kind in args.error_kinds:  # error_samples contexts per kind and length (needles: at evenly spaced depths)
+        spread = [round(i / max(args.error_samples - 1, 1), 3) for i in range(args.error_samples)]
+        n, kind_depths = (1, spread) if kind == "needle" else (args.error_samples, None)
+        err_probes += cal.text_probes(tok, kind, args.error_lengths, n, args.error_seed, kind_depths, chat, max_length)
     errors = cal.layer_errors(model, err_probes, srh["ranking"], reader, args.error_steps, args.error_budget,
                               args.window, args.first_k, args.kernel)
     source = resolve_source(str(spec.pretrained))
