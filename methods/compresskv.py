@@ -146,6 +146,14 @@ def load_calibration(path: str | Path, layer_scores: str | Path | None = None) -
     return Calibration(heads, [float(x) for x in scores] if scores is not None else None, source, meta)
 
 
+def calibration_name(name_or_path: str) -> str:
+    """The file stem of a model's calibration: a local directory's name, else the hub id as ``org--name``."""
+    if not name_or_path:
+        return ""
+    path = Path(name_or_path).expanduser()
+    return path.resolve().name if path.is_dir() else model_slug(name_or_path)
+
+
 def find_calibration(spec: str, slug: str) -> Path:
     """``auto`` or a directory: ``<slug>.json`` in $KVBENCH_CALIBRATION_DIR, then the shipped assets; else the path."""
     if spec != "auto" and not Path(spec).expanduser().is_dir():
@@ -232,7 +240,7 @@ class CompressKV(Method):
 
     def load(self, name_or_path: str, n_layers: int, n_heads: int) -> Calibration:
         """The calibration for a model (by its ``name_or_path``), checked against its shape; cached."""
-        slug = model_slug(name_or_path) if name_or_path else ""
+        slug = calibration_name(name_or_path)
         key = f"{slug}|{n_layers}|{n_heads}"
         if key not in self._cache:
             cal = load_calibration(find_calibration(str(self.calibration), slug), self.layer_scores)

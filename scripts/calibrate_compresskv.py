@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> Path:
     from kvbench.calibration import compresskv as cal
     from kvbench.models import load_model, pick_device, resolve_source
     from kvbench.tasks.synthetic import STOP
-    from methods.compresskv import CALIBRATION_DIR
+    from methods.compresskv import CALIBRATION_DIR, calibration_name
 
     spec = model_config(args)
     try:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> Path:
                         "kernel": args.kernel, "pooling": "avg", "chat_template": chat},
         "dtype": str(spec.dtype), "model_spec": OmegaConf.to_container(spec, resolve=True),
     }
-    out = args.out or CALIBRATION_DIR / f"{name}.json"
+    out = args.out or CALIBRATION_DIR / f"{calibration_name(source)}.json"  # the name method=compresskv looks for
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(cal.dumps(cal.record(info, srh, errors, settings)))
     print(f"[calibrate] wrote {out}", file=sys.stderr)
