@@ -14,6 +14,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from kvbench.engine.context import LayerContext
+from kvbench.engine.store import LayerKV
 from kvbench.errors import UsageError
 
 
@@ -49,6 +50,11 @@ class Method(ABC):
         Only called when ``decode_evict`` is set; one token per head is then evicted per step.
         """
         raise NotImplementedError(f"{type(self).__name__} sets decode_evict but has no decode_score()")
+
+    def probe_scores(self, queries: Tensor, layer: LayerKV, scale: float) -> Tensor:
+        """Scores of a layer's cached tokens from a probe's queries (``Engine.probe``): (H_kv, max_h len_h), -inf
+        past the end of each head. queries (H_q, p, d) post-RoPE."""
+        raise NotImplementedError(f"{type(self).__name__} does not score with probes")
 
     @abstractmethod
     def score(self, ctx: LayerContext) -> Tensor:

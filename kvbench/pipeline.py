@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kvbench.engine.engine import Engine, sync_time
+from kvbench.episodic import run_episodic
 from kvbench.metrics import score_prediction
 from kvbench.tasks.base import Question, Sample
 
@@ -136,6 +137,8 @@ def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, opt
                ) -> list[dict[str, Any]]:
     """Answer every question of ``sample`` not in ``skip``; one record per question."""
     todo = [q for q in sample.questions if f"{sample.id}/{q.id}" not in skip]
+    if getattr(engine.method, "episodic", False):
+        return run_episodic(engine, tok, sample, todo, opts)
     if opts.protocol == "query_agnostic":
         return _query_agnostic(engine, tok, sample, todo, opts)
     records = []

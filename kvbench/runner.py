@@ -59,6 +59,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(format_table(metrics, cfg.run_dir))
         return metrics
     method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
+    if getattr(method, "episodic", False) and cfg.protocol != "query_agnostic":
+        raise UsageError(f"method={cfg.method.name} answers many questions over per-episode caches of one context; "
+                         "run it with protocol=query_agnostic")
+    if cfg.prefill_chunk and allocator.cross_layer:
+        raise UsageError(f"prefill_chunk cannot be combined with the {cfg.allocator.name} allocator, which allocates "
+                         "across layers after the whole prompt is scored")
     if cfg.prefill_chunk and not allocator.equal_heads:
         raise UsageError(f"prefill_chunk needs an allocator that keeps equal per-head counts (uniform, pyramid); "
                          f"{cfg.allocator.name} gives heads different lengths, which cannot be re-compressed yet")

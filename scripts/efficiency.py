@@ -18,11 +18,25 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from kvbench.budget import tokens_per_head
 from kvbench.engine import Engine
 from kvbench.models import load_model, pick_device
 from kvbench.pipeline import sync_time
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compressed_prefill(eng: Engine, ids: torch.Tensor) -> torch.Tensor:
+    """The method's prefill. Episodic methods (EpiCache) build one episode's cache: block-wise prefill with the
+    last 256 prompt tokens as the probe and uniform layer budgets (a run builds one cache per episode)."""
+    if not getattr(eng.method, "episodic", False):
+        return eng.forward(ids, compress=True)
+    eng.layer_keep = [tokens_per_head(eng.budget, ids.numel())] * eng.n_layers
+    probe = ids[-min(256, ids.numel()) :]
+    for start in range(0, ids.numel(), eng.method.block):
+        logits = eng.forward(ids[start : start + eng.method.block])
+        eng.probe(probe)
+    return logits
 
 
 def measure(model: torch.nn.Module, method_name: str, budget: float, ids: torch.Tensor, decode: int,
@@ -33,7 +47,7 @@ def measure(model: torch.nn.Module, method_name: str, budget: float, ids: torch.
     with Engine(model, instantiate(cfg.method), instantiate(cfg.allocator), budget, backend=backend) as eng:
         eng.reset()
         t0 = sync_time(eng.device)
-        logits = eng.forward(ids, compress=True)
+        logits = compressed_prefill(eng, ids)
         prefill = sync_time(eng.device) - t0
         kept, peak = eng.store.nbytes(), eng.store.peak_bytes
         full = kept / eng.store.n_entries() * ids.numel() * sum(layer.n_heads for layer in eng.store.layers)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from transformers import (
     LlamaConfig,
@@ -53,6 +53,7 @@ def method_names() -> list[str]:
 
 
 METHODS = tuple(method_names())
+
 
 
 def build_model(arch: str, seed: int = 0, attn_implementation: str = "eager") -> torch.nn.Module:
@@ -129,6 +130,14 @@ def load_method(name: str, overrides: tuple[str, ...] = ()):
     if cfg.method.get("calibration") == "auto":
         cfg = method_config(name, (*overrides, f"method.calibration={tiny_calibration_dir()}"))
     return instantiate(cfg.method), instantiate(cfg.allocator)
+
+
+def is_episodic(name: str) -> bool:
+    """Methods that build several caches per context with probes (EpiCache) instead of compressing in prefill."""
+    return getattr(get_class(method_config(name).method._target_), "episodic", False)
+
+
+PREFILL_METHODS = tuple(m for m in METHODS if not is_episodic(m))  # compressed by Engine.forward(compress=True)
 
 
 @functools.cache

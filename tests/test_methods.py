@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import ARCHS, HEAD_DIM, METHODS, N_KV_HEADS, N_LAYERS, load_method
+from conftest import ARCHS, HEAD_DIM, N_KV_HEADS, N_LAYERS, PREFILL_METHODS, load_method
 from torch import Tensor
 
 from kvbench.budget import tokens_per_head
@@ -70,7 +70,7 @@ def run(tiny_model):
 
 
 FULL_BYTES = N_LAYERS * N_KV_HEADS * N * HEAD_DIM * 4 * 2  # fp32 keys + values
-GRID = [(m, b, a) for m in METHODS for b in BUDGETS for a in ARCHS]
+GRID = [(m, b, a) for m in PREFILL_METHODS for b in BUDGETS for a in ARCHS]
 COMPRESSED_GRID = [(m, b, a) for m, b, a in GRID if m != "fullkv" and b < 1]
 
 
@@ -138,7 +138,7 @@ def test_kv_bytes_match_budget(run, name, budget, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", PREFILL_METHODS)
 def test_budget_one_is_bit_identical_to_fullkv(run, name, arch):
     r, ref = run(name, 1.0, arch), run("fullkv", 1.0, arch)
     assert r.tokens == ref.tokens
@@ -161,7 +161,7 @@ def test_decoding_grows_cache_by_one_per_head(run, name, budget, arch):
 def test_compression_changes_the_output(run, arch):
     """Sanity: at budget 0.1 the decode logits of a compressing method differ from FullKV's."""
     ref = run("fullkv", 0.1, arch)
-    for name in METHODS:
+    for name in PREFILL_METHODS:
         if name != "fullkv":
             r = run(name, 0.1, arch)
             assert torch.equal(r.logits[0], ref.logits[0]), "prefill logits use the full K/V"
@@ -171,7 +171,7 @@ def test_compression_changes_the_output(run, arch):
 @pytest.mark.parametrize("budget", [0.5, 0.1])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_streamingllm_keeps_sinks_and_recent(run, arch, budget):
-    if "streamingllm" not in METHODS:
+    if "streamingllm" not in PREFILL_METHODS:
         pytest.skip("streamingllm not configured")
     r = run("streamingllm", budget, arch)
     sinks = r.method.n_sink
@@ -184,7 +184,7 @@ def test_streamingllm_keeps_sinks_and_recent(run, arch, budget):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_pyramid_schedule_in_engine(run, arch):
     """PyramidKV at budget 0.5 (b = 100 - 32 = 68 candidates, m = 168, L = 2): m_min = 3, m_max = 133, step = 130."""
-    if "pyramidkv" not in METHODS:
+    if "pyramidkv" not in PREFILL_METHODS:
         pytest.skip("pyramidkv not configured")
     r = run("pyramidkv", 0.5, arch)
     window = r.method.window

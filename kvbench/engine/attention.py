@@ -142,3 +142,13 @@ def varlen_reference(
         mask = ragged_mask(torch.tensor([ke - ks]), qe - qs)[None] if causal else None
         out[qs:qe] = _eager(qi[None], ki[None], vi[None], mask, softmax_scale)[0].transpose(0, 1)
     return out
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, chunk: int = 1024) -> Tensor:
+    """Prefill under an arbitrary mask (e.g. a block mask for a sensitivity profile), exact fp32, in query chunks.
+
+    q (1, Hq, n, d), k/v (1, Hkv, n, d), mask (n, n) bool, True = attend -> (1, n, Hq, d).
+    """
+    out = [_eager(q[:, :, s : s + chunk], k, v, mask[None, None, s : s + chunk], scale)
+           for s in range(0, q.shape[2], chunk)]
+    return torch.cat(out, 2).transpose(1, 2)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 
 from kvbench.budget import Allocator, LayerScores, Uniform, tokens_per_head
-from kvbench.engine.attention import cached_attention, causal_attention, check_backend
+from kvbench.engine.attention import cached_attention, causal_attention, check_backend, masked_attention
 from kvbench.engine.context import LayerContext
 from kvbench.engine.store import KVStore, LayerKV
 from kvbench.ops import topk_per_head
@@ -98,6 +98,9 @@ class Engine:
         self._positions: Tensor | None = None
         self._compress = False
         self._decoding = False
+        self._probe = False
+        self.layer_keep: list[int] | None = None  # probe eviction: tokens per KV head each layer keeps
+        self.attention_mask: Tensor | None = None  # (n, n) bool for a fresh-cache forward instead of causal
         self._hidden: dict[int, Tensor] = {}
         self._hooks: list[Any] = []
         self._saved_impl: Any = None
@@ -160,6 +163,23 @@ class Engine:
         self.store.next_position = start + ids.numel()
         return out.logits[0, -1]
 
+    @torch.inference_mode()
+    def probe(self, ids: Tensor | list[int]) -> None:
+        """Evict with a probe: run ``ids`` after the cache without storing them, and let every layer keep its
+        ``layer_keep[l]`` tokens per KV head by ``method.probe_scores`` of the probe's own queries (EpiCache's
+        patched-prompt scoring, KVzip-style reconstruction probes). The probe's keys are held only during its own
+        attention (counted in the peak)."""
+        if self.layer_keep is None:
+            raise RuntimeError("Engine.probe needs layer_keep (tokens per KV head for every layer)")
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
+        start = self.store.next_position
+        self._positions = torch.arange(start, start + ids.numel(), device=self.device)
+        self._probe = True
+        try:
+            self.model(input_ids=ids[None], position_ids=self._positions[None], use_cache=False, logits_to_keep=1)
+        finally:
+            self._probe = False
+
     def generate(self, logits: Tensor, max_new_tokens: int,
                  should_stop: Callable[[list[int]], bool] | None = None) -> tuple[list[int], list[float]]:
         """Greedy decoding from ``logits``; returns the tokens and the seconds of every decode forward."""
@@ -188,8 +208,11 @@ class Engine:
             key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
         i = module.layer_idx
         layer = self.store.layers[i]
+        if self._probe:
+            return self._attend_probe(module, query, key, value, scale)
         if layer is None:
-            out = causal_attention(query, key, value, scale, self.backend)
+            out = (causal_attention(query, key, value, scale, self.backend) if self.attention_mask is None
+                   else masked_attention(query, key, value, self.attention_mask, scale))
             layer = LayerKV.from_dense(key[0], value[0], self._positions)
             self.store.layers[i] = layer
         else:
@@ -250,6 +273,22 @@ class Engine:
             p.n = int(counts[0]) + p.n - m
         else:  # ragged now: no dense scores left to re-trim with
             del self._pending[i]
+
+    def _attend_probe(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        layer = self.store.layers[module.layer_idx]
+        saved = layer.lens.clone()
+        layer.append(key[0], value[0], self._positions)
+        self.store.track_peak()
+        out = cached_attention(query[0], layer, scale, self.backend)[None]
+        layer.truncate(saved)
+        t0 = sync_time(self.device)
+        keep = self.layer_keep[module.layer_idx]
+        if int(layer.lens.max()) > keep:
+            scores = self.method.probe_scores(query[0], layer, scale)  # (H, max len_h), -inf past each head's end
+            counts = self.allocator.allocate(scores, keep, module.layer_idx, self.n_layers)
+            layer.select(topk_per_head(scores, torch.minimum(counts, layer.lens)))
+        self.compress_seconds += sync_time(self.device) - t0
+        return out
 
     def _evict_on_decode(self, module: nn.Module, query: Tensor, layer: LayerKV, scale: float) -> None:
         """Decode-time eviction (CAKE): back to the layer's prefill budget, scored by this step's query alone."""

@@ -1,0 +1,78 @@
+"""The episodic protocol: several compressed caches per context, each question routed to one (EpiCache).
+
+The method (``episodic = True``) supplies the episodes (``episodes(sample, model, tok)``: a probe per episode),
+per-layer budgets (``layer_keep``) from its sensitivity profile (``sensitivity_profile``/``profile_ids`` in its
+module, computed once per model), and the routing (``route``). Every episode's cache is built by block-wise
+prefill, evicting after each block with the episode's probe (``Engine.probe``), so the cache never holds more than
+the budget plus one block plus the probe; the caches are kept as copies (EpiCache offloads them to CPU) and each
+question is answered over its episode's cache and rolled back.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from kvbench.engine.engine import Engine, sync_time
+from kvbench.tasks.base import Question, Sample
+
+
+def layer_budgets(engine: Engine, tok: PreTrainedTokenizerBase, n: int) -> list[int]:
+    """The method's per-layer tokens per KV head for a context of n tokens (the profile is computed once)."""
+    method = engine.method
+    module = importlib.import_module(type(method).__module__)
+    key = id(engine.model)
+    if key not in method._profiles:
+        ids = module.profile_ids(tok, method.profile_tokens, method.profile_seed)
+        method._profiles[key] = module.sensitivity_profile(engine, ids, method.profile_block, method.profile_sink)
+    return method.layer_keep(engine.budget, n, method._profiles[key])
+
+
+def build_cache(engine: Engine, ctx: list[int], probe_ids: list[int], block: int) -> dict[str, Any]:
+    """Block-wise prefill of ``ctx`` with probe eviction after every block; returns the prefill statistics."""
+    from kvbench.pipeline import cache_stats
+
+    engine.reset()
+    engine.spans = {"context": (0, len(ctx))}
+    t0 = sync_time(engine.device)
+    for start in range(0, len(ctx), block):
+        engine.forward(ctx[start : start + block])
+        engine.probe(probe_ids)
+    total = sync_time(engine.device) - t0
+    stats = cache_stats(engine, len(ctx))
+    stats.update(prefill_s=total - engine.compress_seconds, compress_s=engine.compress_seconds,
+                 peak_kv_bytes_prefill=engine.store.peak_bytes)
+    return stats
+
+
+def run_episodic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question],
+                 opts: Any) -> list[dict[str, Any]]:
+    from kvbench.pipeline import _record, encode
+
+    if not todo:
+        return []
+    method = engine.method
+    ctx, _ = encode(tok, sample.context, todo[0].text, opts.chat, opts.max_length)
+    engine.layer_keep = layer_budgets(engine, tok, len(ctx))
+    episodes = method.episodes(sample, engine.model, tok)
+    caches, all_stats = [], []
+    for ep in episodes:
+        all_stats.append(build_cache(engine, ctx, ep.probe_ids, method.block))
+        caches.append(engine.store.snapshot(copy=True))
+    shared = {"prefill_s": sum(s["prefill_s"] for s in all_stats),  # E x one prefill, as in EpiCache
+              "compress_s": sum(s["compress_s"] for s in all_stats),
+              "peak_kv_bytes_prefill": max(s["peak_kv_bytes_prefill"] for s in all_stats),
+              "n_episodes": len(episodes), "layer_keep": list(engine.layer_keep), "context_tokens": len(ctx)}
+    records = []
+    for q in todo:
+        e = method.route(q.text, episodes, engine.model, tok)
+        engine.store.rollback(caches[e])
+        engine.store.reset_peak()
+        _, q_ids = encode(tok, sample.context, q.text, opts.chat, opts.max_length)
+        t0 = sync_time(engine.device)
+        logits = engine.forward(q_ids)
+        extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids), "episode": e}
+        records.append(_record(engine, tok, sample, q, logits, opts, {**all_stats[e], **shared, **extra}))
+    return records
