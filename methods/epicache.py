@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -108,13 +109,14 @@ class EpiCache(Method):
 
     # -- episodes -------------------------------------------------------------------------------------------------
     def windows(self, sample: Any) -> list[str]:
-        turns = sample.meta.get("turns")
-        if not turns:
-            raise UsageError(f"epicache needs conversation turns (Sample.meta['turns']); sample {sample.id!r} has "
-                             "none (use a conversational task, e.g. task=synth_conversation)")
-        fmt = sample.meta.get("turn_format", '{speaker} said, "{text}"')
-        lines = [fmt.format(speaker=t["speaker"], text=t["text"]) for t in turns]
-        return ["\n".join(lines[i : i + self.conv_window]) for i in range(0, len(lines), self.conv_window)]
+        """The context's utterance windows: ``conv_window`` turns each (``Sample.meta["turns"]``); a context
+        without turns is cut into its lines, or its sentences when it is one line (a generalisation: EpiCache
+        itself only runs on conversations)."""
+        units = utterances(sample)
+        if not units:
+            raise UsageError(f"epicache found nothing to cluster in sample {sample.id!r} (no turns, lines or "
+                             "sentences)")
+        return ["\n".join(units[i : i + self.conv_window]) for i in range(0, len(units), self.conv_window)]
 
     def embed(self, texts: list[str], model: nn.Module, tok: Any) -> np.ndarray:
         """(len(texts), dim) L2-normalised embeddings."""
@@ -176,6 +178,19 @@ class EpiCache(Method):
             w = np.ones_like(s)
         keep = np.floor(m * len(s) * w / w.sum()).astype(int)
         return np.maximum(keep, max(1, m // 4)).tolist()
+
+
+def utterances(sample: Any) -> list[str]:
+    """Turns rendered with the task's ``meta["turn_format"]`` (EpiCache: ``Speaker said, "text"``), else lines,
+    else sentences (split after " . " or ". ")."""
+    turns = sample.meta.get("turns")
+    if turns:
+        fmt = sample.meta.get("turn_format", '{speaker} said, "{text}"')
+        return [fmt.format(speaker=t["speaker"], text=t["text"]) for t in turns]
+    lines = [ln for ln in sample.context.splitlines() if ln.strip()]
+    if len(lines) > 1:
+        return lines
+    return [s.strip() for s in re.split(r"(?<=\.)\s+", sample.context) if s.strip()]
 
 
 def block_mask(n: int, block: int, sink: int, device: torch.device | None = None) -> Tensor:

@@ -152,6 +152,21 @@ def test_epicache_needs_the_query_agnostic_protocol_and_turns(tmp_path):
     with pytest.raises(UsageError, match="protocol=query_agnostic"):
         run(run_cfg(tmp_path, "method=epicache", "protocol=query_aware"))
     sample = make_conversations(lengths=[2048], n_samples=1, seed=3)[0]
+    with_turns = EpiCache().windows(sample)
     sample.meta.pop("turns")
-    with pytest.raises(UsageError, match="turns"):
+    assert EpiCache().windows(sample) != with_turns and len(EpiCache().windows(sample)) > 4  # lines instead
+    sample.context = "one cat sat . the dog ran . a bird flew ."
+    assert EpiCache(conv_window=2).windows(sample) == ["one cat sat .\nthe dog ran .", "a bird flew ."]
+    sample.context = "   "
+    with pytest.raises(UsageError, match="nothing to cluster"):
         EpiCache().windows(sample)
+
+
+def test_epicache_runs_on_the_embedded_default(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["method=epicache", "budget=0.2", "limit=1", "progress=false", *SMALL])
+    assert cfg.protocol == "query_agnostic" and cfg.task.name == "synth_multikey_dense"
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path / cfg.run_id)
+    metrics = run(cfg)
+    assert metrics["n_questions"] == 1 and 0.15 <= metrics["kept_fraction"] <= 0.3
