@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from kvbench.errors import UsageError
 from kvbench.results import load_results
 from kvbench.runner import run
 
@@ -40,8 +41,12 @@ def main() -> None:
                              f"limit={'null' if args.limit is None else args.limit}"]
                 with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
                     cfg = compose("config", overrides=overrides)
-                with contextlib.redirect_stdout(io.StringIO()):
-                    m = run(cfg)
+                try:
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        m = run(cfg)
+                except UsageError as err:  # a method that refuses this protocol (EpiCache is query-agnostic only)
+                    print(f"{protocol:<15}{method:<14}{budget:<6} skipped: {err}", flush=True)
+                    continue
                 print(f"{protocol:<15}{method:<14}{budget:<6}{m['score']['exact_match']:6.1f}", flush=True)
     df = load_results(args.results)
     df = df[(df["task.name"] == args.task) & (df["model.name"] == args.model)]
