@@ -24,6 +24,7 @@ from kvbench.tasks.base import Question, Sample
 
 PROTOCOLS = ("query_aware", "query_agnostic")
 SPLIT = "\u241eKVBENCH-SPLIT\u241e"
+BULKY_META = ("turns",)  # per-context structures (a conversation's turns) not copied into every question's record
 
 
 @dataclass
@@ -194,5 +195,5 @@ def _record(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, q: Que
         "decode_s_per_token": out["decode_s_per_token"],
         "peak_kv_bytes": max(engine.store.peak_bytes, stats["peak_kv_bytes_prefill"]),
         "peak_mem_bytes": peak_mem,
-        "meta": {**sample.meta, **q.meta},
+        "meta": {**{k: v for k, v in sample.meta.items() if k not in BULKY_META}, **q.meta},
     }
