@@ -47,23 +47,24 @@ class RunOptions:
     prefill_chunk: int | None = None
 
 
-def encode(tok: PreTrainedTokenizerBase, context: str, question: str, chat: bool, max_length: int | None
-           ) -> tuple[list[int], list[int]]:
+def encode(tok: PreTrainedTokenizerBase, context: str, question: str, chat: bool, max_length: int | None,
+           answer_prefix: str = "") -> tuple[list[int], list[int]]:
     """Context and question token ids; concatenated they are the full prompt.
 
     With ``chat`` the tokenizer's chat template wraps context + question as one user turn and is split at their
-    boundary (kvpress's approach), so the question part carries the template's suffix. Contexts longer than
-    ``max_length`` (prompt + question) are cut in the middle, keeping the first and last halves.
+    boundary (kvpress's approach), so the question part carries the template's suffix; ``answer_prefix`` follows
+    the template (RULER: ``model_template.format(task_template) + answer_prefix``), else it follows the question.
+    Contexts longer than ``max_length`` (prompt + question) are cut in the middle, keeping the first and last halves.
     """
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": context + SPLIT + question}], tokenize=False,
                                        add_generation_prompt=True)
         prefix, suffix = text.split(SPLIT)
         ctx = tok(prefix, add_special_tokens=False).input_ids
-        q = tok(suffix, add_special_tokens=False).input_ids
+        q = tok(suffix + answer_prefix, add_special_tokens=False).input_ids
     else:
         ctx = tok(context, add_special_tokens=True).input_ids
-        q = tok(question, add_special_tokens=False).input_ids
+        q = tok(question + answer_prefix, add_special_tokens=False).input_ids
     if max_length and len(ctx) + len(q) > max_length:
         half = (max_length - len(q)) // 2
         ctx = ctx[:half] + ctx[len(ctx) - half :]
@@ -140,7 +141,7 @@ def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, opt
         return _query_agnostic(engine, tok, sample, todo, opts)
     records = []
     for q in todo:
-        ctx, q_ids = encode(tok, sample.context, q.text, opts.chat, opts.max_length)
+        ctx, q_ids = encode(tok, sample.context, q.text, opts.chat, opts.max_length, q.answer_prefix)
         spans = {"context": (0, len(ctx)), "question": (len(ctx), len(ctx) + len(q_ids))}
         logits, stats = prefill(engine, ctx + q_ids, spans, opts.prefill_chunk)
         stats.update(context_tokens=len(ctx), question_tokens=len(q_ids))
@@ -161,7 +162,7 @@ def _query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample
     for q in todo:
         engine.store.rollback(snap)
         engine.store.reset_peak()
-        _, q_ids = encode(tok, sample.context, q.text, opts.chat, opts.max_length)
+        _, q_ids = encode(tok, sample.context, q.text, opts.chat, opts.max_length, q.answer_prefix)
         t0 = sync_time(engine.device)
         q_logits = engine.forward(q_ids)
         extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids)}

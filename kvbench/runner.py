@@ -20,10 +20,10 @@ from tqdm import tqdm
 from kvbench.budget import check_budget, compression_ratio
 from kvbench.engine import Engine
 from kvbench.errors import UsageError
-from kvbench.models import load_model, pick_device
+from kvbench.models import load_model, load_tokenizer, pick_device
 from kvbench.pipeline import PROTOCOLS, RunOptions, run_sample
 from kvbench.results import RunStore
-from kvbench.tasks import load_samples
+from kvbench.tasks import load_samples, needs_tokenizer
 
 TIMING_KEYS = ("prefill_s", "compress_s", "question_s", "decode_s_per_token")
 SIZE_KEYS = ("kept_fraction", "kv_bytes_full", "kv_bytes_kept", "compressed_tokens")
@@ -62,11 +62,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.prefill_chunk and not allocator.equal_heads:
         raise UsageError(f"prefill_chunk needs an allocator that keeps equal per-head counts (uniform, pyramid); "
                          f"{cfg.allocator.name} gives heads different lengths, which cannot be re-compressed yet")
-    samples = load_samples(cfg.task, cfg.limit)
+    tok = load_tokenizer(cfg.model) if needs_tokenizer(cfg.task) else None  # tasks built in the model's tokens
+    samples = load_samples(cfg.task, cfg.limit, tokenizer=tok)
     device = pick_device(str(cfg.device))
     if device.type == "cpu" and cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    model, tok = load_model(cfg.model, device)
+    model, tok = load_model(cfg.model, device, tokenizer=tok)
     store.open()  # only a configuration that loaded claims its run directory
     done = store.done_ids()
     todo = [s for s in samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
@@ -102,13 +103,18 @@ def _mean(values: list[Any]) -> float | None:
 
 def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float, cfg_hash: str,
               device: torch.device) -> dict[str, Any]:
-    """Run-level metrics: scores x100 (mean over questions, also per context length), sizes, times, memory."""
+    """Run-level metrics: scores x100 (mean over questions, also per context length and, when questions carry
+    ``meta["category"]``, per category), sizes, times, memory."""
     names = list(records[0]["scores"]) if records else []
     score = {m: 100 * statistics.fmean(r["scores"][m] for r in records) for m in names}
     by_length: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_length[str(r["meta"].get("target_length", r["meta"].get("length", "all")))].append(r)
     sizes = {k: _mean([r.get(k) for r in records]) for k in SIZE_KEYS}
+    by_category: dict[str, list[dict]] = defaultdict(list)  # question categories (LoCoMo, LongMemEval, ...)
+    for r in records:
+        if r["meta"].get("category") is not None:
+            by_category[str(r["meta"]["category"])].append(r)
     return {
         "task": cfg["task"]["name"], "model": cfg["model"]["name"], "method": cfg["method"]["name"],
         "allocator": cfg["allocator"]["name"], "protocol": cfg["protocol"], "budget": budget, "seed": cfg["seed"],
@@ -119,6 +125,8 @@ def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float,
         "score": score,
         "score_by_length": {k: {m: 100 * statistics.fmean(r["scores"][m] for r in rs) for m in names}
                             for k, rs in sorted(by_length.items(), key=lambda kv: (len(kv[0]), kv[0]))},
+        **({"score_by_category": {k: {m: 100 * statistics.fmean(r["scores"][m] for r in rs) for m in names}
+                                  for k, rs in sorted(by_category.items())}} if by_category else {}),
         **sizes,
         "peak_kv_bytes": max((r["peak_kv_bytes"] for r in records), default=None),
         "peak_mem_bytes": max((r["peak_mem_bytes"] for r in records if r["peak_mem_bytes"]), default=None),
@@ -150,6 +158,9 @@ def format_table(m: dict[str, Any], run_dir: str | None = None) -> str:
         ("time", f"prefill {ms(m['prefill_s'])} | compression {ms(m['compress_s'])} | "
                  f"decode {ms(m['decode_s_per_token'])}/token"),
     ]
+    if m.get("score_by_category"):
+        rows.insert(3, ("by category", "  ".join(f"{k}: {next(iter(v.values())):.1f}"
+                                                 for k, v in m["score_by_category"].items())))
     if run_dir:
         rows.append(("run dir", str(run_dir)))
     width = max(len(k) for k, _ in rows)
