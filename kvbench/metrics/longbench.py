@@ -47,7 +47,8 @@ jieba.setLogLevel(60)  # jieba prints its dictionary-loading banner on stderr ot
 #: ASCII punctuation plus the CJK/full-width set of the official ``normalize_zh_answer`` (no opening 《).
 ZH_PUNCTUATION = frozenset(
     string.punctuation
-    + "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+    + "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】"
+    + "〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
 )
 #: Recursion headroom (calls still possible) inside the official ``rouge_score`` frame under ``python eval.py``
 #: (<module> -> scorer -> rouge_score), measured on CPython 3.11 with the default limit of 1000.
