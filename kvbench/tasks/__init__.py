@@ -19,21 +19,27 @@ from kvbench.tasks.base import Question, Sample
 __all__ = ["Question", "Sample", "load_samples", "needs_tokenizer"]
 
 
-def needs_tokenizer(task: Any) -> bool:
-    """Whether the task's loader takes the evaluated model's tokenizer (a ``tokenizer`` parameter)."""
+def _parameters(task: Any) -> set[str]:
     try:
         target = get_object(task.loader._target_)
     except Exception as err:  # noqa: BLE001 - hydra raises several kinds for a bad _target_
         raise UsageError(f"task {task.name!r}: loader {task.loader._target_!r} cannot be imported: {err}") from err
-    return "tokenizer" in inspect.signature(target).parameters
+    return set(inspect.signature(target).parameters)
+
+
+def needs_tokenizer(task: Any) -> bool:
+    """Whether the task's loader takes the evaluated model's tokenizer (a ``tokenizer`` parameter)."""
+    return "tokenizer" in _parameters(task)
 
 
 def load_samples(task: Any, limit: int | None = None, tokenizer: Any = None) -> list[Sample]:
-    """Instantiate the task's loader (with ``tokenizer`` if it takes one), check the samples, keep the first
-    ``limit``."""
+    """Instantiate the task's loader (with ``tokenizer`` and ``limit`` if it takes them), check the samples, keep
+    the first ``limit``."""
     for name in task.metrics:
         get_metric(name)
-    extra = {}
+    extra: dict[str, Any] = {}
+    if "limit" in _parameters(task) and limit is not None:  # generators can stop after the first `limit` samples
+        extra["limit"] = int(limit)
     if needs_tokenizer(task):
         if tokenizer is None:
             raise UsageError(f"task {task.name!r} is built with the evaluated model's tokenizer; pass tokenizer=")
