@@ -101,7 +101,8 @@ def eos_set(tok: PreTrainedTokenizerBase, opts: RunOptions | None = None) -> set
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     if opts is not None:
         eos |= set(opts.eos_ids)
-        eos |= {tok.encode(s, add_special_tokens=False)[-1] for s in opts.eos_strings}
+        encoded = [tok.encode(s, add_special_tokens=False) for s in opts.eos_strings]
+        eos |= {ids[-1] for ids in encoded if ids}  # a tokenizer that cannot produce the string cannot stop on it
     return eos
 
 
