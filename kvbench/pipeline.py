@@ -63,7 +63,7 @@ class RunOptions:
 
 
 def encode(tok: PreTrainedTokenizerBase, context: str, question: str, chat: bool, max_length: int | None,
-           answer_prefix: str = "") -> tuple[list[int], list[int]]:
+           answer_prefix: str = "", chat_kwargs: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
     """Context and question token ids; concatenated they are the full prompt.
 
     With ``chat`` the tokenizer's chat template wraps context + question as one user turn and is split at their
@@ -73,7 +73,7 @@ def encode(tok: PreTrainedTokenizerBase, context: str, question: str, chat: bool
     """
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": context + SPLIT + question}], tokenize=False,
-                                       add_generation_prompt=True)
+                                       add_generation_prompt=True, **(chat_kwargs or {}))
         prefix, suffix = text.split(SPLIT)
         ctx = tok(prefix, add_special_tokens=False).input_ids
         q = tok(suffix + answer_prefix, add_special_tokens=False).input_ids
@@ -93,7 +93,7 @@ def encode_question(tok: PreTrainedTokenizerBase, context: str, q: Question, opt
         return encode_joint(tok, context, q.text, chat=opts.chat, max_length=opts.max_length,
                             truncation=opts.truncation, chat_special_tokens=opts.chat_special_tokens,
                             chat_kwargs=opts.chat_kwargs, answer_prefix=q.answer_prefix)
-    return encode(tok, context, q.text, opts.chat, opts.max_length, q.answer_prefix)
+    return encode(tok, context, q.text, opts.chat, opts.max_length, q.answer_prefix, opts.chat_kwargs)
 
 
 def eos_set(tok: PreTrainedTokenizerBase, opts: RunOptions | None = None) -> set[int]:
