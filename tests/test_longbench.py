@@ -296,3 +296,26 @@ def test_cli_runs_a_longbench_task_offline(tmp_path) -> None:
     done = list((tmp_path / "r").rglob("metrics.json"))
     assert [p.parent.relative_to(tmp_path / "r").parts[:2] for p in done] == [("longbench", "passage_retrieval_en")]
     assert json.loads(done[0].read_text())["official"]["metric"] == "retrieval_score"
+
+
+def test_query_agnostic_compresses_the_context_part_alone(tmp_path) -> None:
+    cfg = lb_config(tmp_path, "longbench/hotpotqa", "method=snapkv", "budget=0.5", "protocol=query_agnostic")
+    run(cfg)
+    for rec in (json.loads(x) for x in (Path(cfg.run_dir) / "predictions.jsonl").read_text().splitlines()):
+        assert rec["compressed_tokens"] == rec["context_tokens"] and rec["question_tokens"] > 0
+
+
+def test_table_pivots_runs_and_averages_complete_rows(tmp_path) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from longbench_table import table
+
+    from kvbench.results import load_results
+
+    for task in ("longbench/trec", "longbench/lcc", "longbench_e/trec"):
+        run(lb_config(tmp_path, task, "method=snapkv", "budget=0.5", "task.max_new_tokens=4"))
+    df = load_results(tmp_path)
+    wide = table(df, "en16")
+    assert list(wide.columns) == ["lcc", "trec", "avg_en16"] and wide["avg_en16"].isna().all()  # 2 of 16 datasets
+    trec = json.loads(next(tmp_path.glob("longbench/trec/**/metrics.json")).read_text())["official"]["score"]
+    assert wide["trec"].iloc[0] == trec
+    assert list(table(df, e=True).columns) == ["trec 0-4k", "trec 4-8k", "trec 8k+"]
