@@ -20,6 +20,7 @@ raises :class:`DataMissingError` naming the dataset, the missing path and the pr
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -47,9 +48,13 @@ def offline_env() -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub can be used: not declared offline and huggingface.co answering on 443 within ``timeout``."""
-    if offline_env():
-        return False
+    """Whether the hub can be used: not declared offline and huggingface.co answering on 443 within ``timeout``
+    (probed once per process)."""
+    return not offline_env() and _probe(timeout)
+
+
+@functools.cache
+def _probe(timeout: float) -> bool:
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):
             return True
