@@ -47,6 +47,8 @@ def load_samples(task: Any, limit: int | None = None, tokenizer: Any = None) -> 
     try:
         samples = list(instantiate(task.loader, **extra))
     except InstantiationException as err:
+        if isinstance(err.__cause__, UsageError):  # the loader's own clear message (e.g. DataMissingError), as is
+            raise err.__cause__ from None
         raise UsageError(f"task {task.name!r} could not be loaded: {err.__cause__ or err}") from err
     if limit is not None:
         if int(limit) < 1:
