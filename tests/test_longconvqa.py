@@ -182,3 +182,14 @@ def test_run_shares_one_compressed_conversation_and_reports_categories(data, tmp
     records = [json.loads(line) for line in (Path(cfg.run_dir) / "predictions.jsonl").read_text().splitlines()]
     assert len({r["context_tokens"] for r in records}) == 1 and len({r["kept_entries"] for r in records}) == 1
     assert all(r["question_s"] is not None for r in records), "questions are appended over the compressed context"
+
+
+def test_prepare_fetches_the_pinned_release_files(monkeypatch, tmp_path) -> None:
+    urls, hub = [], []
+    monkeypatch.setattr(lc, "download", lambda url, path: urls.append((url, path)) or path)
+    monkeypatch.setattr(lc, "fetch_hub_files", lambda repo, rev, files, dest, bench: hub.append((repo, files)) or [])
+    lc.prepare(tmp_path, None)
+    assert urls[0] == (lc.LOCOMO_URL, tmp_path / "locomo10.json") and "/e130f7ad198c5520c181b2f7488c7d66ee62feff/" in \
+        lc.LOCOMO_URL
+    assert len(urls) == 11 and all(f"/REALTALK/{lc.REALTALK_COMMIT}/data/Chat_" in u for u, _ in urls[1:])
+    assert hub == [("xiaowu0162/longmemeval-cleaned", ["longmemeval_s_cleaned.json", "longmemeval_oracle.json"])]

@@ -210,3 +210,33 @@ def test_ruler_runs_end_to_end_on_the_embedded_model(tmp_path) -> None:
     assert metrics["n_questions"] == 2 and set(metrics["score"]) == {"string_match_all"}
     records = [json.loads(line) for line in (Path(cfg.run_dir) / "predictions.jsonl").read_text().splitlines()]
     assert all(r["question_tokens"] > 20 for r in records), "question + answer prefix are prompted"
+
+
+def test_answer_prefix_follows_the_chat_template() -> None:
+    """RULER: model_template.format(task_template) + answer_prefix, i.e. the prefix pre-fills the assistant turn."""
+    from text_tokenizer import byte_bpe
+
+    from kvbench.pipeline import encode
+    from kvbench.prompt import encode_joint
+
+    chat = byte_bpe().__class__(tokenizer_object=byte_bpe().backend_tokenizer, bos_token="<s>", eos_token="</s>")
+    chat.chat_template = ("{% for m in messages %}[USER]{{ m['content'] }}[/USER]{% endfor %}"
+                          "{% if add_generation_prompt %}[BOT]{% endif %}")
+    s = ruler.make_samples("niah_single_1", chat, [512], n_samples=1)[0]
+    q = s.questions[0]
+    for ctx, q_ids in (encode(chat, s.context, q.text, True, None, q.answer_prefix),
+                       encode_joint(chat, s.context, q.text, chat=True, max_length=None, truncation="context",
+                                    answer_prefix=q.answer_prefix)):
+        full = chat.decode(ctx + q_ids)
+        assert full.endswith("mentioned in the provided text?[/USER][BOT]" + q.answer_prefix)
+        assert full.startswith("[USER]A special magic number is hidden")
+
+
+def test_prepare_fetches_essays_and_ruler_qa_release_files(monkeypatch, tmp_path) -> None:
+    urls, hub = [], []
+    monkeypatch.setattr(ruler, "download", lambda url, path: urls.append((url, path.name)) or path)
+    monkeypatch.setattr(ruler, "fetch_hub_files", lambda repo, rev, files, dest, bench: hub.append((repo, files)) or [])
+    ruler.prepare(tmp_path, None)
+    assert hub == [("opencompass/NeedleBench", ["PaulGrahamEssays.jsonl"])]
+    assert urls == [("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json", "squad.json"),
+                    (ruler.QA_FILES["hotpotqa"][1], "hotpotqa.json")]

@@ -33,12 +33,12 @@ into a union schema, so plain ``json`` is used):
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from kvbench.errors import UsageError
 from kvbench.tasks.base import Question, Sample
+from kvbench.tasks.download import download
 from kvbench.tasks.hub import DataMissingError, fetch_hub_files, missing_message
 
 BENCHMARK = "longconvqa"
@@ -73,14 +73,12 @@ def prepare(dest: Path, names: list[str] | None = None) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     if "locomo" in wanted:
-        urllib.request.urlretrieve(LOCOMO_URL, dest / "locomo10.json")  # noqa: S310 - pinned https URL
-        files.append(dest / "locomo10.json")
+        files.append(download(LOCOMO_URL, dest / "locomo10.json"))
     if "realtalk" in wanted:
         (dest / "realtalk").mkdir(exist_ok=True)
         for name in REALTALK_FILES:
             url = f"https://raw.githubusercontent.com/danny911kr/REALTALK/{REALTALK_COMMIT}/data/{name}.json"
-            urllib.request.urlretrieve(url, dest / "realtalk" / f"{name}.json")  # noqa: S310
-            files.append(dest / "realtalk" / f"{name}.json")
+            files.append(download(url, dest / "realtalk" / f"{name}.json"))
     lme = [LONGMEMEVAL_FILES[w.split("_", 1)[1]] for w in wanted if w.startswith("longmemeval_")]
     if lme:
         files += fetch_hub_files(LONGMEMEVAL_REPO, LONGMEMEVAL_REVISION, lme, dest, BENCHMARK)

@@ -1,5 +1,6 @@
-"""NeedleBench v2 (OpenCompass, ``opencompass/datasets/needlebench_v2/``): needles in a haystack, built in the
-evaluated model's tokens.
+"""NeedleBench v2 (OpenCompass): single/multi-needle retrieval and multi-needle reasoning in the model's tokens.
+
+Source: open-compass/opencompass ``opencompass/datasets/needlebench_v2/`` (origin.py, parallel.py, multi.py).
 
 Kinds (``kind=``), each over a context-length x depth grid:
   * ``single`` (single-needle retrieval, ``origin.py``): per repeat ``r`` the haystack lines are shuffled with seed

@@ -43,6 +43,7 @@ from typing import Any
 from kvbench.errors import UsageError
 from kvbench.tasks import synthetic
 from kvbench.tasks.base import Question, Sample
+from kvbench.tasks.download import download
 from kvbench.tasks.hub import DataMissingError, fetch_hub_files, missing_message
 
 BENCHMARK = "ruler"
@@ -130,8 +131,6 @@ ESSAY_REPO, ESSAY_REVISION, ESSAY_FILE = "opencompass/NeedleBench", "main", "Pau
 def prepare(dest: Path, names: list[str] | None = None) -> list[Path]:
     """Download the essay haystack and the qa_1 / qa_2 source files into ``dest`` (``names``: essay, squad,
     hotpotqa)."""
-    import urllib.request
-
     dest.mkdir(parents=True, exist_ok=True)
     wanted = names or ["essay", *QA_FILES]
     files = []
@@ -140,8 +139,7 @@ def prepare(dest: Path, names: list[str] | None = None) -> list[Path]:
     for name in wanted:
         if name in QA_FILES:
             fname, url = QA_FILES[name]
-            urllib.request.urlretrieve(url, dest / fname)  # noqa: S310 - fixed https release URLs
-            files.append(dest / fname)
+            files.append(download(url, dest / fname))
     return files
 
 
