@@ -60,6 +60,7 @@ def test_prepare_script_lists_discovered_benchmarks() -> None:
     res = subprocess.run([sys.executable, "scripts/prepare_data.py", "--list"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
+    assert any(line.startswith("longbench ") for line in res.stdout.splitlines())  # discovered, not registered
     bad = subprocess.run([sys.executable, "scripts/prepare_data.py", "nosuchbench"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "unknown benchmark 'nosuchbench'" in bad.stderr
