@@ -143,6 +143,24 @@ def test_multi_reasoning_chain_and_boxed_prompt(tok, data) -> None:
     assert score_prediction(f"... is \\boxed{{{eldest}}}.", q.answers, ["needlebench_atc"])["needlebench_atc"] == 1.0
 
 
+def test_kvcache_factory_needle_snaps_to_a_period_and_uses_its_prompt(tok, data) -> None:
+    task = composed("task=needlebench/kvcache_factory", f"task.loader.data_dir={data}").task
+    s = load_samples(task, limit=11, tokenizer=tok)
+    assert [x.id for x in s[:2]] == ["kvcache_factory-L1000-d0-r0", "kvcache_factory-L1000-d11-r0"]
+    for x in s[1:9]:  # depths 11 ... 89
+        assert x.context.startswith("<|im_start|> This is a very long story book: <book> ")
+        assert x.context.endswith(" </book>.\n")
+        before = x.context.split("\n" + NEEDLE + "\n")[0]
+        assert before.endswith("."), "the needle starts right after a period"
+    assert s[9].context.endswith(NEEDLE + "\n </book>.\n"), "depth 100 appends the needle"
+    q = s[5].questions[0]
+    assert q.text == " Based on the content of the book, Question: The best thing to do in San Francisco is: \nAnswer:"
+    scores = score_prediction("eat a sandwich and sit in Dolores Park on a sunny day.", q.answers, list(task.metrics),
+                              **q.meta["metric_kwargs"])
+    assert round(10 * scores["needle_rouge1"], 2) == 7.27 and scores["needle_word_recall"] == 1.0
+    assert scores["contains"] == 1.0
+
+
 def test_missing_files_offline_are_one_clear_message(tok, tmp_path) -> None:
     with pytest.raises(DataMissingError, match=r"opencompass/NeedleBench PaulGrahamEssays\.jsonl.*prepare_data\.py "
                                                r"needlebench"):
@@ -157,7 +175,7 @@ def composed(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("name", ["single_4k", "multi_retrieval_4k", "multi_reasoning_4k"])
+@pytest.mark.parametrize("name", ["single_4k", "multi_retrieval_4k", "multi_reasoning_4k", "kvcache_factory"])
 def test_needlebench_configs_load_from_a_data_dir(tok, data, name) -> None:
     task = composed(f"task=needlebench/{name}", f"paths.data={data.parent}",
                     f"task.loader.data_dir={data}").task

@@ -22,6 +22,12 @@ Data: ``PaulGrahamEssays.jsonl`` (haystack, field ``text``), ``needles.jsonl`` (
 ``single`` only) uses the embedded suite instead: filler sentences and ``the code of <name> <codes> .`` needles with
 a plain ``context + question`` prompt, so a needle grid runs offline on kvbench-tiny with no data at all.
 
+``kind: kvcache_factory`` is the needle test of KV-compression papers (KVCache-Factory / PyramidKV
+``run_needle_in_haystack.py``, adapted from FranxYao's): essays in file order, the fixed San Francisco needle snapped
+back to the preceding period token, its raw prompt, scored with ``needle_rouge1`` (ROUGE-1 F; KVCache-Factory stores
+10x), ``needle_word_recall`` (its heatmap score) and ``contains`` ("Dolores Park", case-insensitive). Its haystack is
+NeedleBench's copy of the essays (KVCache-Factory reads the same essays as ``PaulGrahamEssays/*.txt`` in glob order).
+
 Deviations (documented, none changes what is scored):
   * lengths, cut points and insertion depths are counted in the *evaluated model's* tokens; NeedleBench counts in
     tiktoken's GPT-4 encoding (a download kvbench cannot assume). Contexts are therefore the same text units but
@@ -49,7 +55,11 @@ from kvbench.tasks.hub import DataMissingError, fetch_hub_files, missing_message
 BENCHMARK = "needlebench"
 REPO, REVISION = "opencompass/NeedleBench", "main"
 FILES = ["PaulGrahamEssays.jsonl", "needles.jsonl", "names.json"]
-KINDS = ("single", "multi_retrieval", "multi_reasoning")
+KINDS = ("single", "multi_retrieval", "multi_reasoning", "kvcache_factory")
+
+#: KVCache-Factory / PyramidKV needle test (``run_needle_in_haystack.py``, LLaMA-3 / Mistral providers, raw prompt).
+KVF_PROMPT = "<|im_start|> This is a very long story book: <book> {context} </book>.\n"
+KVF_QUESTION = " Based on the content of the book, Question: {question}\nAnswer:"
 
 PROMPT_EN = ("This is a test of long-text capability. You need to first read the long document below, and then "
              "answer the final question based on the information in the document.\nThe content of the long "
@@ -169,6 +179,35 @@ def _single(b: Builder, needles: list[dict], length: int, depth: float, repeat: 
                                                [pick["arg2"]], meta)
 
 
+def _kvcache_factory(b: Builder, needle: dict, length: int, depth: float) -> tuple[str, Question]:
+    """KVCache-Factory's ``run_needle_in_haystack.py``: haystack in file order (repeated), cut to ``length - buffer -
+    needle`` tokens, the needle inserted after the nearest period token at or before the depth (appended at 100)."""
+    text = "\n" + needle["needle"] + "\n"
+    need = b.ids(text)
+    target = max(length - b.buffer - len(need), 0)
+    tokens: list[int] = []
+    if not any(b.ids(line) for line in b.lines[:50]):
+        raise UsageError("the needle haystack is empty")
+    while len(tokens) < target:  # the essays are repeated until long enough
+        for line in b.lines:
+            tokens.extend(b.ids(line))
+            if len(tokens) >= target:
+                break
+    tokens = tokens[:target]
+    if depth >= 100:
+        tokens = tokens + need
+    else:
+        at = int(len(tokens) * depth / 100)
+        while at > 0 and b.decode(tokens[at - 1 : at]).strip() != ".":  # the needle starts a sentence
+            at -= 1
+        tokens = tokens[:at] + need + tokens[at:]
+    meta = {"depth": depth, "needle": needle["needle"], "keyword": needle["keyword"],
+            "metric_kwargs": {"needle": needle["needle"], "needle_answer": needle["answer"]}}
+    context = KVF_PROMPT.format(context=b.decode(tokens))
+    return context, Question("q0", KVF_QUESTION.format(question=needle["retrieval_question"]), [needle["keyword"]],
+                             meta)
+
+
 def _parallel(b: Builder, needles: list[dict], length: int, depths: list[float], repeat: int, language: str
               ) -> tuple[str, Question]:
     chosen = list(needles)
@@ -231,6 +270,7 @@ def _reasoning(b: Builder, all_names: list[str], length: int, depth: float, repe
 def make_samples(kind: str, tokenizer: Any, lengths: list[int], depths: list[float], n_repeats: int = 10,
                  length_buffer: int = 500, language: str = "English", data_dir: str = "data/needlebench",
                  source: str = "file", num_needles: int = 2, diff: float = 10, seed: int = 0,
+                 needle: dict[str, str] | None = None, haystack_files: list[str] | None = None,
                  limit: int | None = None) -> list[Sample]:
     """NeedleBench samples over ``lengths`` x ``depths`` x ``n_repeats`` (for ``multi_retrieval`` the depths are
     the needles' positions in every context, and the grid is lengths x repeats).
@@ -245,6 +285,10 @@ def make_samples(kind: str, tokenizer: Any, lengths: list[int], depths: list[flo
         data_dir: directory with NeedleBench's files; ``source: synthetic`` needs none (``single`` only).
         num_needles, diff: multi-needle reasoning chain length (2-5) and spacing in percent of the haystack.
         seed: the needle draw of ``multi_retrieval`` and the synthetic source.
+        needle: ``kvcache_factory``'s fixed needle: ``needle``, ``retrieval_question``, ``keyword`` (the reference)
+            and ``answer`` (the phrase of the word-recall score).
+        haystack_files: haystack JSONL files (field ``text``) relative to ``data_dir`` or absolute (default
+            NeedleBench's ``PaulGrahamEssays.jsonl``; e.g. the ``zh_*.jsonl`` files for Chinese).
         limit: build only the first ``limit`` samples.
     """
     if kind not in KINDS:
@@ -255,8 +299,12 @@ def make_samples(kind: str, tokenizer: Any, lengths: list[int], depths: list[flo
     if raw:
         lines, needles = _synthetic_lines(seed), _synthetic_needles(seed)
     else:
-        lines = [r["text"] for r in _jsonl(str(_file(data_dir, FILES[0])))]
-        if kind != "multi_reasoning":
+        lines = [r["text"] for f in haystack_files or [FILES[0]] for r in _jsonl(str(_file(data_dir, f)))]
+        if kind == "kvcache_factory":
+            if not needle or set(needle) < {"needle", "retrieval_question", "keyword", "answer"}:
+                raise UsageError("kind=kvcache_factory needs needle: {needle, retrieval_question, keyword, answer}")
+            needles = []
+        elif kind != "multi_reasoning":
             needles = [n for n in _jsonl(str(_file(data_dir, FILES[1]))) if n.get("language") == language]
             if not needles:
                 raise UsageError(f"no {language} needle in {Path(data_dir) / FILES[1]}")
@@ -275,6 +323,8 @@ def make_samples(kind: str, tokenizer: Any, lengths: list[int], depths: list[flo
                 context, q = _single(b, needles, length, depth, r, language, raw)
             elif kind == "multi_retrieval":
                 context, q = _parallel(b, needles, length, depths, r, language)
+            elif kind == "kvcache_factory":
+                context, q = _kvcache_factory(b, dict(needle), length, depth)
             else:
                 context, q = _reasoning(b, names, length, depth, r, num_needles, diff)
             cell = f"L{length}" + ("" if depth is None else f"-d{depth:g}")

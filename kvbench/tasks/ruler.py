@@ -488,6 +488,8 @@ def make_samples(task: str, tokenizer: Any, lengths: list[int], n_samples: int =
     gen = Generator(task, tokenizer, seed, data_dir, essay)
     samples: list[Sample] = []
     for length in lengths:
+        if limit is not None and len(samples) >= limit:
+            break
         budget = length - gen.tokens_to_generate
         probe = random.Random(f"ruler/{seed}/{task}/{length}/size")
         n_fit = _fit(lambda n, r=probe, L=length: gen.n_tokens(gen.build(n, r, L).text), budget, 5)
