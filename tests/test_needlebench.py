@@ -194,3 +194,19 @@ def test_synthetic_needle_grid_runs_offline_on_the_embedded_model(tmp_path) -> N
                              "task.loader.depths=[10,50]", "method=streamingllm", "budget=0.1",
                              f"paths.results={tmp_path}", "progress=false"))
     assert streaming["score"]["needlebench_origin"] == 0.0, "a mid-context needle is evicted by StreamingLLM"
+
+
+def test_needle_heatmap_pivots_depth_by_length(tmp_path) -> None:
+    import sys
+
+    sys.path.insert(0, str(CONF.parent / "scripts"))
+    from needle_heatmap import heatmap
+
+    cfg = composed("task=needlebench/single_synthetic", "task.loader.lengths=[512,1024]",
+                   "task.loader.depths=[0,50,100]", "method=fullkv", "budget=1.0", f"paths.results={tmp_path}",
+                   "progress=false")
+    run(cfg)
+    pivot, overall, metric = heatmap(cfg.run_dir)
+    assert metric == "needlebench_origin" and overall == 100.0
+    assert list(pivot.index) == [0, 50, 100] and list(pivot.columns) == [512, 1024]
+    assert heatmap(cfg.run_dir, "needle_word_recall")[0].shape == (3, 2)

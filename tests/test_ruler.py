@@ -240,3 +240,26 @@ def test_prepare_fetches_essays_and_ruler_qa_release_files(monkeypatch, tmp_path
     assert hub == [("opencompass/NeedleBench", ["PaulGrahamEssays.jsonl"])]
     assert urls == [("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json", "squad.json"),
                     (ruler.QA_FILES["hotpotqa"][1], "hotpotqa.json")]
+
+
+def test_ruler_table_has_a_column_per_task_and_the_13_task_mean_only_when_complete(tmp_path) -> None:
+    import sys
+
+    import pandas as pd
+
+    sys.path.insert(0, str(CONF.parent / "scripts"))
+    from ruler_table import table
+
+    rows = []
+    for i, task in enumerate(ruler.TASKS):
+        metric = "string_match_part" if task.startswith("qa") else "string_match_all"
+        rows.append({"task.name": f"ruler/{task}", "model.name": "m", "method.name": "snapkv",
+                     "allocator.name": "uniform", "protocol": "query_aware", "budget": 0.2,
+                     f"score_by_length.4096.{metric}": float(i), f"score_by_length.8192.{metric}": 50.0})
+    rows.append({**rows[0], "method.name": "h2o", "score_by_length.4096.string_match_all": 12.345})
+    wide = table(pd.DataFrame(rows))
+    snap4k = wide.loc[("m", "snapkv", "uniform", "query_aware", 0.2, 4096)]
+    assert snap4k["niah_single_1"] == 0.0 and snap4k["qa_2"] == 12.0 and snap4k["avg_13"] == 6.0
+    assert wide.loc[("m", "snapkv", "uniform", "query_aware", 0.2, 8192)]["avg_13"] == 50.0
+    h2o = wide.loc[("m", "h2o", "uniform", "query_aware", 0.2, 4096)]
+    assert h2o["niah_single_1"] == 12.35 and pd.isna(h2o["avg_13"])
