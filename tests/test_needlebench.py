@@ -177,8 +177,9 @@ def composed(*overrides: str):
 
 @pytest.mark.parametrize("name", ["single_4k", "multi_retrieval_4k", "multi_reasoning_4k", "kvcache_factory"])
 def test_needlebench_configs_load_from_a_data_dir(tok, data, name) -> None:
-    task = composed(f"task=needlebench/{name}", f"paths.data={data.parent}",
-                    f"task.loader.data_dir={data}").task
+    extra = ["task.loader.length_tokenizer=model"] if name.endswith("_4k") else []
+    task = composed(f"task=needlebench/{name}", f"paths.data={data.parent}", f"task.loader.data_dir={data}",
+                    *extra).task
     samples = load_samples(task, limit=3, tokenizer=tok)
     assert len(samples) == 3 and task.name == f"needlebench/{name}"
 
@@ -210,3 +211,40 @@ def test_needle_heatmap_pivots_depth_by_length(tmp_path) -> None:
     assert metric == "needlebench_origin" and overall == 100.0
     assert list(pivot.index) == [0, 50, 100] and list(pivot.columns) == [512, 1024]
     assert heatmap(cfg.run_dir, "needle_word_recall")[0].shape == (3, 2)
+
+
+def test_lengths_in_tiktoken_gpt4_tokens_as_needlebench(tok, data, monkeypatch) -> None:
+    """The configs count in tiktoken's GPT-4 encoding; offline without the cached encoding: the one message."""
+    import tiktoken
+
+    task = composed("task=needlebench/single_4k", f"task.loader.data_dir={data}").task
+    assert task.loader.length_tokenizer == "tiktoken"
+    with pytest.raises(DataMissingError, match=r"tiktoken's GPT-4 encoding.*prepare_data\.py needlebench --only "
+                                               r"tiktoken"):
+        load_samples(task, limit=1, tokenizer=tok)
+    # a byte-level stand-in for cl100k_base (the real file cannot be fetched here): the wiring, not the vocabulary
+    byte_level = tiktoken.Encoding("bytes", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                                   special_tokens={})
+    monkeypatch.setattr(tiktoken, "encoding_for_model", lambda name: byte_level if name == "gpt-4" else None)
+    nb._tiktoken_file(data).parent.mkdir()
+    nb._tiktoken_file(data).write_bytes(b"")
+    samples = nb.make_samples("single", tok, [600], [50], n_repeats=1, length_buffer=100, data_dir=str(data),
+                              length_tokenizer="tiktoken")
+    doc = samples[0].context.split("<Document>\n")[1].split("\n</Document>")[0]
+    assert len(doc.encode()) == 600 - 100, "one byte per token: haystack + needle = length - buffer"
+    assert samples[0].meta["length_tokenizer"] == "tiktoken"
+
+
+def test_prepare_fetches_the_hub_files_and_caches_the_gpt4_encoding(monkeypatch, tmp_path) -> None:
+    import os
+
+    import tiktoken
+
+    hub, caches = [], []
+    monkeypatch.setattr(nb, "fetch_hub_files", lambda repo, rev, files, dest, bench: hub.append((repo, files)) or [])
+    monkeypatch.setattr(tiktoken, "encoding_for_model", lambda name: caches.append(os.environ["TIKTOKEN_CACHE_DIR"]))
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    files = nb.prepare(tmp_path, None)
+    assert hub == [("opencompass/NeedleBench", ["PaulGrahamEssays.jsonl", "needles.jsonl", "names.json"])]
+    assert caches == [str(tmp_path / "tiktoken")] and files == [nb._tiktoken_file(tmp_path)]
+    assert "TIKTOKEN_CACHE_DIR" not in os.environ, "the cache location is set only while preparing"

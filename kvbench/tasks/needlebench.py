@@ -29,9 +29,10 @@ back to the preceding period token, its raw prompt, scored with ``needle_rouge1`
 NeedleBench's copy of the essays (KVCache-Factory reads the same essays as ``PaulGrahamEssays/*.txt`` in glob order).
 
 Deviations (documented, none changes what is scored):
-  * lengths, cut points and insertion depths are counted in the *evaluated model's* tokens; NeedleBench counts in
-    tiktoken's GPT-4 encoding (a download kvbench cannot assume). Contexts are therefore the same text units but
-    not byte-identical to OpenCompass's.
+  * ``length_tokenizer: tiktoken`` (the NeedleBench configs) counts lengths, cut points and depths in tiktoken's
+    GPT-4 encoding as OpenCompass does (its encoding file is fetched by ``prepare_data.py needlebench``);
+    ``length_tokenizer: model`` counts them in the evaluated model's tokens instead (contexts are then the same text
+    units, not byte-identical to OpenCompass's).
   * ``multi_retrieval`` draws its needles with ``random.Random(seed)``; OpenCompass shuffles the needle file with
     the unseeded global ``random`` (not reproducible run to run).
   * v1's Levenshtein partial credit and the Chinese haystacks' ``zh_*.jsonl`` file list are not offered (v2 only;
@@ -40,10 +41,15 @@ Deviations (documented, none changes what is scored):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import random
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from kvbench.errors import UsageError
@@ -107,10 +113,57 @@ RELATION_TERMS_EN = ["father", "mother", "dad", "mom", "grandfather", "grandmoth
                      "maternal grandfather", "paternal grandfather", "paternal grandmother"]
 
 
+TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"  # gpt-4's encoding
+
+
 def prepare(dest: Path, names: list[str] | None = None) -> list[Path]:
-    """Download NeedleBench's haystack, needle and name files (pinned) into ``dest``."""
-    return fetch_hub_files(REPO, REVISION, [f for f in FILES if not names or f.split(".")[0] in names], dest,
-                           BENCHMARK)
+    """Download NeedleBench's haystack, needle and name files (pinned) and tiktoken's GPT-4 encoding into ``dest``."""
+    files = fetch_hub_files(REPO, REVISION, [f for f in FILES if not names or f.split(".")[0] in names], dest,
+                            BENCHMARK)
+    if not names or "tiktoken" in names:
+        import tiktoken
+
+        with _tiktoken_cache(dest):
+            tiktoken.encoding_for_model("gpt-4")  # fetched once, checked against tiktoken's pinned sha256
+        files.append(_tiktoken_file(dest))
+    return files
+
+
+def _tiktoken_file(data_dir: str | Path) -> Path:
+    """Where tiktoken caches the GPT-4 encoding under ``TIKTOKEN_CACHE_DIR=<data_dir>/tiktoken``."""
+    return Path(data_dir) / "tiktoken" / hashlib.sha1(TIKTOKEN_URL.encode()).hexdigest()  # noqa: S324 - its key
+
+
+@contextlib.contextmanager
+def _tiktoken_cache(data_dir: str | Path) -> Iterator[None]:
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(Path(data_dir) / "tiktoken")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TIKTOKEN_CACHE_DIR")
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+
+
+class TiktokenTokenizer:
+    """tiktoken's GPT-4 encoding behind the two tokenizer calls the builders use (NeedleBench's length unit)."""
+
+    def __init__(self, data_dir: str) -> None:
+        import tiktoken
+
+        if not _tiktoken_file(data_dir).exists():  # never touch the network from a loader
+            raise DataMissingError(missing_message(BENCHMARK, "tiktoken's GPT-4 encoding (cl100k_base)",
+                                                   _tiktoken_file(data_dir), ["tiktoken"]))
+        with _tiktoken_cache(data_dir):
+            self.enc = tiktoken.encoding_for_model("gpt-4")
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=self.enc.encode(text))
+
+    def decode(self, ids: list[int], **_: Any) -> str:
+        return self.enc.decode(ids)
 
 
 def _file(data_dir: str, name: str) -> Path:
@@ -271,7 +324,7 @@ def make_samples(kind: str, tokenizer: Any, lengths: list[int], depths: list[flo
                  length_buffer: int = 500, language: str = "English", data_dir: str = "data/needlebench",
                  source: str = "file", num_needles: int = 2, diff: float = 10, seed: int = 0,
                  needle: dict[str, str] | None = None, haystack_files: list[str] | None = None,
-                 limit: int | None = None) -> list[Sample]:
+                 length_tokenizer: str = "model", limit: int | None = None) -> list[Sample]:
     """NeedleBench samples over ``lengths`` x ``depths`` x ``n_repeats`` (for ``multi_retrieval`` the depths are
     the needles' positions in every context, and the grid is lengths x repeats).
 
@@ -289,8 +342,12 @@ def make_samples(kind: str, tokenizer: Any, lengths: list[int], depths: list[flo
             and ``answer`` (the phrase of the word-recall score).
         haystack_files: haystack JSONL files (field ``text``) relative to ``data_dir`` or absolute (default
             NeedleBench's ``PaulGrahamEssays.jsonl``; e.g. the ``zh_*.jsonl`` files for Chinese).
+        length_tokenizer: ``model`` (lengths and depths in the evaluated model's tokens) or ``tiktoken``
+            (NeedleBench's own unit, tiktoken's GPT-4 encoding, cached by ``prepare_data.py needlebench``).
         limit: build only the first ``limit`` samples.
     """
+    if length_tokenizer not in ("model", "tiktoken"):
+        raise UsageError(f"length_tokenizer={length_tokenizer!r}; choose model or tiktoken")
     if kind not in KINDS:
         raise UsageError(f"unknown NeedleBench kind {kind!r}; choose one of {', '.join(KINDS)}")
     if source not in ("file", "synthetic") or (source == "synthetic" and kind != "single"):
@@ -308,7 +365,7 @@ def make_samples(kind: str, tokenizer: Any, lengths: list[int], depths: list[flo
             needles = [n for n in _jsonl(str(_file(data_dir, FILES[1]))) if n.get("language") == language]
             if not needles:
                 raise UsageError(f"no {language} needle in {Path(data_dir) / FILES[1]}")
-    b = Builder(tokenizer, lines, length_buffer)
+    b = Builder(TiktokenTokenizer(data_dir) if length_tokenizer == "tiktoken" else tokenizer, lines, length_buffer)
     samples: list[Sample] = []
     cells = [(L, None) for L in lengths] if kind == "multi_retrieval" else [(L, d) for L in lengths for d in depths]
     if kind == "multi_retrieval":
@@ -328,7 +385,8 @@ def make_samples(kind: str, tokenizer: Any, lengths: list[int], depths: list[flo
             else:
                 context, q = _reasoning(b, names, length, depth, r, num_needles, diff)
             cell = f"L{length}" + ("" if depth is None else f"-d{depth:g}")
-            meta = {"kind": kind, "target_length": length, "repeat": r, "source": source, "language": language}
+            meta = {"kind": kind, "target_length": length, "repeat": r, "source": source, "language": language,
+                    "length_tokenizer": length_tokenizer}
             samples.append(Sample(id=f"{kind}-{cell}-r{r}", context=context, questions=[q], meta=meta))
     return samples
 
