@@ -193,3 +193,36 @@ def test_prepare_fetches_the_pinned_release_files(monkeypatch, tmp_path) -> None
         lc.LOCOMO_URL
     assert len(urls) == 11 and all(f"/REALTALK/{lc.REALTALK_COMMIT}/data/Chat_" in u for u, _ in urls[1:])
     assert hub == [("xiaowu0162/longmemeval-cleaned", ["longmemeval_s_cleaned.json", "longmemeval_oracle.json"])]
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_shipped_fixtures_are_the_ones_the_tests_write(data) -> None:
+    """tests/fixtures/{ruler,needlebench,longconvqa} (for trying the tasks offline) stay in sync with the tests."""
+    import test_needlebench
+    import test_ruler
+
+    assert [s.context for s in lc.load_locomo(str(FIXTURES / "longconvqa"))] == \
+        [s.context for s in lc.load_locomo(str(data))]
+    assert len(lc.load_realtalk(str(FIXTURES / "longconvqa"))) == 2
+    assert len(lc.load_longmemeval(str(FIXTURES / "longconvqa"))) == 2
+    for module, name in ((test_ruler.write_qa_fixtures, "ruler"), (test_needlebench.write_fixtures, "needlebench")):
+        fresh = data / name
+        fresh.mkdir()
+        module(fresh)
+        for path in fresh.iterdir():
+            shipped = (FIXTURES / name / path.name).read_text().splitlines()
+            assert [json.loads(x) for x in shipped] == [json.loads(x) for x in path.read_text().splitlines()], path
+
+
+def test_cli_runs_locomo_offline_with_per_category_scores(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "kvbench", "task=longconvqa/locomo", "method=snapkv", "budget=0.5",
+                          f"task.loader.data_dir={FIXTURES / 'longconvqa'}", "limit=1", "task.max_new_tokens=2",
+                          f"paths.results={tmp_path / 'r'}", f"paths.logs={tmp_path / 'l'}", "progress=false"],
+                         capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+    assert res.returncode == 0, res.stderr
+    assert "by category" in res.stdout and "query_agnostic" in res.stdout
