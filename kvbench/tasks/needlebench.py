@@ -18,7 +18,8 @@ Prompts are NeedleBench's English/Chinese question-at-the-end prompts; the sampl
 
 Data: ``PaulGrahamEssays.jsonl`` (haystack, field ``text``), ``needles.jsonl`` (``needle``, ``retrieval_question``,
 ``arg1``, ``arg2``, ``language``) and ``names.json`` from the hub dataset ``opencompass/NeedleBench``
-(``scripts/prepare_data.py needlebench``), or ``data_dir`` pointing at a local copy. ``source: synthetic`` (kind
+(``scripts/prepare_data.py needlebench``), or ``data_dir`` pointing at a local copy; the JSONL files are read with
+``datasets``' JSON builder (offline). ``source: synthetic`` (kind
 ``single`` only) uses the embedded suite instead: filler sentences and ``the code of <name> <codes> .`` needles with
 a plain ``context + question`` prompt, so a needle grid runs offline on kvbench-tiny with no data at all.
 
@@ -56,7 +57,7 @@ from kvbench.errors import UsageError
 from kvbench.tasks import synthetic
 from kvbench.tasks import synthetic_vocab as sv
 from kvbench.tasks.base import Question, Sample
-from kvbench.tasks.hub import DataMissingError, fetch_hub_files, missing_message
+from kvbench.tasks.hub import DataMissingError, fetch_hub_files, load_local, missing_message
 
 BENCHMARK = "needlebench"
 REPO, REVISION = "opencompass/NeedleBench", "main"
@@ -175,7 +176,8 @@ def _file(data_dir: str, name: str) -> Path:
 
 @cache
 def _jsonl(path: str) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """A JSONL file of NeedleBench read with ``datasets``' JSON builder (offline), as a list of records."""
+    return load_local(path).to_list()
 
 
 class Builder:

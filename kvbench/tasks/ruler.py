@@ -15,7 +15,8 @@ Data: the synthetic tasks need only the tokenizer and, for ``essay`` haystacks, 
 copy of the same essays, which ``scripts/prepare_data.py ruler`` downloads). ``essay: synthetic`` replaces the
 essay by the embedded suite's filler sentences (offline, any tokenizer; not RULER's haystack, so scores are not
 comparable). qa_1 / qa_2 read RULER's release files ``squad.json`` (SQuAD 2.0 dev) and ``hotpotqa.json`` (HotpotQA
-dev distractor) from ``data_dir``.
+dev distractor) from ``data_dir``, read with ``json`` as RULER's ``read_squad`` / ``read_hotpotqa`` do (nested
+release JSON, not a flat table for ``datasets``).
 
 Deviations from RULER's scripts (none changes the task definition):
   * randomness: one ``random.Random`` per (task, length, sample) instead of RULER's global seeds, so a sample does
