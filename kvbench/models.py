@@ -59,30 +59,50 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(spec: Any, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` from a ``conf/model/*.yaml`` node (pretrained, revision, dtype, ...)."""
-    check_backend(spec.attn_implementation)
-    if spec.dtype not in DTYPES:
-        raise UsageError(f"model.dtype={spec.dtype!r}; choose one of {', '.join(DTYPES)}")
+def _source(spec: Any) -> tuple[str, dict[str, Any]]:
+    """The resolved source and the ``from_pretrained`` keyword arguments (offline-aware)."""
     source = resolve_source(str(spec.pretrained))
     local = Path(source).exists()
     kwargs: dict[str, Any] = {"revision": None if local else spec.get("revision"),
                               "trust_remote_code": bool(spec.get("trust_remote_code", False))}
     if not local and not hub_reachable():
         kwargs["local_files_only"] = True
+    return source, kwargs
+
+
+def _load_error(spec: Any, source: str, kwargs: dict[str, Any], err: OSError) -> ModelLoadError:
+    if kwargs.get("local_files_only"):
+        rev = spec.get("revision") or "main"
+        return ModelLoadError(
+            f"model {source!r} (revision {rev}) is not in the local Hugging Face cache and the hub cannot be "
+            f"reached. Download it on a machine with network (`hf download {source} --revision {rev}`, with "
+            "HF_HOME pointing at shared storage), or set model.pretrained=/path/to/local/copy."
+        )
+    return ModelLoadError(f"could not load model {source!r}: {err}")
+
+
+def load_tokenizer(spec: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer of a ``conf/model/*.yaml`` node (tasks that are built in the model's own tokens need it)."""
+    source, kwargs = _source(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise _load_error(spec, source, kwargs, err) from err
+
+
+def load_model(spec: Any, device: torch.device, tokenizer: PreTrainedTokenizerBase | None = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from a ``conf/model/*.yaml`` node (pretrained, revision, dtype, ...)."""
+    check_backend(spec.attn_implementation)
+    if spec.dtype not in DTYPES:
+        raise UsageError(f"model.dtype={spec.dtype!r}; choose one of {', '.join(DTYPES)}")
+    source, kwargs = _source(spec)
     hf_logging.disable_progress_bar()  # kvbench shows its own progress; the weight-loading bar is noise
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(source, **kwargs)
         # the engine replaces the attention function; "sdpa" only decides what transformers builds at load time
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[spec.dtype], attn_implementation="sdpa",
                                                      **kwargs)
     except OSError as err:
-        if kwargs.get("local_files_only"):
-            rev = spec.get("revision") or "main"
-            raise ModelLoadError(
-                f"model {source!r} (revision {rev}) is not in the local Hugging Face cache and the hub cannot be "
-                f"reached. Download it on a machine with network (`hf download {source} --revision {rev}`, with "
-                "HF_HOME pointing at shared storage), or set model.pretrained=/path/to/local/copy."
-            ) from err
-        raise ModelLoadError(f"could not load model {source!r}: {err}") from err
+        raise _load_error(spec, source, kwargs, err) from err
     return model.to(device).eval(), tokenizer

@@ -11,7 +11,7 @@ Protocols (recorded in every run):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from kvbench.engine.engine import Engine, sync_time
 from kvbench.episodic import run_episodic
 from kvbench.metrics import score_prediction
+from kvbench.prompt import encode_joint, postprocess_text
 from kvbench.tasks.base import Question, Sample
 
 PROTOCOLS = ("query_aware", "query_agnostic")
@@ -38,6 +39,12 @@ class RunOptions:
         chat: wrap prompts in the tokenizer's chat template. max_length: prompt tokens before middle truncation.
         prefill_chunk: prefill the compressed prompt in blocks of this many tokens, compressing after each block
             (so the cache never holds more than budget x tokens seen + one block); None = one block.
+        tokenize, truncation, chat_special_tokens, chat_kwargs: prompt encoding (``kvbench/prompt.py``):
+            ``tokenize="joint"`` tokenizes context + question as one string, as official scripts do.
+        postprocess: named steps applied to the decoded answer after the stop-string cut (``strip``,
+            ``first_line``). eos_ids: extra end-of-sequence ids (the model's generation_config).
+        eos_strings: strings whose token (the last of ``encode(s)``, LongBench's samsum "\n") also ends decoding.
+        min_new_tokens: end-of-sequence ids are suppressed for this many first tokens (HF ``min_length``).
     """
 
     protocol: str
@@ -47,33 +54,63 @@ class RunOptions:
     chat: bool = False
     max_length: int | None = None
     prefill_chunk: int | None = None
+    tokenize: str = "separate"
+    truncation: str = "context"
+    chat_special_tokens: bool = False
+    chat_kwargs: dict[str, Any] = field(default_factory=dict)
+    postprocess: list[str] = field(default_factory=lambda: ["strip"])
+    eos_ids: list[int] = field(default_factory=list)
+    eos_strings: list[str] = field(default_factory=list)
+    min_new_tokens: int = 0
 
 
-def encode(tok: PreTrainedTokenizerBase, context: str, question: str, chat: bool, max_length: int | None
-           ) -> tuple[list[int], list[int]]:
+def encode(tok: PreTrainedTokenizerBase, context: str, question: str, chat: bool, max_length: int | None,
+           answer_prefix: str = "", chat_kwargs: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
     """Context and question token ids; concatenated they are the full prompt.
 
     With ``chat`` the tokenizer's chat template wraps context + question as one user turn and is split at their
-    boundary (kvpress's approach), so the question part carries the template's suffix. Contexts longer than
-    ``max_length`` (prompt + question) are cut in the middle, keeping the first and last halves.
+    boundary (kvpress's approach), so the question part carries the template's suffix; ``answer_prefix`` follows
+    the template (RULER: ``model_template.format(task_template) + answer_prefix``), else it follows the question.
+    Contexts longer than ``max_length`` (prompt + question) are cut in the middle, keeping the first and last halves.
     """
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": context + SPLIT + question}], tokenize=False,
-                                       add_generation_prompt=True)
+                                       add_generation_prompt=True, **(chat_kwargs or {}))
         prefix, suffix = text.split(SPLIT)
         ctx = tok(prefix, add_special_tokens=False).input_ids
-        q = tok(suffix, add_special_tokens=False).input_ids
+        q = tok(suffix + answer_prefix, add_special_tokens=False).input_ids
     else:
         ctx = tok(context, add_special_tokens=True).input_ids
-        q = tok(question, add_special_tokens=False).input_ids
+        q = tok(question + answer_prefix, add_special_tokens=False).input_ids
     if max_length and len(ctx) + len(q) > max_length:
         half = (max_length - len(q)) // 2
         ctx = ctx[:half] + ctx[len(ctx) - half :]
     return ctx, q
 
 
-def stopper(tok: PreTrainedTokenizerBase, stop: list[str]) -> Callable[[list[int]], bool]:
+def encode_question(tok: PreTrainedTokenizerBase, context: str, q: Question, opts: RunOptions
+                    ) -> tuple[list[int], list[int]]:
+    """The prompt of one question under the run's options (separate or joint tokenization)."""
+    if opts.tokenize == "joint":
+        return encode_joint(tok, context, q.text, chat=opts.chat, max_length=opts.max_length,
+                            truncation=opts.truncation, chat_special_tokens=opts.chat_special_tokens,
+                            chat_kwargs=opts.chat_kwargs, answer_prefix=q.answer_prefix)
+    return encode(tok, context, q.text, opts.chat, opts.max_length, q.answer_prefix, opts.chat_kwargs)
+
+
+def eos_set(tok: PreTrainedTokenizerBase, opts: RunOptions | None = None) -> set[int]:
+    """Token ids that end decoding: the tokenizer's EOS, the model's, and the last token of each eos string."""
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    if opts is not None:
+        eos |= set(opts.eos_ids)
+        encoded = [tok.encode(s, add_special_tokens=False) for s in opts.eos_strings]
+        eos |= {ids[-1] for ids in encoded if ids}  # a tokenizer that cannot produce the string cannot stop on it
+    return eos
+
+
+def stopper(tok: PreTrainedTokenizerBase, stop: list[str], eos: set[int] | None = None
+            ) -> Callable[[list[int]], bool]:
+    eos = eos_set(tok) if eos is None else eos
 
     def should_stop(tokens: list[int]) -> bool:
         if tokens[-1] in eos:
@@ -84,11 +121,12 @@ def stopper(tok: PreTrainedTokenizerBase, stop: list[str]) -> Callable[[list[int
     return should_stop
 
 
-def postprocess(tok: PreTrainedTokenizerBase, tokens: list[int], stop: list[str]) -> str:
-    """Decoded answer cut at the first stop string."""
+def postprocess(tok: PreTrainedTokenizerBase, tokens: list[int], stop: list[str], steps: list[str] | None = None
+                ) -> str:
+    """Decoded answer cut at the first stop string, then the named ``steps`` (default: strip)."""
     text = tok.decode(tokens, skip_special_tokens=True)
     cuts = [text.index(s) for s in stop if s in text]
-    return (text[: min(cuts)] if cuts else text).strip()
+    return postprocess_text(text[: min(cuts)] if cuts else text, ["strip"] if steps is None else steps)
 
 
 def cache_stats(engine: Engine, n: int) -> dict[str, Any]:
@@ -126,9 +164,14 @@ def prefill(engine: Engine, ids: list[int], spans: dict[str, tuple[int, int]], c
 
 
 def answer(engine: Engine, tok: PreTrainedTokenizerBase, logits: torch.Tensor, opts: RunOptions) -> dict[str, Any]:
-    tokens, times = engine.generate(logits, opts.max_new_tokens, stopper(tok, opts.stop))
+    eos = eos_set(tok, opts)
+    if opts.min_new_tokens > 0 and eos:  # HF min_length: no end-of-sequence token first (one step is enough here)
+        logits = logits.clone()
+        logits[..., sorted(eos)] = float("-inf")
+    tokens, times = engine.generate(logits, opts.max_new_tokens, stopper(tok, opts.stop, eos))
     return {
-        "prediction": postprocess(tok, tokens, opts.stop),
+        "prediction": postprocess(tok, tokens, opts.stop, opts.postprocess),
+        "raw_prediction": tok.decode(tokens, skip_special_tokens=True),
         "new_tokens": len(tokens),
         "decode_s_per_token": sum(times) / len(times) if times else None,
     }
@@ -144,7 +187,7 @@ def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, opt
         return _query_agnostic(engine, tok, sample, todo, opts)
     records = []
     for q in todo:
-        ctx, q_ids = encode(tok, sample.context, q.text, opts.chat, opts.max_length)
+        ctx, q_ids = encode_question(tok, sample.context, q, opts)
         spans = {"context": (0, len(ctx)), "question": (len(ctx), len(ctx) + len(q_ids))}
         logits, stats = prefill(engine, ctx + q_ids, spans, opts.prefill_chunk)
         stats.update(context_tokens=len(ctx), question_tokens=len(q_ids))
@@ -157,7 +200,7 @@ def _query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample
     """Compress the context once; append, answer and roll back every question over that cache."""
     if not todo:
         return []
-    ctx, _ = encode(tok, sample.context, todo[0].text, opts.chat, opts.max_length)
+    ctx, _ = encode_question(tok, sample.context, todo[0], opts)
     _, stats = prefill(engine, ctx, {"context": (0, len(ctx))}, opts.prefill_chunk)
     stats["context_tokens"] = len(ctx)
     snap = engine.snapshot()
@@ -165,7 +208,7 @@ def _query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample
     for q in todo:
         engine.rollback(snap)
         engine.store.reset_peak()
-        _, q_ids = encode(tok, sample.context, q.text, opts.chat, opts.max_length)
+        _, q_ids = encode_question(tok, sample.context, q, opts)
         t0 = sync_time(engine.device)
         q_logits = engine.forward(q_ids)
         extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids)}
@@ -188,6 +231,7 @@ def _record(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, q: Que
         "sample_id": sample.id,
         "question_id": q.id,
         "prediction": out["prediction"],
+        "raw_prediction": out["raw_prediction"],
         "references": q.answers,
         "scores": score_prediction(out["prediction"], q.answers, opts.metrics, **metric_kwargs(sample, q)),
         **stats,

@@ -26,6 +26,8 @@ from kvbench.errors import UsageError
 
 # keys that do not change results and so are not part of the config hash
 VOLATILE_KEYS = ("paths", "limit", "overwrite", "progress", "run_dir", "hydra", "device", "threads")
+# where a task's loader finds its data files (the data root moves between machines; the data is pinned elsewhere)
+VOLATILE_LOADER_KEYS = ("root", "data_dir")
 
 
 class ConfigMismatchError(UsageError):
@@ -35,6 +37,10 @@ class ConfigMismatchError(UsageError):
 def config_hash(cfg: dict[str, Any]) -> str:
     """sha256 (16 hex chars) of the canonical JSON of the config without volatile keys."""
     stable = {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS}
+    loader = (stable.get("task") or {}).get("loader")
+    if isinstance(loader, dict):
+        kept = {k: v for k, v in loader.items() if k not in VOLATILE_LOADER_KEYS}
+        stable["task"] = {**stable["task"], "loader": kept}
     return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import transformers
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 from tqdm import tqdm
@@ -20,10 +20,11 @@ from tqdm import tqdm
 from kvbench.budget import check_budget, compression_ratio
 from kvbench.engine import Engine
 from kvbench.errors import UsageError
-from kvbench.models import load_model, pick_device
+from kvbench.models import load_model, load_tokenizer, pick_device
 from kvbench.pipeline import PROTOCOLS, RunOptions, run_sample
+from kvbench.prompt import POSTPROCESS, TRUNCATIONS
 from kvbench.results import RunStore
-from kvbench.tasks import load_samples
+from kvbench.tasks import load_samples, needs_tokenizer
 
 TIMING_KEYS = ("prefill_s", "compress_s", "question_s", "decode_s_per_token")
 SIZE_KEYS = ("kept_fraction", "kv_bytes_full", "kv_bytes_kept", "compressed_tokens")
@@ -70,20 +71,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          f"{cfg.allocator.name} gives heads different lengths, which cannot be re-compressed yet")
     if hasattr(allocator, "check_method"):  # an allocator that reads one method's ctx.memo (taskkv) refuses others
         allocator.check_method(method)
-    samples = load_samples(cfg.task, cfg.limit)
+    tok = load_tokenizer(cfg.model) if needs_tokenizer(cfg.task) else None  # tasks built in the model's tokens
+    samples = load_samples(cfg.task, cfg.limit, tokenizer=tok)
     device = pick_device(str(cfg.device))
     if device.type == "cpu" and cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    model, tok = load_model(cfg.model, device)
+    model, tok = load_model(cfg.model, device, tokenizer=tok)
     if hasattr(method, "prepare"):  # a method with per-model data (CompressKV's calibration) checks it for this model
         method.prepare(model)
     store.open()  # only a configuration that loaded claims its run directory
     done = store.done_ids()
     todo = [s for s in samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
     torch.manual_seed(int(cfg.seed))
-    opts = RunOptions(protocol=cfg.protocol, max_new_tokens=int(cfg.task.max_new_tokens), stop=list(cfg.task.stop),
-                      metrics=list(cfg.task.metrics), chat=bool(cfg.model.chat_template),
-                      max_length=cfg.model.get("max_length"), prefill_chunk=cfg.get("prefill_chunk"))
+    opts = run_options(cfg, model)
     with Engine(model, method, allocator, budget, backend=cfg.model.attn_implementation) as engine:
         bar = tqdm(todo, desc=f"{cfg.method.name} b={cfg.budget}", unit="sample", disable=not cfg.progress,
                    file=sys.stderr, initial=len(samples) - len(todo), total=len(samples))
@@ -95,6 +95,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     store.write_metrics(metrics)
     print(format_table(metrics, cfg.run_dir))
     return metrics
+
+
+def run_options(cfg: DictConfig, model: Any) -> RunOptions:
+    """Prompting, decoding and scoring options from the task and model configs (optional task keys documented in
+    ``conf/task/longbench/*.yaml``: chat_template auto|never, tokenize, truncation, postprocess, eos_strings,
+    min_new_tokens; model keys chat_special_tokens, chat_template_kwargs)."""
+    task, mcfg = cfg.task, cfg.model
+    chat_policy = task.get("chat_template", "auto")
+    if chat_policy not in ("auto", "never"):
+        raise UsageError(f"task.chat_template={chat_policy!r}; choose auto (follow model.chat_template) or never")
+    if task.get("truncation", "context") not in TRUNCATIONS:
+        raise UsageError(f"task.truncation={task.truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
+    if task.get("tokenize", "separate") not in ("separate", "joint"):
+        raise UsageError(f"task.tokenize={task.tokenize!r}; choose separate or joint")
+    steps = list(task.get("postprocess", ["strip"]))
+    if any(s not in POSTPROCESS for s in steps):
+        raise UsageError(f"task.postprocess={steps}; steps must be among {', '.join(POSTPROCESS)}")
+    if int(task.get("min_new_tokens", 0)) not in (0, 1):
+        raise UsageError("task.min_new_tokens must be 0 or 1 (end-of-sequence suppressed on the first token)")
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    return RunOptions(
+        protocol=cfg.protocol, max_new_tokens=int(task.max_new_tokens), stop=list(task.stop),
+        metrics=list(task.metrics), chat=bool(mcfg.chat_template) and chat_policy != "never",
+        max_length=mcfg.get("max_length"), prefill_chunk=cfg.get("prefill_chunk"),
+        tokenize=task.get("tokenize", "separate"), truncation=task.get("truncation", "context"),
+        chat_special_tokens=bool(mcfg.get("chat_special_tokens", False)),
+        chat_kwargs=dict(mcfg.get("chat_template_kwargs") or {}), postprocess=steps,
+        eos_ids=[eos] if isinstance(eos, int) else list(eos or []), eos_strings=list(task.get("eos_strings", [])),
+        min_new_tokens=int(task.get("min_new_tokens", 0)))
 
 
 def build(node: DictConfig, what: str) -> Any:
@@ -112,13 +141,19 @@ def _mean(values: list[Any]) -> float | None:
 
 def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float, cfg_hash: str,
               device: torch.device) -> dict[str, Any]:
-    """Run-level metrics: scores x100 (mean over questions, also per context length), sizes, times, memory."""
+    """Run-level metrics: scores x100 (mean over questions, also per context length and, when questions carry
+    ``meta["category"]``, per category), sizes, times, memory."""
     names = list(records[0]["scores"]) if records else []
     score = {m: 100 * statistics.fmean(r["scores"][m] for r in records) for m in names}
     by_length: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        by_length[str(r["meta"].get("target_length", r["meta"].get("length", "all")))].append(r)
+        meta = r["meta"]  # LongBench-E's buckets come as meta["length_bucket"]
+        by_length[str(meta.get("length_bucket", meta.get("target_length", meta.get("length", "all"))))].append(r)
     sizes = {k: _mean([r.get(k) for r in records]) for k in SIZE_KEYS}
+    by_category: dict[str, list[dict]] = defaultdict(list)  # question categories (LoCoMo, LongMemEval, ...)
+    for r in records:
+        if r["meta"].get("category") is not None:
+            by_category[str(r["meta"]["category"])].append(r)
     return {
         "task": cfg["task"]["name"], "model": cfg["model"]["name"], "method": cfg["method"]["name"],
         "allocator": cfg["allocator"]["name"], "protocol": cfg["protocol"], "budget": budget, "seed": cfg["seed"],
@@ -129,6 +164,9 @@ def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float,
         "score": score,
         "score_by_length": {k: {m: 100 * statistics.fmean(r["scores"][m] for r in rs) for m in names}
                             for k, rs in sorted(by_length.items(), key=lambda kv: (len(kv[0]), kv[0]))},
+        **({"score_by_category": {k: {m: 100 * statistics.fmean(r["scores"][m] for r in rs) for m in names}
+                                  for k, rs in sorted(by_category.items())}} if by_category else {}),
+        **official_scores(records, cfg["task"]),
         **sizes,
         "peak_kv_bytes": max((r["peak_kv_bytes"] for r in records), default=None),
         "peak_mem_bytes": max((r["peak_mem_bytes"] for r in records if r["peak_mem_bytes"]), default=None),
@@ -137,6 +175,13 @@ def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float,
         "config_hash": cfg_hash,
         "env": {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device)},
     }
+
+
+def official_scores(records: list[dict[str, Any]], task: dict[str, Any]) -> dict[str, Any]:
+    """``{"official": ...}`` from the task's ``official_scores`` hook (a dotted path to ``f(records, task)``, e.g.
+    LongBench's eval.py rounding and LongBench-E buckets), or nothing."""
+    hook = task.get("official_scores")
+    return {"official": get_object(hook)(records, task)} if hook and records else {}
 
 
 def format_table(m: dict[str, Any], run_dir: str | None = None) -> str:
@@ -160,6 +205,9 @@ def format_table(m: dict[str, Any], run_dir: str | None = None) -> str:
         ("time", f"prefill {ms(m['prefill_s'])} | compression {ms(m['compress_s'])} | "
                  f"decode {ms(m['decode_s_per_token'])}/token"),
     ]
+    if m.get("score_by_category"):
+        rows.insert(3, ("by category", "  ".join(f"{k}: {next(iter(v.values())):.1f}"
+                                                 for k, v in m["score_by_category"].items())))
     if run_dir:
         rows.append(("run dir", str(run_dir)))
     width = max(len(k) for k, _ in rows)

@@ -1,7 +1,9 @@
 """Metric registry: ``METRICS[name](prediction, reference, **kwargs) -> float in [0, 1]``.
 
-A question scores the best of its references (``score_prediction``). Keyword arguments carry per-question extras
-that some official metrics need (LongBench's ``all_classes=``); a metric ignores the ones it does not use.
+A question scores the best of its references (``score_prediction``), except for metrics registered with
+``all_references=True`` (RULER's ``string_match_all``), which get the whole list ``references`` at once.
+Keyword arguments carry per-question extras that some official metrics need (LongBench's ``all_classes=``); a
+metric ignores the ones it does not use.
 Official benchmark metrics register under their official names from the submodules of this package
 (``kvbench/metrics/<benchmark>.py``), which are imported automatically: adding one edits nothing else.
 """
@@ -21,15 +23,18 @@ from kvbench.errors import UsageError
 
 Metric = Callable[..., float]
 METRICS: dict[str, Metric] = {}
+ALL_REFERENCES: set[str] = set()  # metrics called once with the list of all references
 
 
-def metric(name: str) -> Callable[[Metric], Metric]:
-    """Register a metric under ``name``."""
+def metric(name: str, all_references: bool = False) -> Callable[[Metric], Metric]:
+    """Register a metric under ``name``; ``all_references``: it takes ``(prediction, references: list[str])``."""
 
     def wrap(fn: Metric) -> Metric:
         if name in METRICS and METRICS[name] is not fn:
             raise ValueError(f"metric {name!r} is registered twice")
         METRICS[name] = fn
+        if all_references:
+            ALL_REFERENCES.add(name)
         return fn
 
     return wrap
@@ -74,8 +79,16 @@ def qa_f1(prediction: str, reference: str, **_: Any) -> float:
 
 
 def score_prediction(prediction: str, references: list[str], names: list[str], **kwargs: Any) -> dict[str, float]:
-    """Every metric in ``names``, each the max over the references; ``kwargs`` go to every metric."""
-    return {name: max(get_metric(name)(prediction, ref, **kwargs) for ref in references) for name in names}
+    """Every metric in ``names``, each the max over the references (or on all of them, for ``all_references``
+    metrics); ``kwargs`` go to every metric."""
+    scores = {}
+    for name in names:
+        fn = get_metric(name)
+        if name in ALL_REFERENCES:
+            scores[name] = float(fn(prediction, list(references), **kwargs))
+        else:
+            scores[name] = max(fn(prediction, ref, **kwargs) for ref in references)
+    return scores
 
 
 def _import_submodules() -> None:

@@ -15,12 +15,15 @@ class Question:
         text: the question text, appended after the context (it must end where the answer starts).
         answers: reference answers; metrics take the best match over them.
         meta: free-form per-question metadata (e.g. needle depth, category).
+        answer_prefix: text that starts the answer (RULER's ``answer_prefix``): it follows the question, and with
+            a chat template it comes *after* the template's assistant header, pre-filling the reply.
     """
 
     id: str
     text: str
     answers: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    answer_prefix: str = ""
 
 
 @dataclass
