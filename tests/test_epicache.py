@@ -170,3 +170,21 @@ def test_epicache_runs_on_the_embedded_default(tmp_path):
         cfg.run_dir = str(tmp_path / cfg.run_id)
     metrics = run(cfg)
     assert metrics["n_questions"] == 1 and 0.15 <= metrics["kept_fraction"] <= 0.3
+
+
+@pytest.mark.parametrize("loader", ["load_locomo", "load_realtalk", "load_longmemeval"])
+def test_longconvqa_loaders_give_the_turns_epicache_clusters(loader):
+    from kvbench.tasks import longconvqa
+
+    sample = getattr(longconvqa, loader)(str(ROOT / "tests" / "fixtures" / "longconvqa"))[0]
+    units = EpiCache().windows(sample)
+    lines = [sample.meta["turn_format"].format(**t) for t in sample.meta["turns"]]
+    assert lines and all(line in sample.context for line in lines)  # each turn as the context writes it
+    assert "\n".join(units) == "\n".join(lines)
+
+
+def test_epicache_runs_on_locomo(tmp_path):
+    data = ROOT / "tests" / "fixtures" / "longconvqa"
+    metrics = run(run_cfg(tmp_path, "method=epicache", "task=longconvqa/locomo", f"task.loader.data_dir={data}",
+                          "budget=0.5", *SMALL))
+    assert metrics["n_questions"] >= 1 and metrics["protocol"] == "query_agnostic"

@@ -101,6 +101,25 @@ def _sessions(conv: dict[str, Any]) -> list[int]:
     return sorted(nums)
 
 
+def conversation_turns(conv: dict[str, Any], text_key: str = "text") -> list[dict[str, Any]]:
+    """The structured turns kvbench's conversational methods read (``Sample.meta["turns"]``, the format of
+    ``kvbench.tasks.conversation``): ``[{"session", "date", "speaker", "text"}]`` of a LoCoMo / REALTALK
+    conversation, sessions in order, empty sessions skipped."""
+    out = []
+    for n in _sessions(conv):
+        for turn in conv[f"session_{n}"] or []:
+            out.append({"session": n, "date": conv.get(f"session_{n}_date_time", ""),
+                        "speaker": turn.get("speaker", "Unknown"), "text": turn.get(text_key, turn.get("text", ""))})
+    return out
+
+
+def longmemeval_turns(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """LongMemEval's haystack as structured turns (speaker = "User" / "Assistant")."""
+    return [{"session": i, "date": date, "speaker": turn["role"].capitalize(), "text": turn["content"]}
+            for i, (date, session) in enumerate(zip(item["haystack_dates"], item["haystack_sessions"], strict=True))
+            for turn in session if turn["role"] in ("user", "assistant")]
+
+
 def render_locomo(conv: dict[str, Any]) -> str:
     """EpiCache's LoCoMo context (``build_conversation_context``), including its caption placement."""
     text = CONV_START.format(conv.get("speaker_a", "Speaker A"), conv.get("speaker_b", "Speaker B"))
@@ -175,7 +194,9 @@ def load_locomo(data_dir: str = "data/longconvqa", categories: list[int] | None 
         if questions:
             sid = str(item.get("sample_id", f"conv-{i}"))
             samples.append(Sample(id=sid, context=render_locomo(item["conversation"]), questions=questions,
-                                  meta={"dataset": "locomo", "sessions": len(_sessions(item["conversation"]))}))
+                                  meta={"dataset": "locomo", "sessions": len(_sessions(item["conversation"])),
+                                        "turns": conversation_turns(item["conversation"]),
+                                        "turn_format": '{speaker} said, "{text}"'}))
     return samples
 
 
@@ -200,7 +221,9 @@ def load_realtalk(data_dir: str = "data/longconvqa") -> list[Sample]:
                      for j, qa in enumerate(conv["qa"]) if "answer" in qa]
         if questions:
             samples.append(Sample(id=sid, context=render_realtalk(conv), questions=questions,
-                                  meta={"dataset": "realtalk", "sessions": len(_sessions(conv))}))
+                                  meta={"dataset": "realtalk", "sessions": len(_sessions(conv)),
+                                        "turns": conversation_turns(conv, "clean_text"),
+                                        "turn_format": '{speaker} said, "{text}"'}))
     return samples
 
 
@@ -218,5 +241,6 @@ def load_longmemeval(data_dir: str = "data/longconvqa", variant: str = "s") -> l
         q = Question(id="q0", text=text, answers=[str(item["answer"])],
                      meta={"category": item["question_type"], "abstention": qid.endswith("_abs")})
         samples.append(Sample(id=qid, context=render_longmemeval(item), questions=[q],
-                              meta={"dataset": f"longmemeval_{variant}", "sessions": len(item["haystack_sessions"])}))
+                              meta={"dataset": f"longmemeval_{variant}", "sessions": len(item["haystack_sessions"]),
+                                    "turns": longmemeval_turns(item), "turn_format": "{speaker}: {text}"}))
     return samples
