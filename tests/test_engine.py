@@ -143,6 +143,13 @@ def test_layerkv_append_to_an_empty_head():
     assert_layer_holds(layer, [[0, 1, 5], [5], [1, 5]])
 
 
+def test_layerkv_append_to_a_layer_with_no_tokens_left():
+    # Layer-DefensiveKV's model-wide top-k can take every token of a layer
+    layer = tagged_layer([[], [], []])
+    layer.append(*new_tokens(3, [7]))
+    assert_layer_holds(layer, [[7], [7], [7]])
+
+
 def test_layerkv_from_dense_and_uniform_fast_path():
     torch.manual_seed(0)
     k, v = torch.randn(2, 4, 3), torch.randn(2, 4, 3)

@@ -59,8 +59,8 @@ class LayerKV:
 
     def dense(self) -> tuple[Tensor, Tensor]:
         """(H, L, d) views of keys and values; only valid when all heads have the same length L."""
-        h, length = self.n_heads, int(self.lens[0])
-        return self.keys.view(h, length, -1), self.values.view(h, length, -1)
+        h, length = self.n_heads, int(self.lens[0])  # explicit last dims: a layer may hold 0 tokens per head
+        return self.keys.view(h, length, self.keys.shape[-1]), self.values.view(h, length, self.values.shape[-1])
 
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         """Append q new tokens to every head. keys/values (H, q, d), positions (q,)."""
