@@ -23,9 +23,9 @@ INSTRUCTION = ("Extract the essential information of this conversation: speakers
 
 @dataclass
 class Episode:
-    """One conversation episode: its centroid (unit vector) and the probe that scores tokens for its cache."""
+    """One conversation episode: its centroid and the probe that scores tokens for its cache."""
 
-    centroid: np.ndarray
+    centroid: np.ndarray  # the k-means centre of the episode's normalised window embeddings
     probe_ids: list[int]
     windows: list[int]  # indices of the medoid utterance windows, chronological
 
@@ -43,8 +43,9 @@ class EpiCache(Method):
     the cached keys only), and each layer keeps M_l tokens per KV head: ``level=pair`` takes one top-(M_l * H) over
     the layer's heads (the ``flat`` allocator; heads get different lengths), ``pair-uniform`` top-M_l per head
     (``allocator=uniform``). The first ``sink`` tokens are never evicted (EpiCache never evicts its system prompt).
-    Each question is embedded the same way, routed to the episode with the nearest centroid (cosine), answered over
-    that episode's cache, and rolled back.
+    Each question is embedded the same way and routed to the episode whose k-means centre has the largest dot
+    product with it (the centres are not re-normalised, as in the authors' ``create_question_cluster_mappings``),
+    answered over that episode's cache, and rolled back.
 
     Layer budgets: M = the run's budget in tokens per head of the conversation; a sensitivity profile compares the
     key caches of a full causal pass and a block-masked pass (``profile_block`` blocks, ``profile_sink`` sink tokens,
@@ -122,7 +123,7 @@ class EpiCache(Method):
         """(len(texts), dim) L2-normalised embeddings."""
         if self.embedder == "llm":
             table = model.get_input_embeddings().weight.detach().float()
-            vecs = [table[torch.as_tensor(tok(t, add_special_tokens=False).input_ids or [0])].mean(0) for t in texts]
+            vecs = [table[torch.as_tensor(tok(t).input_ids or [0])].mean(0) for t in texts]  # as the authors: BOS in
             emb = torch.stack(vecs).cpu().numpy()
         else:
             emb = np.asarray(self._sentence_model().encode(texts), dtype=np.float64)
@@ -153,9 +154,10 @@ class EpiCache(Method):
         km = KMeans(n_clusters=k, random_state=42, n_init=10).fit(emb)
         out = []
         for e in range(k):
-            centroid = km.cluster_centers_[e] / max(np.linalg.norm(km.cluster_centers_[e]), 1e-12)
+            centroid = km.cluster_centers_[e]  # not re-normalised: routing is a dot product with it, as the authors'
             members = np.where(km.labels_ == e)[0]
-            best = members[np.argsort(-(emb[members] @ centroid), kind="stable")[: self.n_medoids]]
+            cosine = emb[members] @ (centroid / max(np.linalg.norm(centroid), 1e-12))
+            best = members[np.argsort(-cosine, kind="stable")[: self.n_medoids]]
             chosen = sorted(best.tolist())
             patched = "\n".join(texts[i] for i in chosen)
             ids = tok(self.instruction + "\n" + patched, add_special_tokens=False).input_ids

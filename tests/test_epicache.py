@@ -126,9 +126,9 @@ def test_episodes_separate_topics_and_questions_route_to_their_topic(conversatio
     assert len({topic(e) for e in episodes}) == 4, "one episode per topic"
     routed = [topic(episodes[method.route(q.text, episodes, model, tok)]) == q.meta["category"]
               for q in conversation.questions]
-    # mean-pooled input embeddings (embedder=llm) are a bag of words: the question's one topic noun competes with
-    # its shared words, so routing is imperfect (16 of 24 here) but far above chance (1 in 4)
-    assert sum(routed) >= 0.6 * len(routed)
+    # mean-pooled input embeddings (embedder=llm) are a bag of words: a question's few topic words compete with its
+    # shared ones, so routing is imperfect (19 of 24 here, 80 % over the whole task) but far above chance (1 in 4)
+    assert sum(routed) >= 0.7 * len(routed)
 
 
 def run_cfg(tmp_path, *overrides: str):

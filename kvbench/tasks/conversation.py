@@ -88,9 +88,10 @@ def fact_text(attribute: str, key: str, value: list[str]) -> str:
     return " ".join(["remember", "the", attribute, "of", key, *value, "."])
 
 
-def question_text(attribute: str, key: str) -> str:
-    """The question about a fact; it ends with the fact's key, where the answer starts."""
-    return f"question : what is the {attribute} of {key}"
+def question_text(attribute: str, key: str, lead: list[str] | tuple[str, ...] = ()) -> str:
+    """The question about a fact; it ends with the fact's key, where the answer starts. ``lead`` is an optional
+    topical sentence before it (real conversational questions carry a few words of their topic)."""
+    return " ".join(["question", ":", *lead, "what", "is", "the", attribute, "of", key])
 
 
 def _sentence(rng: random.Random, n: int, topic: Topic) -> list[str]:
@@ -177,7 +178,8 @@ def _facts(rng: random.Random, n_facts: int, topics: list[str], names: list[str]
 
 
 def _build_sample(rng: random.Random, sample_id: str, length: int, n_sessions: int, n_speakers: int, n_facts: int,
-                  n_questions: int, answer_len: int, meta: dict[str, Any]) -> Sample:  # fmt: skip
+                  n_questions: int, answer_len: int, meta: dict[str, Any], question_lead: bool = True
+                  ) -> Sample:  # fmt: skip
     """One conversation of exactly `length` tokens (incl. <s>)."""
     names = rng.sample(sv.NAMES, n_speakers + 2 * n_facts)
     speakers, fact_names = names[:n_speakers], names[n_speakers:]
@@ -213,10 +215,11 @@ def _build_sample(rng: random.Random, sample_id: str, length: int, n_sessions: i
             lines.append(TURN_FORMAT.format(speaker=speaker, text=text))
             n_words += len(lines[-1].split())
     asked = sorted(rng.sample(range(n_facts), n_questions), key=lambda j: facts[j].turn)
+    leads = [_sentence(rng, MIN_SENTENCE, TOPICS[facts[j].topic]) if question_lead else [] for j in asked]
     questions = [
         Question(
             id=f"q{qi}",
-            text=question_text(facts[j].attribute, facts[j].key),
+            text=question_text(facts[j].attribute, facts[j].key, leads[qi]),
             answers=[" ".join(facts[j].value)],
             meta={"category": facts[j].topic, "question_type": facts[j].qtype, "session": facts[j].session,
                   "turn": facts[j].turn, "key": facts[j].key, "key_position": facts[j].key_position,
@@ -232,7 +235,7 @@ def _build_sample(rng: random.Random, sample_id: str, length: int, n_sessions: i
 
 def make_conversations(
     lengths: list[int], n_samples: int, seed: int = 0, n_sessions: int = 8, n_speakers: int = 3, n_facts: int = 32,
-    n_questions: int = 24, answer_len: int = 3,
+    n_questions: int = 24, answer_len: int = 3, question_lead: bool = True,
 ) -> list[Sample]:  # fmt: skip
     """Deterministic synthetic conversations, ``n_samples`` per length.
 
@@ -245,6 +248,10 @@ def make_conversations(
         n_facts: facts per conversation, balanced over the 4 topics and the 2 question types.
         n_questions: questions per conversation (<= n_facts), each about a different fact; the rest are distractors.
         answer_len: at most this many codes per ``code`` answer (1 to MAX_NEW_TOKENS - 1; drawn uniformly).
+        question_lead: start every question with a 5-token sentence in its topic's vocabulary (``question : the
+            cold river reaches slowly . what is the lake of oscar``), as real conversational questions carry a few
+            topic words; without it a question's only topic word is the fact's noun, which a bag-of-words embedder
+            (EpiCache's ``llm``) can hardly route on.
     """
     if not len(TOPICS) * 2 <= n_sessions <= 16:
         raise UsageError(f"n_sessions must be in [{2 * len(TOPICS)}, 16] (every topic recurs), got {n_sessions}")
@@ -260,5 +267,5 @@ def make_conversations(
             rng = random.Random(f"kvbench-conversation/{seed}/{length}/{i}")
             meta = {"kind": "conversation", "seed": seed, "index": i}
             samples.append(_build_sample(rng, f"conversation-L{length}-{i}", length, n_sessions, n_speakers, n_facts,
-                                         n_questions, answer_len, meta))  # fmt: skip
+                                         n_questions, answer_len, meta, question_lead))  # fmt: skip
     return samples
