@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
 import statistics
@@ -20,9 +21,10 @@ from tqdm import tqdm
 from kvbench.budget import check_budget, compression_ratio
 from kvbench.engine import Engine
 from kvbench.errors import UsageError
+from kvbench.loggers import log_run
 from kvbench.models import load_model, pick_device
 from kvbench.pipeline import PROTOCOLS, RunOptions, run_sample
-from kvbench.results import RunStore
+from kvbench.results import RunStore, record_failure
 from kvbench.tasks import load_samples
 
 TIMING_KEYS = ("prefill_s", "compress_s", "question_s", "decode_s_per_token")
@@ -47,7 +49,23 @@ def validate(cfg: DictConfig) -> tuple[float, dict[str, Any]]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume, or return) the configuration's run directory; returns its metrics."""
+    """Run (or resume, or return) the configuration's run directory; returns its metrics.
+
+    A run that raises leaves ``error.json`` in its directory if it had claimed it (``kvbench.report status``
+    lists it as failed); every run that returns is passed to the configured logger (``logger=``, none by default).
+    """
+    try:
+        metrics = execute(cfg)
+    except Exception as err:
+        with contextlib.suppress(Exception):  # the original error is what the user needs to see
+            record_failure(cfg.run_dir, OmegaConf.to_container(cfg, resolve=True), err)
+        raise
+    log_run(cfg, metrics)
+    return metrics
+
+
+def execute(cfg: DictConfig) -> dict[str, Any]:
+    """The run itself (``run`` without the failure marker and the logger)."""
     budget, resolved = validate(cfg)
     store = RunStore(cfg.run_dir, resolved)
     if cfg.overwrite:
