@@ -11,7 +11,16 @@ The public API used by notebooks and ``python -m kvbench.report``::
 """
 
 from kvbench.report.build import errors, write_report
-from kvbench.report.plots import RESOURCES, budget_curves, needle_heatmaps, pareto, pareto_front, save
+from kvbench.report.plots import (
+    RESOURCES,
+    budget_curves,
+    budget_kind,
+    needle_heatmaps,
+    needle_rows,
+    pareto,
+    pareto_front,
+    save,
+)
 from kvbench.report.stats import N_RESAMPLES, bootstrap_ci, run_intervals
 from kvbench.report.status import scan as run_status
 from kvbench.report.style import METHOD_ORDER, method_color, method_order
@@ -19,8 +28,9 @@ from kvbench.report.tables import add_labels, paper_table, relative_to_full, sum
 from kvbench.results import load_results
 
 __all__ = [
-    "METHOD_ORDER", "N_RESAMPLES", "RESOURCES", "add_labels", "bootstrap_ci", "budget_curves", "errors",
-    "load_results", "method_color", "method_order", "needle_heatmaps", "paper_table", "pareto", "pareto_front",
+    "METHOD_ORDER", "N_RESAMPLES", "RESOURCES", "add_labels", "bootstrap_ci", "budget_curves", "budget_kind",
+    "errors", "load_results", "method_color", "method_order", "needle_heatmaps", "needle_rows", "paper_table",
+    "pareto", "pareto_front",
     "relative_to_full", "run_intervals", "run_status", "save", "summarize", "to_latex", "to_markdown",
     "write_report",
 ]  # fmt: skip
