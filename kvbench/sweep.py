@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kvbench import runner
 from kvbench.budget import Allocator, check_budget
-from kvbench.engine import Engine, KVStore, LayerKV
+from kvbench.engine import Engine, KVStore, LayerContext, LayerKV
 from kvbench.errors import UsageError
 from kvbench.loggers import log_run
 from kvbench.method import Method
@@ -56,6 +56,26 @@ class Fork:
 
     store: KVStore
     compress_s: float = 0.0
+
+
+class _SharedMemo:
+    """A method whose contexts for one layer share one ``LayerContext.memo`` across budgets.
+
+    The memo holds what is computed from the layer's tensors alone, keyed by any further parameter (window
+    attention per window size, H2O's column sums), so it is the same for every budget: computed once per layer
+    instead of once per budget. The time it takes is counted in the first budget's compression.
+    """
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+        self.memo: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.method, name)
+
+    def score(self, ctx: LayerContext) -> Tensor:
+        ctx.memo = self.memo
+        return self.method.score(ctx)
 
 
 class SweepEngine(Engine):
@@ -97,15 +117,19 @@ class SweepEngine(Engine):
             return super()._compress_layer(module, queries, layer, scale)
         i = module.layer_idx
         hidden = self._hidden.get(i)
-        for budget, fork in self.forks.items():
-            own = replace(layer)  # LayerKV never changes its tensors in place: a shallow copy is a fork
-            fork.store.layers[i] = own
-            fork.store.track_peak()  # what a separate run holds here: earlier layers compressed, this one full
-            self.budget, self.compress_seconds = budget, fork.compress_s
-            if hidden is not None:
-                self._hidden[i] = hidden
-            super()._compress_layer(module, queries, own, scale)
-            fork.compress_s = self.compress_seconds
+        method, self.method = self.method, _SharedMemo(self.method)  # type: ignore[assignment]
+        try:
+            for budget, fork in self.forks.items():
+                own = replace(layer)  # LayerKV never changes its tensors in place: a shallow copy is a fork
+                fork.store.layers[i] = own
+                fork.store.track_peak()  # what a separate run holds here: earlier layers compressed, this one full
+                self.budget, self.compress_seconds = budget, fork.compress_s
+                if hidden is not None:
+                    self._hidden[i] = hidden
+                super()._compress_layer(module, queries, own, scale)
+                fork.compress_s = self.compress_seconds
+        finally:
+            self.method = method
         self.store.layers[i] = None  # the full layer is no longer needed
         self.compress_seconds = sum(f.compress_s for f in self.forks.values())
         return None
