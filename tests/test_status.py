@@ -99,6 +99,12 @@ def test_status_states_and_pending_sweep_jobs(tmp_path) -> None:
     assert st.run_id[4] == "synth_multikey_dense/kvbench-tiny/h2o/uniform/query_aware/budget=0.1/seed=0"
     assert st.job_dir[0] == str(sweep / "0") and pd.isna(st.job_dir[1])
 
+    shared = tmp_path / "logs" / "sweeps" / "d" / "shared"  # one job, a shared-prefill budget list
+    shared.mkdir(parents=True)
+    task = ["method=snapkv", "budget=[0.1,0.2]", f"paths.results={root}"]
+    (shared / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}}))
+    assert scan(root, shared)[["job", "state"]].values.tolist() == [[0, "finished"], [0, "partial"]]
+
     res = subprocess.run([sys.executable, "-m", "kvbench.report", "status", str(root), "--sweep", str(sweep)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 1, res.stderr  # a failed run

@@ -100,12 +100,22 @@ def sweep_jobs(sweep: str | Path) -> list[tuple[int, str | None, Path]]:
     out = []
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for num, job in enumerate(jobs):
-            try:
-                run_id = str(compose("config", overrides=[o for o in job if not o.startswith("hydra")]).run_id)
-            except Exception:  # an option that no longer exists: list the job without a run_id
-                run_id = None
-            out.append((num, run_id, sweep / str(num)))
+            out += [(num, run_id, sweep / str(num)) for run_id in _run_ids(compose, job)]
     return out
+
+
+def _run_ids(compose: Any, job: list[str]) -> list[str | None]:
+    """The run_id(s) of one job: one per budget for a shared-prefill budget list (``budget=[0.1,0.2]``)."""
+    from omegaconf import OmegaConf
+
+    overrides = [o for o in job if not o.startswith("hydra")]
+    try:
+        cfg = compose("config", overrides=overrides)
+        if not OmegaConf.is_list(cfg.budget):
+            return [str(cfg.run_id)]
+        return [str(compose("config", overrides=[*overrides, f"budget={b}"]).run_id) for b in cfg.budget]
+    except Exception:  # an option that no longer exists: list the job without a run_id
+        return [None]
 
 
 def format_status(df: pd.DataFrame, show_all: bool = False) -> str:
