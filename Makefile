@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 ARGS ?=
 
-.PHONY: help install demo test test-all test-compat test-gpu lint format efficiency clean
+.PHONY: help install demo test test-all test-compat test-gpu lint format efficiency report status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,12 @@ format: $(STAMP)  ## ruff fix + format
 
 efficiency: $(STAMP)  ## per-method prefill / compression / decode times and KV bytes
 	$(BIN)/python scripts/efficiency.py $(ARGS)
+
+report: $(STAMP)  ## tables + figures of a results root (ARGS="<root> [--avg-tasks a,b] [--formats png]"; default results)
+	$(BIN)/python -m kvbench.report $(or $(ARGS),results)
+
+status: $(STAMP)  ## finished / partial / failed runs of a results root (ARGS="<root> [--sweep <sweep dir>]")
+	$(BIN)/python -m kvbench.report status $(or $(ARGS),results)
 
 clean:  ## remove the virtual environment and caches (results are kept)
 	rm -rf $(VENV) $(COMPAT) .pytest_cache .ruff_cache logs
