@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
+from kvbench.budget import HeadAdaptive, Uniform
+from kvbench.engine import Engine, LayerContext
 from kvbench.errors import UsageError
+from kvbench.method import Method
+from kvbench.pipeline import prefill
 from kvbench.runner import run
+from kvbench.sweep import SweepEngine, shared_prefill
 from methods.snapkv import SnapKV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +127,33 @@ def test_cli_budget_list_is_one_job(tmp_path) -> None:
                            "limit=1", "progress=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("run dir") == 2 and sorted(run_dirs(tmp_path)) == ["budget=0.1", "budget=0.5"]
+
+
+@dataclass
+class HiddenNorm(Method):
+    """A test method that scores with the attention input hidden states and the budget (``ctx.keep``)."""
+
+    name: str = "hidden_norm"
+    window: int = 4
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        h = ctx.hidden_states[: ctx.n - ctx.window].float().norm(dim=-1)  # (n - w,)
+        return (h[None] * ctx.keys[:, : ctx.n - ctx.window, 0].float()) + ctx.keep  # (H_kv, n - w)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_sweep_engine_forks_give_the_caches_of_separate_engines(tiny_model, prompt, arch: str) -> None:
+    model, ids = tiny_model(arch), prompt(96).tolist()
+    budgets = [0.1, 0.5, 20, 1.0]
+    for method, allocator in [(HiddenNorm(), Uniform()), (HiddenNorm(), HeadAdaptive())]:
+        with SweepEngine(model, method, allocator, budgets) as eng:
+            forks = [(b, logits, stats, eng.store, eng.generate(logits, 6)[0])
+                     for b, logits, stats in shared_prefill(eng, ids, {}, budgets)]
+        for b, logits, stats, store, tokens in forks:
+            with Engine(model, method, allocator, b) as ref:
+                ref_logits, ref_stats = prefill(ref, ids, {})
+                assert torch.equal(logits, ref_logits) and ref.generate(ref_logits, 6)[0] == tokens
+                for a, c in zip(store.layers, ref.store.layers, strict=True):
+                    assert torch.equal(a.lens, c.lens) and torch.equal(a.positions, c.positions)
+                    assert torch.equal(a.keys, c.keys) and torch.equal(a.values, c.values)
+            assert strip(stats) == strip(ref_stats)
