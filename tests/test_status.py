@@ -88,15 +88,20 @@ def test_status_states_and_pending_sweep_jobs(tmp_path) -> None:
     assert {ids[s]: s for s in ids} == st["state"].to_dict()
     assert st.loc[ids["partial"], "n_predictions"] == 1 and st.loc[ids["failed"], "error"] == "ValueError: bad"
 
-    # a sweep over method x budget (as Hydra writes multirun.yaml); h2o never ran: pending
+    # a sweep over method x budget (as Hydra writes multirun.yaml); h2o has no run dirs: job 4 not started (its
+    # submitit stderr says why), job 5 started by Hydra (job dir) without claiming its run dir
     sweep = tmp_path / "logs" / "sweeps" / "d" / "t"
     (sweep / "0").mkdir(parents=True)
+    (sweep / "5").mkdir()
+    (sweep / ".submitit" / "77_4").mkdir(parents=True)
+    (sweep / ".submitit" / "77_4" / "77_4_0_log.err").write_text("loading\nkvbench: error: model not found\n\n")
     task = ["method=snapkv,streamingllm,h2o", "budget=0.1,0.2", "limit=1", f"paths.results={root}"]
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}}))
     st = scan(root, sweep)
     assert len(st) == 6 and st.job.tolist() == list(range(6))
-    assert st.state.tolist() == ["finished", "partial", "failed", "started", "pending", "pending"]
+    assert st.state.tolist() == ["finished", "partial", "failed", "started", "pending", "started"]
     assert st.run_id[4] == "synth_multikey_dense/kvbench-tiny/h2o/uniform/query_aware/budget=0.1/seed=0"
+    assert st.error[4] == "kvbench: error: model not found" and "no run directory" in st.error[5]
     assert st.job_dir[0] == str(sweep / "0") and pd.isna(st.job_dir[1])
 
     shared = tmp_path / "logs" / "sweeps" / "d" / "shared"  # one job, a shared-prefill budget list
@@ -108,7 +113,7 @@ def test_status_states_and_pending_sweep_jobs(tmp_path) -> None:
     res = subprocess.run([sys.executable, "-m", "kvbench.report", "status", str(root), "--sweep", str(sweep)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 1, res.stderr  # a failed run
-    assert res.stdout.startswith("1 finished, 1 partial, 1 failed, 1 started, 2 pending")
+    assert res.stdout.startswith("1 finished, 1 partial, 1 failed, 2 started, 1 pending")
     assert "ValueError: bad" in res.stdout and ids["finished"] not in res.stdout  # finished runs only with --all
     bad = subprocess.run([sys.executable, "-m", "kvbench.report", "status", str(tmp_path / "nope")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)

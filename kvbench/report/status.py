@@ -9,9 +9,10 @@ States of a run directory (``kvbench.results`` layout):
   failure); rerunning resumes.
 * ``started``: only ``config.yaml``: the run claimed its directory and no question finished yet (running or killed).
 
-With a sweep (a Hydra multirun directory holding ``multirun.yaml``), every job of the sweep's grid is listed, and a
-job whose run directory does not exist is ``pending``: not started yet, or it failed before claiming its directory
-(an invalid option, a model that could not be loaded; Hydra's job directory, when it exists, holds its log).
+With a sweep (a Hydra multirun directory holding ``multirun.yaml``), every job of the sweep's grid is listed. A job
+whose run directory does not exist is ``started`` when Hydra created its job directory (still loading, or it failed
+before claiming its run directory: an invalid option, a model that could not be loaded) and ``pending`` otherwise
+(not started yet). For Slurm sweeps (submitit) the last error line of the job's stderr is shown.
 """
 
 from __future__ import annotations
@@ -71,10 +72,32 @@ def scan(root: str | Path, sweep: str | Path | None = None) -> pd.DataFrame:
         return pd.DataFrame(list(rows.values()), columns=COLUMNS)
     out = []
     for job, run_id, job_dir in sweep_jobs(sweep):
-        row = rows.get(run_id) or {"run_id": run_id, "state": "pending", "n_predictions": 0,
-                                   "run_dir": str(root / run_id) if run_id else None}
+        row = rows.get(run_id) or _no_run_dir(run_id, root, job_dir)
+        if row["state"] != "finished" and not row.get("error"):
+            row = {**row, "error": _job_log_error(Path(sweep), job)}
         out.append({"job": job, **row, "job_dir": str(job_dir) if job_dir.exists() else None})
     return pd.DataFrame(out, columns=["job", *COLUMNS, "job_dir"])
+
+
+def _no_run_dir(run_id: str | None, root: Path, job_dir: Path) -> dict[str, Any]:
+    """A sweep job without a run directory: ``started`` if Hydra created its job directory, else ``pending``."""
+    row = {"run_id": run_id, "state": "pending", "n_predictions": 0,
+           "run_dir": str(root / run_id) if run_id else None}
+    if run_id is None:
+        row["error"] = "the job's overrides no longer compose"
+    elif job_dir.exists():
+        row.update(state="started", error="no run directory: still loading, or failed before claiming it")
+    return row
+
+
+def _job_log_error(sweep: Path, job: int) -> str | None:
+    """The last error line of a submitit job's stderr (``<sweep>/.submitit/<id>_<job>/*_log.err``), if any."""
+    logs = sorted(sweep.glob(f".submitit/*_{job}/*_log.err"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return None
+    lines = [ln.strip() for ln in logs[-1].read_text(errors="replace").splitlines()[-200:] if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or [None])[-1]
 
 
 def sweep_jobs(sweep: str | Path) -> list[tuple[int, str | None, Path]]:
