@@ -66,8 +66,9 @@ def budget_curves(summary: pd.DataFrame, tasks: Sequence[str] | None = None, mod
                   ncols: int = 3) -> Figure:
     """Score vs budget, one panel per task, one line per method; the full cache as a dashed horizontal line.
 
-    Error bands: std over seeds where several seeds exist, else the bootstrap interval (``ci_low``/``ci_high``) when
-    the summary has one. ``kind`` picks fraction (<= 1) or token (> 1) budgets when both are present.
+    Error bars, per point: std over seeds where several seeds ran, else the bootstrap interval
+    (``ci_low``/``ci_high``) when the summary has one. ``kind`` picks fraction (<= 1) or token (> 1) budgets
+    when both are present.
     """
     df, model, protocol = select(summary, model, protocol)
     comp = df[df["method"] != reference]
@@ -83,12 +84,11 @@ def budget_curves(summary: pd.DataFrame, tasks: Sequence[str] | None = None, mod
         for label in method_order(rows["label"]):
             r = rows[rows["label"] == label].sort_values("budget")
             ax.plot(r["budget"], r["score"], marker=method_marker(label), color=method_color(label), label=label)
-            if (r["n_seeds"] > 1).any():
-                ax.fill_between(r["budget"], r["score"] - r["std"], r["score"] + r["std"],
-                                color=method_color(label), alpha=0.15, linewidth=0)
-            elif "ci_low" in r and r["ci_low"].notna().any():
-                ax.fill_between(r["budget"], r["ci_low"], r["ci_high"], color=method_color(label), alpha=0.15,
-                                linewidth=0)
+            lo, hi = _band(r)
+            if lo.notna().any():
+                yerr = [(r["score"] - lo).fillna(0).to_numpy(), (hi - r["score"]).fillna(0).to_numpy()]
+                ax.errorbar(r["budget"], r["score"], yerr=yerr, fmt="none", ecolor=method_color(label), capsize=3,
+                            alpha=0.6, linewidth=1)
         ref = df[(df["task"] == task) & (df["method"] == reference)]["score"]
         if not ref.empty:
             ax.axhline(ref.mean(), color=method_color(reference), linestyle="--", linewidth=1.2,
@@ -99,8 +99,17 @@ def budget_curves(summary: pd.DataFrame, tasks: Sequence[str] | None = None, mod
         ax.set(title=task, xlabel=BUDGET_AXIS[kind], ylabel=f"{metric} (%)", ylim=(0, 105))
         ax.grid(alpha=0.3)
     _legend(fig, axes)
-    fig.suptitle(f"score vs KV budget | {model} | {protocol}")
+    fig.suptitle(f"score vs KV budget | {model} | {protocol}\n"
+                 "bars: ± std over seeds (several seeds) or 95 % bootstrap interval over questions", fontsize=10)
     return fig
+
+
+def _band(r: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per point: score +- std over seeds where several seeds ran, else the bootstrap interval (if computed)."""
+    multi = r["n_seeds"] > 1
+    lo = (r["score"] - r["std"]).where(multi, r.get("ci_low", np.nan))
+    hi = (r["score"] + r["std"]).where(multi, r.get("ci_high", np.nan))
+    return lo.clip(lower=0), hi
 
 
 def _legend(fig: Figure, axes: list) -> None:
@@ -159,7 +168,8 @@ def needle_heatmaps(samples: pd.DataFrame, budget: float, task: str | None = Non
         if grid.size <= 400:
             for (i, j), v in np.ndenumerate(grid.to_numpy()):
                 if not np.isnan(v):
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if v < 20 or v > 80 else "black")  # readable on the dark ends
         title = label if label.split(" (")[0] != reference else f"{label} (full cache)"
         ax.set(title=f"{title}: {np.nanmean(grid.to_numpy()):.1f}", xlabel="context length (tokens)",
                ylabel="needle depth (%)")
