@@ -98,3 +98,17 @@ def test_report_tables_and_figures_offline(tmp_path, monkeypatch) -> None:
     (run_dir,) = offline_runs(tmp_path / "w")
     assert list((run_dir / "files" / "media" / "table").glob("table_*.table.json"))
     assert list((run_dir / "files" / "media" / "images").glob("curve_*.png"))
+
+
+def test_report_cli_wandb_settings_come_from_the_logger_yaml(tmp_path, monkeypatch) -> None:
+    from kvbench.report.__main__ import wandb_logger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("KVBENCH_LOGS", str(tmp_path / "logs"))
+    logger = wandb_logger("proj", None)
+    assert logger.s["mode"] == "offline" and logger.s["project"] == "proj"
+    assert logger.s["dir"] == str(tmp_path / "logs" / "wandb") and logger.s["init_timeout"] == 15
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wd"))
+    assert wandb_logger(None, "disabled").s == {**logger.s, "project": "kvbench", "mode": "disabled",
+                                                "dir": str(tmp_path / "wd")}
