@@ -17,7 +17,10 @@
 # longer than submitit's longest poll gap (600 s). SLURM_LOCAL_NO_SACCT_SHIM=1 skips the shim.
 #
 # Environment: SLURM_LOCAL_FULL=1 installs the slurm-wlm metapackage (all plugins) instead of the 4 packages;
-# SLURM_LOCAL_CPUS / SLURM_LOCAL_MEM_MB cap what the node offers (default: all cores, 95 % of memory).
+# SLURM_LOCAL_CPUS / SLURM_LOCAL_MEM_MB cap what the node offers (default: all cores, 95 % of memory);
+# SLURM_LOCAL_REQUEUE_DELAY_S (default 5; Slurm's default is 120) is how long a requeued job waits before it may
+# start again (AuthInfo=cred_expire, which is also the job-step credential lifetime). The scheduler looks at
+# pending jobs every 2 s (sched_interval; default 60), so a requeued job starts again within seconds.
 set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
@@ -80,6 +83,7 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=${SLURM_LOCAL_REQUEUE_DELAY_S:-5}
 CredType=cred/munge
 MpiDefault=none
 MailProg=/bin/true
@@ -89,6 +93,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+SchedulerParameters=sched_interval=2
 ReturnToService=2
 MinJobAge=3600
 KillWait=5
