@@ -208,7 +208,11 @@ def test_cli_writes_the_report_and_rejects_bad_input(root, tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     table = pd.read_csv(tmp_path / "r" / "table.csv")
     assert table[(table.method == "snapkv") & (table.budget == 0.5)]["Avg."].item() == 75.0
-    bad = cli(str(root), "--tasks", "nosuch")
-    assert bad.returncode == 2 and "nosuch" in bad.stderr and "Traceback" not in bad.stderr
+    for args, message in ((["--tasks", "nosuch"], "nosuch"), (["--budgets", "abc"], "comma-separated numbers"),
+                          (["--budgets", "0.3"], "budgets [0.3] have no finished runs"),
+                          (["--formats", "xyz"], "formats ['xyz']")):
+        bad = cli(str(root), "--out", str(tmp_path / "bad"), *args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+        assert not (tmp_path / "bad").exists()  # nothing half-written
     empty = cli(str(tmp_path / "empty_root"))
     assert empty.returncode == 2 and "no finished runs" in empty.stderr

@@ -15,6 +15,13 @@ def _list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def _budgets(text: str | None) -> list[float] | None:
+    try:
+        return [float(b) for b in _list(text) or []] or None
+    except ValueError:
+        raise UsageError(f"--budgets takes comma-separated numbers (e.g. 0.1,0.2 or 128,256), got {text!r}") from None
+
+
 def _report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kvbench.report",
                                 description="Tables (CSV/Markdown/LaTeX) and figures (PNG/PDF) of a results root. "
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from kvbench.report.stats import N_RESAMPLES
 
         args = _report_parser().parse_args(argv)
-        budgets = [float(b) for b in _list(args.budgets) or []] or None
+        budgets = _budgets(args.budgets)
         files = write_report(args.root, args.out, _list(args.tasks), _list(args.avg_tasks), budgets,
                              _list(args.formats) or ["png"], args.reference, args.resamples or N_RESAMPLES,
                              args.seed, wandb_logger(args.wandb_project, args.wandb_mode) if args.wandb else None)

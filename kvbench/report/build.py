@@ -11,7 +11,15 @@ from typing import Any
 import pandas as pd
 
 from kvbench.errors import UsageError
-from kvbench.report.plots import budget_curves, budget_kind, needle_heatmaps, needle_rows, pareto, save
+from kvbench.report.plots import (
+    budget_curves,
+    budget_kind,
+    check_formats,
+    needle_heatmaps,
+    needle_rows,
+    pareto,
+    save,
+)
 from kvbench.report.stats import N_RESAMPLES, SEED, run_intervals
 from kvbench.report.tables import (
     CONFIG_KEYS,
@@ -69,12 +77,16 @@ def write_report(root: str | Path, out: str | Path | None = None, tasks: Sequenc
     ``pareto_latency_*``, ``needle_*`` (for tasks with needle meta) in each of ``formats``, and ``index.md``.
     ``logger`` (a :class:`kvbench.loggers.WandbLogger`) also receives the tables and PNG figures.
     """
+    check_formats(formats)
     out = Path(out) if out else Path(root) / "report"
     runs = load_results(root)
     if runs.empty:
         raise UsageError(f"no finished runs under {root} (see `python -m kvbench.report status {root}`)")
     samples = load_results(root, samples=True)
     summary = relative_to_full(summarize(runs, samples, n_resamples, seed), reference)
+    table = paper_table(summary, tasks, avg_tasks, budgets, reference)  # bad tasks/budgets fail before any write
+    std = paper_table(summary, tasks, avg_tasks, budgets, reference, value="std") \
+        if (summary["n_seeds"] > 1).any() else None
     files: dict[str, Path] = {}
     out.mkdir(parents=True, exist_ok=True)
     summary.to_csv(out / "summary.csv", index=False)
@@ -82,9 +94,6 @@ def write_report(root: str | Path, out: str | Path | None = None, tasks: Sequenc
         run_intervals(samples, n_resamples, seed), on="run_dir", how="left")
     per_run.to_csv(out / "runs.csv", index=False)
     files.update({"summary": out / "summary.csv", "runs": out / "runs.csv"})
-    table = paper_table(summary, tasks, avg_tasks, budgets, reference)
-    std = paper_table(summary, tasks, avg_tasks, budgets, reference, value="std") \
-        if (summary["n_seeds"] > 1).any() else None
     files.update({f"table.{k}": p for k, p in write_table(table, out, "table", std, reference=reference).items()})
     figures = _figures(summary, samples, out, tasks, formats, reference)
     files.update(figures)

@@ -232,8 +232,16 @@ def pareto(summary: pd.DataFrame, x: str = "kv_bytes_kept", tasks: Sequence[str]
     return fig
 
 
+def check_formats(formats: Sequence[str]) -> None:
+    """One clear error for a figure format matplotlib cannot write."""
+    unknown = sorted(set(formats) - set(Figure().canvas.get_supported_filetypes()))
+    if unknown:
+        raise UsageError(f"figure formats {unknown} are not supported; use e.g. png, pdf, svg")
+
+
 def save(fig: Figure, out_dir: str | Path, stem: str, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Write ``<out_dir>/<stem>.<fmt>`` for each format (PNG at 150 dpi); returns the paths."""
+    check_formats(formats)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -99,6 +99,10 @@ def paper_table(summary: pd.DataFrame, tasks: Sequence[str] | None = None, avg_t
     tasks, avg_tasks = _check_tasks(summary, tasks, avg_tasks)
     s = summary[summary["task"].isin(tasks)]
     comp, ref = s[s["method"] != reference], s[s["method"] == reference]
+    missing = sorted(set(budgets or []) - set(comp["budget"]))
+    if missing:
+        present = sorted(map(float, comp["budget"].unique()))
+        raise UsageError(f"budgets {missing} have no finished runs; present: {present}")
     blocks = []
     for model, protocol in s[["model", "protocol"]].drop_duplicates().sort_values(["model", "protocol"]).itertuples(
             index=False):
