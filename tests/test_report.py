@@ -208,11 +208,17 @@ def test_cli_writes_the_report_and_rejects_bad_input(root, tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     table = pd.read_csv(tmp_path / "r" / "table.csv")
     assert table[(table.method == "snapkv") & (table.budget == 0.5)]["Avg."].item() == 75.0
-    for args, message in ((["--tasks", "nosuch"], "nosuch"), (["--budgets", "abc"], "comma-separated numbers"),
-                          (["--budgets", "0.3"], "budgets [0.3] have no finished runs"),
-                          (["--formats", "xyz"], "formats ['xyz']")):
-        bad = cli(str(root), "--out", str(tmp_path / "bad"), *args)
-        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
-        assert not (tmp_path / "bad").exists()  # nothing half-written
-    empty = cli(str(tmp_path / "empty_root"))
-    assert empty.returncode == 2 and "no finished runs" in empty.stderr
+    bad = cli(str(root), "--out", str(tmp_path / "bad"), "--tasks", "nosuch")
+    assert bad.returncode == 2 and "nosuch" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--budgets", "abc"], "comma-separated numbers"), (["--budgets", "0.3"], "budgets [0.3] have no finished runs"),
+    (["--formats", "xyz"], "formats ['xyz']"), (["--avg-tasks", "tc"], "not in the table's tasks"),
+])  # fmt: skip
+def test_bad_report_options_are_one_error_and_write_nothing(root, tmp_path, capsys, args, message) -> None:
+    from kvbench.report.__main__ import main
+
+    assert main([str(root), "--out", str(tmp_path / "bad"), *args]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main([str(tmp_path / "empty_root")]) == 2 and "no finished runs" in capsys.readouterr().err
