@@ -6,8 +6,8 @@ prompt, ``kvbench.sweep``) on the embedded default (``kvbench-tiny``, ``synth_mu
 Each timed call is a whole ``run()``: model and sample loading, prefill, compression, decoding, writing the run
 directories. ``--breakdown`` adds where the time goes (from the records: prefill, compression, decoding).
 
-    .venv/bin/python scripts/sweep_speed.py                       # snapkv, 8 samples, budgets 0.05 0.1 0.2 0.3 0.5
-    .venv/bin/python scripts/sweep_speed.py --method adakv --limit 16
+    .venv/bin/python scripts/sweep_speed.py                # snapkv, the 32 samples, budgets 0.05 0.1 0.2 0.3 0.5
+    .venv/bin/python scripts/sweep_speed.py --method adakv --limit 8 --breakdown
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--method", default="snapkv")
     ap.add_argument("--budgets", default="0.05,0.1,0.2,0.3,0.5")
     ap.add_argument("--single", default="0.2", help="the one budget the sweep is compared with")
-    ap.add_argument("--limit", type=int, default=8, help="samples (contexts) per run")
+    ap.add_argument("--limit", type=int, default=32, help="samples (contexts) per run; 32 = the whole default task")
     ap.add_argument("--protocol", default="query_aware")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--breakdown", action="store_true")

@@ -157,3 +157,12 @@ def test_sweep_engine_forks_give_the_caches_of_separate_engines(tiny_model, prom
                     assert torch.equal(a.lens, c.lens) and torch.equal(a.positions, c.positions)
                     assert torch.equal(a.keys, c.keys) and torch.equal(a.values, c.values)
             assert strip(stats) == strip(ref_stats)
+
+
+def test_sweep_speed_script_prints_the_ratio() -> None:
+    proc = subprocess.run([sys.executable, "scripts/sweep_speed.py", "--limit", "1", "--repeats", "1", "--budgets",
+                           "0.1,0.5", "--breakdown"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("2 budgets, one shared prefill"))
+    wall_ratio = float(row.split()[-2].rstrip("x"))
+    assert wall_ratio > 0 and "2 separate runs" in proc.stdout and "decode" in proc.stdout
