@@ -180,6 +180,17 @@ def _flat(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.json_normalize(rows, sep=".") if rows else pd.DataFrame()
 
 
+def _counted(records: list[dict[str, Any]], metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records metrics.json was computed from: after a rerun with a smaller ``limit`` the file holds more
+    samples than the metrics count; samples are appended in task order, so those are the first ``n_samples``."""
+    n = metrics.get("n_samples")
+    if n is None:
+        return records
+    first = list(dict.fromkeys(r.get("sample_id") for r in records))[: int(n)]
+    keep = set(first)
+    return [r for r in records if r.get("sample_id") in keep]
+
+
 def load_results(root: str | Path, samples: bool = False) -> pd.DataFrame:
     """Every finished run under ``root`` as one row, or (``samples=True``) one row per scored question.
 
@@ -197,7 +208,7 @@ def load_results(root: str | Path, samples: bool = False) -> pd.DataFrame:
         flat_cfg = pd.json_normalize(cfg, sep=".").iloc[0].to_dict()
         keys = {**_keys(cfg), "run_dir": str(run_dir)}
         if samples:
-            part = _flat(RunStore(run_dir, cfg).records())
+            part = _flat(_counted(RunStore(run_dir, cfg).records(), json.loads(metrics_path.read_text())))
             scale = 100.0  # per-question scores are in [0, 1]; tables use 0-100
             col = f"scores.{keys['main_metric']}"
         else:

@@ -222,3 +222,17 @@ def test_bad_report_options_are_one_error_and_write_nothing(root, tmp_path, caps
     assert main([str(root), "--out", str(tmp_path / "bad"), *args]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main([str(tmp_path / "empty_root")]) == 2 and "no finished runs" in capsys.readouterr().err
+
+
+def test_per_question_rows_are_the_ones_the_metrics_count(tmp_path) -> None:
+    """A run rerun with a smaller limit re-aggregates over its first samples; the per-question frame follows."""
+    cfg = config("ta", "snapkv", 0.5, 0)
+    store = RunStore(tmp_path / "run", cfg)
+    store.open()
+    recs = [record(i, s, 0.5, 0.0, 512) for i, s in enumerate([1, 0, 0])]
+    for r in recs:
+        store.append(r)
+    store.write_metrics(aggregate(recs[:2], cfg, 0.5, config_hash(cfg), torch.device("cpu")))  # limit=2 rerun
+    samples = load_results(tmp_path, samples=True)
+    assert samples["id"].tolist() == ["s0/q0", "s1/q0"]
+    assert samples["main_score"].mean() == load_results(tmp_path)["main_score"].item() == 50.0
