@@ -1,4 +1,4 @@
-"""Budget sweeps with one prefill: ``python -m kvbench method=snapkv budget=[0.05,0.1,0.2,0.3,0.5]``.
+"""Budget sweeps with one prefill: ``python -m kvbench method=snapkv 'budget=[0.05,0.1,0.2,0.3,0.5]'``.
 
 For a method that compresses each layer right after the prefill's own attention over that layer, the prefill's
 hidden states (and so every layer's queries, keys, values and the last logits) do not depend on the budget: only
@@ -10,7 +10,11 @@ its compressed context and rolled back), and its records go to the budget's *nor
 config.yaml and hash as ``budget=<b>`` alone, so resuming, ``kvbench.results`` and single runs cannot tell them
 apart. Records carry ``shared_prefill: true``; their ``prefill_s`` is the shared prefill (the same number in
 every budget's record), ``compress_s`` the budget's own scoring and selection, and ``peak_kv_bytes`` the peak a
-separate run of that budget holds (replayed exactly: earlier layers compressed, the current one full).
+separate run of that budget holds (replayed exactly: earlier layers compressed, the current one full). On CUDA,
+``peak_mem_bytes`` is the process's peak since the shared prefill began, i.e. with every budget's cache held.
+
+The only engine internal this relies on is ``Engine._compress_layer(module, queries, layer, scale)``, the per-layer
+compression the engine runs right after a layer's prefill attention; ``SweepEngine`` runs it once per budget.
 
 Fallback, run budget after budget through ``kvbench.runner.run``, with a log line: block-wise prefill
 (``prefill_chunk``), where later blocks attend over the compressed cache, and methods with
