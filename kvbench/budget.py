@@ -54,6 +54,9 @@ class Allocator:
     name: str = "uniform"
 
     equal_heads: ClassVar[bool] = True  # every KV head of a layer keeps the same number (the layer stays dense)
+    # True when a layer's counts come from that layer's own scores alone, so that one prefill can be forked into
+    # several budgets (``budget=[...]``, kvbench.sweep); allocators that plan across layers set it False.
+    shares_prefill: ClassVar[bool] = True
 
     def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int) -> Tensor:
         h, m = scores.shape

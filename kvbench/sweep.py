@@ -195,12 +195,23 @@ def budget_configs(cfg: DictConfig) -> dict[float, DictConfig]:
     return out
 
 
-def fallback_reason(cfg: DictConfig, method: Method) -> str | None:
+# Flags under which a method or allocator changes the prefill or keeps per-budget state outside the cache; the
+# engine's cross-layer allocation, cascading re-trims, decode-time eviction and episodic caches set them.
+METHOD_FLAGS = ("cascading", "decode_evict", "episodic")
+ALLOCATOR_FLAGS = ("cross_layer",)
+
+
+def fallback_reason(cfg: DictConfig, method: Method, allocator: Allocator) -> str | None:
     """Why this sweep cannot share its prefill (None if it can)."""
     if cfg.get("prefill_chunk"):
         return "block-wise prefill (prefill_chunk) attends over the compressed cache of earlier blocks"
-    if not method.shares_prefill:
-        return f"method {cfg.method.name} changes the prefill itself (shares_prefill = False)"
+    flags = [f for f in METHOD_FLAGS if getattr(method, f, False)]
+    if not method.shares_prefill or flags:
+        return f"method {cfg.method.name} does not share its prefill ({', '.join(flags) or 'shares_prefill = False'})"
+    flags = [f for f in ALLOCATOR_FLAGS if getattr(allocator, f, False)]
+    if not allocator.shares_prefill or flags:
+        return (f"allocator {cfg.allocator.name} plans across layers "
+                f"({', '.join(flags) or 'shares_prefill = False'})")
     return None
 
 
@@ -211,7 +222,7 @@ def run_sweep(cfg: DictConfig) -> dict[float, dict[str, Any]]:
     prefill cannot be shared (``fallback_reason``) the budgets run one after another through ``runner.run``.
     """
     configs = budget_configs(cfg)
-    reason = fallback_reason(cfg, runner.build(cfg.method, "method"))
+    reason = fallback_reason(cfg, runner.build(cfg.method, "method"), runner.build(cfg.allocator, "allocator"))
     if reason:
         print(f"[kvbench] budget sweep without a shared prefill: {reason}; running the budgets one after another",
               file=sys.stderr)

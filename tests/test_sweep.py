@@ -105,11 +105,16 @@ def test_blockwise_prefill_falls_back_to_budget_by_budget_runs(tmp_path, capsys)
         assert all("shared_prefill" not in r for r in records(run_dir))
 
 
-def test_method_that_cannot_share_its_prefill_falls_back(tmp_path, capsys, monkeypatch) -> None:
+def test_method_or_allocator_that_cannot_share_the_prefill_falls_back(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(SnapKV, "shares_prefill", False)
-    out = run(config(tmp_path, "method=snapkv", "budget=[0.1,0.3]", "limit=1"))
-    assert "shares_prefill = False" in capsys.readouterr().err and set(out) == {0.1, 0.3}
-    assert len(run_dirs(tmp_path)) == 2
+    out = run(config(tmp_path / "a", "method=snapkv", "budget=[0.1,0.3]", "limit=1"))
+    assert "method snapkv does not share its prefill" in capsys.readouterr().err and set(out) == {0.1, 0.3}
+    assert len(run_dirs(tmp_path / "a")) == 2
+    monkeypatch.setattr(SnapKV, "shares_prefill", True)
+    monkeypatch.setattr(Uniform, "cross_layer", True, raising=False)  # an allocator planning across layers
+    run(config(tmp_path / "b", "method=snapkv", "budget=[0.1,0.3]", "limit=1"))
+    assert "allocator uniform plans across layers (cross_layer)" in capsys.readouterr().err
+    assert all("shared_prefill" not in r for d in run_dirs(tmp_path / "b").values() for r in records(d))
 
 
 @pytest.mark.parametrize(("budgets", "message"), [("[]", "names no budget"), ("[0.1,0.1]", "twice"),
