@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
-LIMIT = 16  # contexts per run: long enough (~0.4 s each) to be interrupted mid-run, short enough for make test
+LIMIT = 10  # contexts per run: long enough (~0.4 s each) to be interrupted mid-run, short enough for make test
 GRID = [("snapkv", "uniform", "0.1"), ("snapkv", "uniform", "0.2"),
         ("streamingllm", "uniform", "0.1"), ("streamingllm", "uniform", "0.2")]  # Hydra's job order #0..#3
 
@@ -61,7 +61,8 @@ def sweep(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
 
 
 def run_dir(tmp_path: Path, method: str, allocator: str, budget: str) -> Path:
-    return tmp_path / "results" / f"synth_multikey_dense/kvbench-tiny/{method}/{allocator}/query_aware/budget={budget}/seed=0"
+    return (tmp_path / "results" / "synth_multikey_dense" / "kvbench-tiny" / method / allocator / "query_aware"
+            / f"budget={budget}" / "seed=0")
 
 
 def records(path: Path) -> list[dict]:
