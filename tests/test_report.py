@@ -236,3 +236,20 @@ def test_per_question_rows_are_the_ones_the_metrics_count(tmp_path) -> None:
     samples = load_results(tmp_path, samples=True)
     assert samples["id"].tolist() == ["s0/q0", "s1/q0"]
     assert samples["main_score"].mean() == load_results(tmp_path)["main_score"].item() == 50.0
+
+
+def test_several_protocols_and_budget_kinds_are_kept_apart(summary) -> None:
+    other = summary.assign(protocol="query_agnostic", score=summary["score"] / 2)
+    tokens = summary[summary.budget == 0.5].assign(budget=128.0)
+    both = pd.concat([summary, other, tokens], ignore_index=True)
+    t = paper_table(both)
+    assert t.loc[("m", "query_agnostic", 0.5, "snapkv"), "ta"] == 37.5
+    assert t.loc[("m", "query_aware", 128.0, "snapkv"), "ta"] == 75.0
+    assert t.loc[("m", "query_agnostic", 0.5, "snapkv"), "% of full"] == pytest.approx(100 * 62.5 / 87.5)
+    with pytest.raises(UsageError, match="several protocols"):
+        budget_curves(both)
+    with pytest.raises(UsageError, match="pass kind="):
+        budget_curves(both, protocol="query_aware")
+    fig = budget_curves(both, protocol="query_aware", kind="tokens")
+    assert fig.axes[0].get_xlabel() == "KV budget (tokens per KV head)"
+    assert "query_agnostic" in budget_curves(both, protocol="query_agnostic").get_suptitle()
