@@ -19,6 +19,7 @@ import json
 import os
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,11 @@ def load_results(root: str | Path, samples: bool = False) -> pd.DataFrame:
     frames = []
     for metrics_path in sorted(Path(root).rglob("metrics.json")):
         run_dir = metrics_path.parent
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["config"]
+        try:
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["config"]
+        except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
+            warnings.warn(f"skipping {run_dir}: no readable config.yaml ({err})", stacklevel=2)
+            continue
         flat_cfg = pd.json_normalize(cfg, sep=".").iloc[0].to_dict()
         keys = {**_keys(cfg), "run_dir": str(run_dir)}
         if samples:
