@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import METHODS, load_method
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from kvbench.budget import HeadAdaptive, Uniform
 from kvbench.engine import Engine, LayerContext
@@ -19,7 +20,7 @@ from kvbench.errors import UsageError
 from kvbench.method import Method
 from kvbench.pipeline import prefill
 from kvbench.runner import run
-from kvbench.sweep import SweepEngine, shared_prefill
+from kvbench.sweep import SweepEngine, fallback_reason, shared_prefill
 from methods.snapkv import SnapKV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,11 +50,13 @@ def strip(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in TIMING}
 
 
-CASES = [
-    *[(m, "query_aware", "synth_multikey_dense") for m in METHODS],  # every method config, new ones included
+CASES = [  # end to end; every method config is also checked at the engine level below
+    ("snapkv", "query_aware", "synth_multikey_dense"),
+    ("adakv", "query_aware", "synth_multikey_dense"),  # head-adaptive: ragged per-head caches
+    ("defensivekv", "query_aware", "synth_multikey_dense"),  # its scores depend on the budget (stage-1 limit)
+    ("pyramidkv", "query_aware", "synth_multikey_dense"),  # per-layer budgets
     ("snapkv", "query_agnostic", "synth_multiquery"),  # 3 questions appended over each budget's compressed context
-    ("adakv", "query_agnostic", "synth_multiquery"),  # head-adaptive: ragged per-head caches
-    ("defensivekv", "query_agnostic", "synth_multiquery"),  # its scores depend on the budget (stage-1 limit)
+    ("adakv", "query_agnostic", "synth_multiquery"),
 ]
 
 
@@ -75,8 +78,7 @@ def test_shared_prefill_sweep_equals_separate_runs(tmp_path, method: str, protoc
         assert all(r["shared_prefill"] is True and r["prefill_s"] > 0 for r in rs)
         assert strip(separate[b]) == strip(swept[float(b)])
     kept = [records(sweep_dirs[f"budget={b}"])[0]["kept_entries"] for b in BUDGETS]
-    if load_method(method)[0].compresses:
-        assert kept[0] < kept[1] and kept[0] != kept[2]  # the budgets really differ
+    assert kept[0] < kept[1] and kept[0] != kept[2]  # the budgets really differ
     first = [records(sweep_dirs[f"budget={b}"])[0]["prefill_s"] for b in BUDGETS]
     assert len(set(first)) == 1  # one prefill, recorded in every budget's record
 
@@ -145,22 +147,35 @@ class HiddenNorm(Method):
         return (h[None] * ctx.keys[:, : ctx.n - ctx.window, 0].float()) + ctx.keep  # (H_kv, n - w)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_sweep_engine_forks_give_the_caches_of_separate_engines(tiny_model, prompt, arch: str) -> None:
+def engine_cases() -> list:
+    """Every method config (new ones included) on Llama, and a hidden-state method on Llama and Qwen3."""
+    cases = [pytest.param(lambda m=m: load_method(m), "llama", id=m) for m in METHODS]
+    for arch in ("llama", "qwen3"):
+        cases.append(pytest.param(lambda: (HiddenNorm(), Uniform()), arch, id=f"hidden_norm-{arch}"))
+        cases.append(pytest.param(lambda: (HiddenNorm(), HeadAdaptive()), arch, id=f"hidden_norm_adaptive-{arch}"))
+    return cases
+
+
+@pytest.mark.parametrize(("make", "arch"), engine_cases())
+def test_sweep_engine_forks_give_the_caches_of_separate_engines(tiny_model, prompt, make, arch: str) -> None:
+    method, allocator = make()
+    if fallback_reason(OmegaConf.create({"method": {"name": "m"}, "allocator": {"name": "a"}}), method, allocator):
+        pytest.skip("this method runs budget sweeps one budget after another")
     model, ids = tiny_model(arch), prompt(96).tolist()
     budgets = [0.1, 0.5, 20, 1.0]
-    for method, allocator in [(HiddenNorm(), Uniform()), (HiddenNorm(), HeadAdaptive())]:
-        with SweepEngine(model, method, allocator, budgets) as eng:
-            forks = [(b, logits, stats, eng.store, eng.generate(logits, 6)[0])
-                     for b, logits, stats in shared_prefill(eng, ids, {}, budgets)]
-        for b, logits, stats, store, tokens in forks:
-            with Engine(model, method, allocator, b) as ref:
-                ref_logits, ref_stats = prefill(ref, ids, {})
-                assert torch.equal(logits, ref_logits) and ref.generate(ref_logits, 6)[0] == tokens
-                for a, c in zip(store.layers, ref.store.layers, strict=True):
-                    assert torch.equal(a.lens, c.lens) and torch.equal(a.positions, c.positions)
-                    assert torch.equal(a.keys, c.keys) and torch.equal(a.values, c.values)
-            assert strip(stats) == strip(ref_stats)
+    with SweepEngine(model, method, allocator, budgets) as eng:
+        forks = [(b, logits, stats, eng.store, eng.generate(logits, 6)[0])
+                 for b, logits, stats in shared_prefill(eng, ids, {}, budgets)]
+    for b, logits, stats, store, tokens in forks:
+        with Engine(model, method, allocator, b) as ref:
+            ref_logits, ref_stats = prefill(ref, ids, {})
+            assert torch.equal(logits, ref_logits) and ref.generate(ref_logits, 6)[0] == tokens
+            for a, c in zip(store.layers, ref.store.layers, strict=True):
+                assert torch.equal(a.lens, c.lens) and torch.equal(a.positions, c.positions)
+                assert torch.equal(a.keys, c.keys) and torch.equal(a.values, c.values)
+        assert strip(stats) == strip(ref_stats)
+    if method.compresses:
+        assert forks[0][2]["kept_entries"] < forks[1][2]["kept_entries"]  # the budgets really differ
 
 
 def test_sweep_speed_script_prints_the_ratio() -> None:
