@@ -14,6 +14,7 @@ from conftest import METHODS, load_method
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kvbench import sweep
 from kvbench.budget import HeadAdaptive, Uniform
 from kvbench.engine import Engine, LayerContext
 from kvbench.errors import UsageError
@@ -185,3 +186,15 @@ def test_sweep_speed_script_prints_the_ratio() -> None:
     row = next(line for line in proc.stdout.splitlines() if line.startswith("2 budgets, one shared prefill"))
     wall_ratio = float(row.split()[-2].rstrip("x"))
     assert wall_ratio > 0 and "2 separate runs" in proc.stdout and "decode" in proc.stdout
+
+
+def test_a_failing_sweep_marks_every_budget_it_had_claimed(tmp_path, monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise RuntimeError("decoding broke")
+
+    monkeypatch.setattr(sweep, "question_record", fail)
+    with pytest.raises(RuntimeError, match="decoding broke"):
+        run(config(tmp_path, "budget=[0.1,0.3]", "limit=1"))
+    errors = sorted(tmp_path.rglob("error.json"))
+    assert [p.parent.parent.name for p in errors] == ["budget=0.1", "budget=0.3"]
+    assert json.loads(errors[0].read_text())["message"] == "decoding broke"
