@@ -7,7 +7,8 @@
 #   bash scripts/slurm_local.sh status   daemons, node and queue
 #   bash scripts/slurm_local.sh stop     stop slurmd, slurmctld and munged (by their recorded PIDs)
 #
-# Idempotent: `up` on a running cluster with an unchanged slurm.conf only checks it (< 1 s); a changed conf is
+# It never replaces a slurm.conf it did not write (exit code 3; SLURM_LOCAL_FORCE=1 overrides), so running it on a
+# node of a real cluster does nothing. Idempotent: `up` on a running cluster with an unchanged slurm.conf only checks it (< 1 s); a changed conf is
 # rewritten and the daemons restarted. Job ids and state survive stop/up (StateSaveLocation).
 #
 # Without slurmdbd, `sacct` answers "accounting storage is disabled", so submitit (which polls sacct) cannot see
@@ -239,6 +240,12 @@ up() {
     install_packages
     install -d "$RUN" "$LOG" /etc/slurm
     start_munge
+    if [ -s "$CONF" ] && ! grep -q "^# written by kvbench scripts/slurm_local.sh" "$CONF" \
+        && [ "${SLURM_LOCAL_FORCE:-0}" != 1 ]; then
+        echo "[slurm_local] error: $CONF was not written by this script (a real cluster?); refusing to replace it" \
+             "(SLURM_LOCAL_FORCE=1 overrides)" >&2
+        exit 3
+    fi
     local want
     want=$(render_conf)
     if [ "$(cat "$CONF" 2>/dev/null)" != "$want" ]; then
