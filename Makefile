@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 ARGS ?=
 
-.PHONY: help install demo test test-all test-compat test-gpu lint format efficiency report status clean
+.PHONY: slurm-up slurm-down help install demo test test-all test-compat test-gpu lint format efficiency report status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -56,6 +56,12 @@ report: $(STAMP)  ## tables + figures of a results root (ARGS="<root> [--avg-tas
 
 status: $(STAMP)  ## finished / partial / failed runs of a results root (ARGS="<root> [--sweep <sweep dir>]")
 	$(BIN)/python -m kvbench.report status $(or $(ARGS),results)
+
+slurm-up:  ## a real single-node Slurm on localhost (root; apt-installs Slurm + munge if missing), idempotent
+	bash scripts/slurm_local.sh up
+
+slurm-down:  ## stop the local Slurm daemons started by slurm-up
+	bash scripts/slurm_local.sh stop
 
 clean:  ## remove the virtual environment and caches (results are kept)
 	rm -rf $(VENV) $(COMPAT) .pytest_cache .ruff_cache logs
