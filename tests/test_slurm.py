@@ -187,3 +187,17 @@ def test_slurm_grid_survives_timeout_preemption_and_a_hard_kill(slurm, tmp_path)
         assert sorted(answers(records(dirs[i]))) == sorted(answers(ref))
     submission = next(sweep_dir.glob(".submitit/*/*_submission.sh")).read_text()
     assert "#SBATCH --partition=debug" in submission and "#SBATCH --cpus-per-task=1" in submission
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf/hydra/launcher").glob("*.yaml")))
+def test_every_launcher_option_composes_and_requeues_on_timeouts(name: str) -> None:
+    """Each conf/hydra/launcher option composes over the plugin's own config (no cluster needed)."""
+    from hydra.utils import get_class
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        launcher = compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True).hydra.launcher
+    cls = get_class(launcher._target_)
+    assert cls.__module__.startswith("hydra_plugins.hydra_submitit_launcher")
+    assert launcher.submitit_folder == "${hydra.sweep.dir}/.submitit/%j" and launcher.cpus_per_task >= 1
+    if "Slurm" in cls.__name__:
+        assert launcher.max_num_timeout > 0 and 0 < launcher.signal_delay_s < 60 * launcher.timeout_min
