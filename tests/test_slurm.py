@@ -195,9 +195,11 @@ def test_every_launcher_option_composes_and_requeues_on_timeouts(name: str) -> N
     from hydra.utils import get_class
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        launcher = compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True).hydra.launcher
+        hydra = compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True).hydra
+    launcher = hydra.launcher
     cls = get_class(launcher._target_)
     assert cls.__module__.startswith("hydra_plugins.hydra_submitit_launcher")
-    assert launcher.submitit_folder == "${hydra.sweep.dir}/.submitit/%j" and launcher.cpus_per_task >= 1
+    assert launcher.submitit_folder == f"{hydra.sweep.dir}/.submitit/%j"  # job files next to the sweep's logs
+    assert launcher.cpus_per_task >= 1
     if "Slurm" in cls.__name__:
         assert launcher.max_num_timeout > 0 and 0 < launcher.signal_delay_s < 60 * launcher.timeout_min
