@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
@@ -199,7 +200,8 @@ def test_every_launcher_option_composes_and_requeues_on_timeouts(name: str) -> N
     launcher = hydra.launcher
     cls = get_class(launcher._target_)
     assert cls.__module__.startswith("hydra_plugins.hydra_submitit_launcher")
-    assert launcher.submitit_folder == f"{hydra.sweep.dir}/.submitit/%j"  # job files next to the sweep's logs
+    raw = OmegaConf.to_container(launcher, resolve=False)
+    assert raw["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"  # job files next to the sweep's logs
     assert launcher.cpus_per_task >= 1
     if "Slurm" in cls.__name__:
         assert launcher.max_num_timeout > 0 and 0 < launcher.signal_delay_s < 60 * launcher.timeout_min
