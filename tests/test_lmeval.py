@@ -14,8 +14,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
@@ -64,8 +62,17 @@ def kvbench_config(*overrides: str):
         return compose("config", overrides=["task=synth_multikey_dense", "progress=false", *overrides])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """No hub lookups from datasets/lm-eval while these tests run (restored afterwards)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> Path:
+def tasks(offline, tmp_path_factory) -> Path:
     """Two local lm-eval tasks over the first N_DOCS samples of kvbench's synthetic suite (answers known)."""
     root = tmp_path_factory.mktemp("lmeval_tasks")
     samples = load_samples(kvbench_config().task, N_DOCS)
