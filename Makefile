@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 ARGS ?=
 
-.PHONY: help install demo test test-all test-compat test-gpu lint format efficiency clean
+.PHONY: slurm-up slurm-down help install demo test test-all test-compat test-gpu lint format efficiency report status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -40,7 +40,8 @@ $(COMPAT)/.install-stamp: pyproject.toml constraints.txt
 
 test-compat: $(COMPAT)/.install-stamp  ## engine, methods and runner tests on transformers 4.57 (the previous major)
 	$(COMPAT)/bin/python -m pytest -q -m "not slow and not gpu" tests/test_engine.py tests/test_methods.py \
-		tests/test_runner.py tests/test_embedded_model.py tests/test_blockwise.py tests/test_gqa_cache.py $(ARGS)
+		tests/test_runner.py tests/test_embedded_model.py tests/test_blockwise.py tests/test_gqa_cache.py tests/test_sweep.py \
+		$(ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check kvbench methods scripts tests
@@ -50,6 +51,18 @@ format: $(STAMP)  ## ruff fix + format
 
 efficiency: $(STAMP)  ## per-method prefill / compression / decode times and KV bytes
 	$(BIN)/python scripts/efficiency.py $(ARGS)
+
+report: $(STAMP)  ## tables + figures of a results root (ARGS="<root> [--avg-tasks a,b] [--formats png]"; default results)
+	$(BIN)/python -m kvbench.report $(or $(ARGS),results)
+
+status: $(STAMP)  ## finished / partial / failed runs of a results root (ARGS="<root> [--sweep <sweep dir>]")
+	$(BIN)/python -m kvbench.report status $(or $(ARGS),results)
+
+slurm-up:  ## a real single-node Slurm on localhost (root; apt-installs Slurm + munge if missing), idempotent
+	bash scripts/slurm_local.sh up
+
+slurm-down:  ## stop the local Slurm daemons started by slurm-up
+	bash scripts/slurm_local.sh stop
 
 clean:  ## remove the virtual environment and caches (results are kept)
 	rm -rf $(VENV) $(COMPAT) .pytest_cache .ruff_cache logs

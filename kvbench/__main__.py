@@ -18,7 +18,10 @@ def main(cfg: DictConfig) -> Any:
     from kvbench.runner import run
 
     try:
-        return run(cfg)["score"]
+        metrics = run(cfg)
+        if "score" not in metrics:  # budget=[...]: {budget: metrics}
+            return {budget: m["score"] for budget, m in metrics.items()}
+        return metrics["score"]
     except UsageError as err:
         print(f"kvbench: error: {err}", file=sys.stderr)
         sys.exit(2)

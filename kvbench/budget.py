@@ -60,6 +60,9 @@ class Allocator:
 
     equal_heads: ClassVar[bool] = True  # every KV head of a layer keeps the same number (the layer stays dense)
     cross_layer: ClassVar[bool] = False  # True: budgets depend on other layers (``CrossLayerAllocator.plan``)
+    # True when a layer's counts come from that layer's own scores alone, so that one prefill can be forked into
+    # several budgets (``budget=[...]``, kvbench.sweep); allocators that plan across layers set it False.
+    shares_prefill: ClassVar[bool] = True
 
     def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int,
                  ctx: LayerContext | None = None) -> Tensor:
@@ -163,6 +166,7 @@ class CrossLayerAllocator(Allocator):
     name: str = "cross_layer"
 
     cross_layer: ClassVar[bool] = True
+    shares_prefill: ClassVar[bool] = False  # counts depend on other layers' scores: budget sweeps run one by one
 
     def plan(self, layers: dict[int, LayerScores], keep: int, n_layers: int) -> dict[int, Tensor]:
         raise NotImplementedError

@@ -49,12 +49,12 @@ def build_cache(engine: Engine, ctx: list[int], probe_ids: list[int], block: int
 
 def run_episodic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question],
                  opts: Any) -> list[dict[str, Any]]:
-    from kvbench.pipeline import _record, encode
+    from kvbench.pipeline import context_prompt, encode_question, question_record
 
     if not todo:
         return []
     method = engine.method
-    ctx, _ = encode(tok, sample.context, todo[0].text, opts.chat, opts.max_length)
+    ctx = context_prompt(tok, sample, todo, opts)
     engine.layer_keep = layer_budgets(engine, tok, len(ctx))
     episodes = method.episodes(sample, engine.model, tok)
     caches, all_stats = [], []
@@ -70,9 +70,9 @@ def run_episodic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, t
         e = method.route(q.text, episodes, engine.model, tok)
         engine.store.rollback(caches[e])
         engine.store.reset_peak()
-        _, q_ids = encode(tok, sample.context, q.text, opts.chat, opts.max_length)
+        _, q_ids = encode_question(tok, sample.context, q, opts)
         t0 = sync_time(engine.device)
         logits = engine.forward(q_ids)
         extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids), "episode": e}
-        records.append(_record(engine, tok, sample, q, logits, opts, {**all_stats[e], **shared, **extra}))
+        records.append(question_record(engine, tok, sample, q, logits, opts, {**all_stats[e], **shared, **extra}))
     return records

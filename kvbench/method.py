@@ -40,6 +40,11 @@ class Method(ABC):
             raise UsageError(f"cache={self.cache!r}; use 'kv_head' or 'query_head'")
 
     compresses: ClassVar[bool] = True
+    # True when a layer's compression needs only that layer's own prefill state (its LayerContext), so that one
+    # prefill can be forked into several budgets (``budget=[...]``, kvbench.sweep). Methods that re-trim earlier
+    # layers, evict against other layers' state or otherwise change the prefill itself set it False; their budget
+    # sweeps then run one budget after another.
+    shares_prefill: ClassVar[bool] = True
     cascading: ClassVar[bool] = False  # cross-layer allocators: re-plan after every layer (CAKE), not only the last
     keeps_window: ClassVar[bool] = True  # the last ``window`` tokens always survive (False: they compete)
     decode_evict: ClassVar[bool] = False  # evict during generation too, keeping every layer at its prefill budget

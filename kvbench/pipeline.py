@@ -149,6 +149,13 @@ def cache_stats(engine: Engine, n: int) -> dict[str, Any]:
 def prefill(engine: Engine, ids: list[int], spans: dict[str, tuple[int, int]], chunk: int | None = None
             ) -> tuple[torch.Tensor, dict]:
     """Fresh cache, compressed prefill (in blocks of ``chunk`` tokens if set); last logits and prefill statistics."""
+    logits, seconds = timed_prefill(engine, ids, spans, chunk)
+    return logits, prefill_stats(engine, len(ids), seconds - engine.compress_seconds)
+
+
+def timed_prefill(engine: Engine, ids: list[int], spans: dict[str, tuple[int, int]], chunk: int | None = None
+                  ) -> tuple[torch.Tensor, float]:
+    """Fresh cache, compressed prefill; the last logits and the seconds it took (compression included)."""
     engine.reset()
     engine.spans = spans
     if engine.device.type == "cuda":
@@ -156,11 +163,15 @@ def prefill(engine: Engine, ids: list[int], spans: dict[str, tuple[int, int]], c
     t0 = sync_time(engine.device)
     for start in range(0, len(ids), chunk or len(ids)):
         logits = engine.forward(ids[start : start + (chunk or len(ids))], compress=True)
-    total = sync_time(engine.device) - t0
-    stats = cache_stats(engine, len(ids))
-    stats.update(prefill_s=total - engine.compress_seconds, compress_s=engine.compress_seconds,
+    return logits, sync_time(engine.device) - t0
+
+
+def prefill_stats(engine: Engine, n: int, prefill_s: float) -> dict[str, Any]:
+    """The engine's cache after a compressed prefill of n tokens, with the prefill and compression seconds."""
+    stats = cache_stats(engine, n)
+    stats.update(prefill_s=prefill_s, compress_s=engine.compress_seconds,
                  peak_kv_bytes_prefill=engine.store.peak_bytes)
-    return logits, stats
+    return stats
 
 
 def answer(engine: Engine, tok: PreTrainedTokenizerBase, logits: torch.Tensor, opts: RunOptions) -> dict[str, Any]:
@@ -187,12 +198,24 @@ def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, opt
         return _query_agnostic(engine, tok, sample, todo, opts)
     records = []
     for q in todo:
-        ctx, q_ids = encode_question(tok, sample.context, q, opts)
-        spans = {"context": (0, len(ctx)), "question": (len(ctx), len(ctx) + len(q_ids))}
-        logits, stats = prefill(engine, ctx + q_ids, spans, opts.prefill_chunk)
-        stats.update(context_tokens=len(ctx), question_tokens=len(q_ids))
-        records.append(_record(engine, tok, sample, q, logits, opts, stats))
+        ids, spans, extra = question_prompt(tok, sample, q, opts)
+        logits, stats = prefill(engine, ids, spans, opts.prefill_chunk)
+        records.append(question_record(engine, tok, sample, q, logits, opts, {**stats, **extra}))
     return records
+
+
+def question_prompt(tok: PreTrainedTokenizerBase, sample: Sample, q: Question, opts: RunOptions
+                    ) -> tuple[list[int], dict[str, tuple[int, int]], dict[str, int]]:
+    """Query-aware prompt of one question: token ids, spans, and the token counts recorded with it."""
+    ctx, q_ids = encode_question(tok, sample.context, q, opts)
+    spans = {"context": (0, len(ctx)), "question": (len(ctx), len(ctx) + len(q_ids))}
+    return ctx + q_ids, spans, {"context_tokens": len(ctx), "question_tokens": len(q_ids)}
+
+
+def context_prompt(tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question], opts: RunOptions
+                   ) -> list[int]:
+    """Query-agnostic context ids (encoded with the first question to do: truncation leaves room for it)."""
+    return encode_question(tok, sample.context, todo[0], opts)[0]
 
 
 def _query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question],
@@ -200,9 +223,14 @@ def _query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample
     """Compress the context once; append, answer and roll back every question over that cache."""
     if not todo:
         return []
-    ctx, _ = encode_question(tok, sample.context, todo[0], opts)
+    ctx = context_prompt(tok, sample, todo, opts)
     _, stats = prefill(engine, ctx, {"context": (0, len(ctx))}, opts.prefill_chunk)
-    stats["context_tokens"] = len(ctx)
+    return ask_questions(engine, tok, sample, todo, opts, {**stats, "context_tokens": len(ctx)})
+
+
+def ask_questions(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question],
+                  opts: RunOptions, stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """Append, answer and roll back every question of ``todo`` over the engine's (compressed) context cache."""
     snap = engine.snapshot()
     records = []
     for q in todo:
@@ -212,7 +240,7 @@ def _query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample
         t0 = sync_time(engine.device)
         q_logits = engine.forward(q_ids)
         extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids)}
-        records.append(_record(engine, tok, sample, q, q_logits, opts, {**stats, **extra}))
+        records.append(question_record(engine, tok, sample, q, q_logits, opts, {**stats, **extra}))
     engine.rollback(snap)
     return records
 
@@ -222,8 +250,8 @@ def metric_kwargs(sample: Sample, q: Question) -> dict[str, Any]:
     return {**sample.meta.get("metric_kwargs", {}), **q.meta.get("metric_kwargs", {})}
 
 
-def _record(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, q: Question, logits: torch.Tensor,
-            opts: RunOptions, stats: dict[str, Any]) -> dict[str, Any]:
+def question_record(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, q: Question,
+                    logits: torch.Tensor, opts: RunOptions, stats: dict[str, Any]) -> dict[str, Any]:
     out = answer(engine, tok, logits, opts)
     peak_mem = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None
     return {

@@ -6,6 +6,7 @@ Layout of one run (the path depends only on the config, never on time)::
         config.yaml         resolved config + config_hash
         predictions.jsonl   one line per scored question, appended and flushed as each finishes
         metrics.json        written atomically, last: its presence means "finished"
+        error.json          only after a failure (exception type, message, traceback); removed when the run finishes
 
 Rerunning resumes: finished lines are skipped, a half-written last line is dropped, a finished run returns at
 once, and a different config for the same directory is refused.
@@ -16,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +29,10 @@ import yaml
 from kvbench.errors import UsageError
 
 # keys that do not change results and so are not part of the config hash
-VOLATILE_KEYS = ("paths", "limit", "overwrite", "progress", "run_dir", "hydra", "device", "threads")
+VOLATILE_KEYS = ("paths", "limit", "overwrite", "progress", "run_dir", "hydra", "device", "threads", "logger")
 # where a task's loader finds its data files (the data root moves between machines; the data is pinned elsewhere)
 VOLATILE_LOADER_KEYS = ("root", "data_dir")
+ERROR_FILE = "error.json"
 
 
 class ConfigMismatchError(UsageError):
@@ -63,6 +68,7 @@ class RunStore:
         self.config_path = self.dir / "config.yaml"
         self.predictions_path = self.dir / "predictions.jsonl"
         self.metrics_path = self.dir / "metrics.json"
+        self.error_path = self.dir / ERROR_FILE
 
     @property
     def complete(self) -> bool:
@@ -83,7 +89,7 @@ class RunStore:
 
     def discard(self) -> None:
         """Delete this run's files (``overwrite=true``)."""
-        for p in (self.metrics_path, self.predictions_path, self.config_path):
+        for p in (self.metrics_path, self.predictions_path, self.config_path, self.error_path):
             p.unlink(missing_ok=True)
 
     def open(self) -> None:
@@ -116,6 +122,20 @@ class RunStore:
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         _atomic_write(self.metrics_path, json.dumps(metrics, indent=2, default=float) + "\n")
+        self.error_path.unlink(missing_ok=True)
+
+    def owned(self) -> bool:
+        """The directory exists and its config.yaml is this configuration's."""
+        if not self.config_path.exists():
+            return False
+        return (yaml.safe_load(self.config_path.read_text()) or {}).get("config_hash") == self.hash
+
+    def write_error(self, err: BaseException) -> None:
+        """Record a failure (``error.json``): exception type, message, the traceback's last lines, time."""
+        tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        record = {"type": type(err).__name__, "message": str(err), "traceback": tb[-4000:],
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "n_predictions": len(self.records())}
+        _atomic_write(self.error_path, json.dumps(record, indent=2) + "\n")
 
     def load_metrics(self) -> dict[str, Any]:
         return json.loads(self.metrics_path.read_text())
@@ -134,17 +154,82 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     return keys
 
 
+def record_failure(run_dir: str | Path, cfg: dict[str, Any], err: BaseException) -> bool:
+    """Write ``error.json`` into ``run_dir`` if this configuration had claimed it; returns whether it did.
+
+    A directory that holds another configuration (or none yet) is left alone.
+    """
+    store = RunStore(run_dir, cfg)
+    if not store.owned():
+        return False
+    store.write_error(err)
+    return True
+
+
+#: The columns that name a run, present in both run-level and per-sample frames (plus ``run_dir``).
+KEY_COLUMNS = ("task", "model", "method", "allocator", "protocol", "budget", "seed")
+
+
+def _keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The naming columns of a run from its resolved config (None where the config lacks one)."""
+    def name(group: str) -> Any:
+        return (cfg.get(group) or {}).get("name")
+
+    budget = cfg.get("budget")
+    return {
+        "task": name("task"), "model": name("model"), "method": name("method"), "allocator": name("allocator"),
+        "protocol": cfg.get("protocol"), "budget": None if budget is None else float(budget),
+        "seed": cfg.get("seed"), "main_metric": ((cfg.get("task") or {}).get("metrics") or [None])[0],
+    }  # fmt: skip
+
+
+def _flat(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.json_normalize(rows, sep=".") if rows else pd.DataFrame()
+
+
+def _counted(records: list[dict[str, Any]], metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records metrics.json was computed from: after a rerun with a smaller ``limit`` the file holds more
+    samples than the metrics count; samples are appended in task order, so those are the first ``n_samples``."""
+    n = metrics.get("n_samples")
+    if n is None:
+        return records
+    first = list(dict.fromkeys(r.get("sample_id") for r in records))[: int(n)]
+    keep = set(first)
+    return [r for r in records if r.get("sample_id") in keep]
+
+
 def load_results(root: str | Path, samples: bool = False) -> pd.DataFrame:
-    """Every finished run under ``root`` as one row (metrics + flattened config), or one row per sample."""
-    rows = []
+    """Every finished run under ``root`` as one row, or (``samples=True``) one row per scored question.
+
+    Columns: the flattened resolved config (``method.window``, ``task.loader.lengths``, ``budget``, ...), the
+    flattened ``metrics.json`` (``score.exact_match``, ``kv_bytes_kept``, ``prefill_s``, ...) or prediction record
+    (``scores.exact_match``, ``prediction``, ``meta.depth``, ...), and for both frames the naming columns
+    :data:`KEY_COLUMNS` (``task``, ``model``, ``method`` are names, ``budget`` a float), ``run_dir``,
+    ``main_metric`` (the task's first metric) and ``main_score`` (that metric on the 0-100 scale of the tables).
+    Only finished runs (``metrics.json`` present) are loaded; ``kvbench.report status`` lists the others.
+    """
+    frames = []
     for metrics_path in sorted(Path(root).rglob("metrics.json")):
         run_dir = metrics_path.parent
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["config"]
+        try:
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["config"]
+        except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
+            warnings.warn(f"skipping {run_dir}: no readable config.yaml ({err})", stacklevel=2)
+            continue
         flat_cfg = pd.json_normalize(cfg, sep=".").iloc[0].to_dict()
+        keys = {**_keys(cfg), "run_dir": str(run_dir)}
         if samples:
-            for rec in RunStore(run_dir, cfg).records():
-                rows.append({**flat_cfg, **pd.json_normalize(rec, sep=".").iloc[0].to_dict(), "run_dir": str(run_dir)})
+            part = _flat(_counted(RunStore(run_dir, cfg).records(), json.loads(metrics_path.read_text())))
+            scale = 100.0  # per-question scores are in [0, 1]; tables use 0-100
+            col = f"scores.{keys['main_metric']}"
         else:
-            m = json.loads(metrics_path.read_text())
-            rows.append({**flat_cfg, **pd.json_normalize(m, sep=".").iloc[0].to_dict(), "run_dir": str(run_dir)})
-    return pd.DataFrame(rows)
+            part = _flat([json.loads(metrics_path.read_text())])
+            scale, col = 1.0, f"score.{keys['main_metric']}"
+        if part.empty:
+            continue
+        extra = {**{k: v for k, v in flat_cfg.items() if k not in part.columns}, **keys}
+        part = pd.concat([part.drop(columns=[k for k in keys if k in part.columns]),
+                          pd.DataFrame([extra] * len(part), index=part.index)], axis=1)
+        part["main_score"] = scale * part[col].astype(float) if col in part else float("nan")
+        frames.append(part)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*KEY_COLUMNS, "run_dir"])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,15 +19,19 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kvbench.budget import check_budget, compression_ratio
+from kvbench.budget import Allocator, check_budget, compression_ratio
 from kvbench.engine import Engine
 from kvbench.errors import UsageError
+from kvbench.loggers import log_run
+from kvbench.method import Method
 from kvbench.models import load_model, load_tokenizer, pick_device
 from kvbench.pipeline import PROTOCOLS, RunOptions, run_sample
 from kvbench.prompt import POSTPROCESS, TRUNCATIONS
-from kvbench.results import RunStore
+from kvbench.results import RunStore, record_failure
 from kvbench.tasks import load_samples, needs_tokenizer
+from kvbench.tasks.base import Sample
 
 TIMING_KEYS = ("prefill_s", "compress_s", "question_s", "decode_s_per_token")
 SIZE_KEYS = ("kept_fraction", "kv_bytes_full", "kv_bytes_kept", "compressed_tokens")
@@ -48,7 +55,55 @@ def validate(cfg: DictConfig) -> tuple[float, dict[str, Any]]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume, or return) the configuration's run directory; returns its metrics."""
+    """Run (or resume, or return) the configuration's run directory; returns its metrics.
+
+    A run that raises leaves ``error.json`` in its directory if it had claimed it (``kvbench.report status``
+    lists it as failed); every run that returns is passed to the configured logger (``logger=``, none by default).
+    A list of budgets (``budget=[0.1,0.2]``) is a budget sweep with one prefill per prompt (``kvbench.sweep``): it
+    fills every budget's normal run directory and returns ``{budget: metrics}``.
+    """
+    if OmegaConf.is_list(cfg.get("budget")):
+        from kvbench.sweep import run_sweep  # kvbench.sweep builds on this module
+
+        return run_sweep(cfg)
+    with failure_marked(cfg):
+        metrics = execute(cfg)
+    log_run(cfg, metrics)
+    return metrics
+
+
+@contextlib.contextmanager
+def failure_marked(*cfgs: DictConfig) -> Iterator[None]:
+    """On an exception, write ``error.json`` into each of these configurations' run directories they had claimed."""
+    try:
+        yield
+    except Exception as err:
+        for cfg in cfgs:
+            with contextlib.suppress(Exception):  # the original error is what the user needs to see
+                record_failure(cfg.run_dir, OmegaConf.to_container(cfg, resolve=True), err)
+        raise
+
+
+def execute(cfg: DictConfig) -> dict[str, Any]:
+    """The run itself (``run`` without the failure marker and the logger)."""
+    store, budget, finished = prepare(cfg)
+    if finished is not None:
+        return finished
+    setup = load(cfg)
+    store.open()  # only a configuration that loaded claims its run directory
+    done = store.done_ids()
+    todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
+    torch.manual_seed(int(cfg.seed))
+    with Engine(setup.model, setup.method, setup.allocator, budget, backend=cfg.model.attn_implementation) as engine:
+        for sample in progress(cfg, todo, len(setup.samples), f"{cfg.method.name} b={cfg.budget}"):
+            for record in run_sample(engine, setup.tok, sample, setup.opts, done):
+                store.append(record)
+    return finish(cfg, store, budget, setup)
+
+
+def prepare(cfg: DictConfig) -> tuple[RunStore, float, dict[str, Any] | None]:
+    """Validate a configuration and check its run directory: the store, the budget, and the stored metrics if the
+    run is already finished (None if there is work to do)."""
     budget, resolved = validate(cfg)
     store = RunStore(cfg.run_dir, resolved)
     if cfg.overwrite:
@@ -58,7 +113,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics = store.load_metrics()
         print(f"[kvbench] already finished: {store.dir}", file=sys.stderr)
         print(format_table(metrics, cfg.run_dir))
-        return metrics
+        return store, budget, metrics
+    return store, budget, None
+
+
+@dataclass
+class Setup:
+    """What a run loads once: the method, allocator, samples, device, model, tokenizer and run options."""
+
+    method: Method
+    allocator: Allocator
+    samples: list[Sample]
+    device: torch.device
+    model: PreTrainedModel
+    tok: PreTrainedTokenizerBase
+    opts: RunOptions
+
+
+def load(cfg: DictConfig) -> Setup:
+    """Build the method and allocator, load the samples and the model (threads set), and the run options."""
     method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
     if getattr(method, "episodic", False) and cfg.protocol != "query_agnostic":
         raise UsageError(f"method={cfg.method.name} answers many questions over per-episode caches of one context; "
@@ -79,19 +152,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model, tok = load_model(cfg.model, device, tokenizer=tok)
     if hasattr(method, "prepare"):  # a method with per-model data (CompressKV's calibration) checks it for this model
         method.prepare(model)
-    store.open()  # only a configuration that loaded claims its run directory
-    done = store.done_ids()
-    todo = [s for s in samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
-    torch.manual_seed(int(cfg.seed))
-    opts = run_options(cfg, model)
-    with Engine(model, method, allocator, budget, backend=cfg.model.attn_implementation) as engine:
-        bar = tqdm(todo, desc=f"{cfg.method.name} b={cfg.budget}", unit="sample", disable=not cfg.progress,
-                   file=sys.stderr, initial=len(samples) - len(todo), total=len(samples))
-        for sample in bar:
-            for record in run_sample(engine, tok, sample, opts, done):
-                store.append(record)
-    wanted = {s.id for s in samples}  # a different limit re-aggregates over exactly the requested samples
-    metrics = aggregate([r for r in store.records() if r["sample_id"] in wanted], resolved, budget, store.hash, device)
+    return Setup(method, allocator, samples, device, model, tok, run_options(cfg, model))
+
+
+def progress(cfg: DictConfig, todo: list[Sample], total: int, desc: str) -> tqdm:
+    """The samples to do, with a progress bar on stderr (``progress=false`` hides it)."""
+    return tqdm(todo, desc=desc, unit="sample", disable=not cfg.progress, file=sys.stderr,
+                initial=total - len(todo), total=total)
+
+
+def finish(cfg: DictConfig, store: RunStore, budget: float, setup: Setup) -> dict[str, Any]:
+    """Aggregate the run's records over exactly the requested samples, write metrics.json, print the table."""
+    wanted = {s.id for s in setup.samples}  # a different limit re-aggregates over exactly the requested samples
+    records = [r for r in store.records() if r["sample_id"] in wanted]
+    metrics = aggregate(records, store.cfg, budget, store.hash, setup.device)
     store.write_metrics(metrics)
     print(format_table(metrics, cfg.run_dir))
     return metrics

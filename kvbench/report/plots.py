@@ -1,0 +1,252 @@
+"""Figures from the summary / per-sample frames: score-vs-budget curves, needle heatmaps, Pareto plots.
+
+Every figure is a ``matplotlib.figure.Figure`` built without pyplot (no GUI backend; notebooks display it), with
+labelled axes, a legend, and methods in the fixed colours and order of :mod:`kvbench.report.style`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from kvbench.errors import UsageError
+from kvbench.report.style import method_color, method_marker, method_order
+from kvbench.report.tables import REFERENCE, format_budget
+
+#: x axes of the Pareto plots: column -> (axis label, scale factor from the stored unit).
+RESOURCES: dict[str, tuple[str, float]] = {
+    "kv_bytes_kept": ("KV cache after compression (MiB)", 2.0**-20),
+    "peak_kv_bytes": ("peak KV cache (MiB)", 2.0**-20),
+    "peak_mem_bytes": ("peak accelerator memory (MiB)", 2.0**-20),
+    "ttft_s": ("time to first token: prefill + compression (ms)", 1000.0),
+    "decode_s_per_token": ("decode time per token (ms)", 1000.0),
+}
+
+
+def budget_kind(budget: float) -> str:
+    """``fraction`` (budget <= 1: share of the KV cache kept) or ``tokens`` (average tokens per KV head)."""
+    return "fraction" if budget <= 1 else "tokens"
+
+
+BUDGET_AXIS = {"fraction": "KV budget (fraction of the cache kept)", "tokens": "KV budget (tokens per KV head)"}
+
+
+def select(df: pd.DataFrame, model: str | None = None, protocol: str | None = None) -> tuple[pd.DataFrame, str, str]:
+    """Rows of one (model, protocol); each may be omitted when the frame holds only one."""
+    chosen = []
+    for col, want in (("model", model), ("protocol", protocol)):
+        values = sorted(df[col].dropna().unique())
+        if want is None:
+            if len(values) != 1:
+                raise UsageError(f"the results hold several {col}s {values}; pass {col}=...")
+            want = values[0]
+        elif want not in values:
+            raise UsageError(f"{col}={want!r} has no results; present: {values}")
+        df = df[df[col] == want]
+        chosen.append(want)
+    return df, chosen[0], chosen[1]
+
+
+def _grid(n: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, list]:
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def budget_curves(summary: pd.DataFrame, tasks: Sequence[str] | None = None, model: str | None = None,
+                  protocol: str | None = None, kind: str | None = None, reference: str = REFERENCE,
+                  ncols: int = 3) -> Figure:
+    """Score vs budget, one panel per task, one line per method; the full cache as a dashed horizontal line.
+
+    Error bars, per point: std over seeds where several seeds ran, else the bootstrap interval
+    (``ci_low``/``ci_high``) when the summary has one. ``kind`` picks fraction (<= 1) or token (> 1) budgets
+    when both are present.
+    """
+    df, model, protocol = select(summary, model, protocol)
+    comp = df[df["method"] != reference]
+    kinds = sorted({budget_kind(b) for b in comp["budget"]})
+    kind = kind or (kinds[0] if len(kinds) == 1 else None)
+    if kind is None:
+        raise UsageError(f"both fraction and token budgets are present; pass kind= one of {kinds}")
+    comp = comp[comp["budget"].map(budget_kind) == kind]
+    tasks = list(tasks) if tasks else sorted(df["task"].unique())
+    fig, axes = _grid(len(tasks), ncols, (4.2, 3.2))
+    for ax, task in zip(axes, tasks, strict=True):
+        rows = comp[comp["task"] == task]
+        for label in method_order(rows["label"]):
+            r = rows[rows["label"] == label].sort_values("budget")
+            ax.plot(r["budget"], r["score"], marker=method_marker(label), color=method_color(label), label=label)
+            lo, hi = _band(r)
+            if lo.notna().any():
+                yerr = [(r["score"] - lo).fillna(0).to_numpy(), (hi - r["score"]).fillna(0).to_numpy()]
+                ax.errorbar(r["budget"], r["score"], yerr=yerr, fmt="none", ecolor=method_color(label), capsize=3,
+                            alpha=0.6, linewidth=1)
+        ref = df[(df["task"] == task) & (df["method"] == reference)]["score"]
+        if not ref.empty:
+            ax.axhline(ref.mean(), color=method_color(reference), linestyle="--", linewidth=1.2,
+                       label=f"{reference} (full cache)")
+        if len(rows) and rows["budget"].max() / max(rows["budget"].min(), 1e-9) >= 8:
+            ax.set_xscale("log")
+        metric = df[df["task"] == task]["main_metric"].iloc[0] if (df["task"] == task).any() else "score"
+        ax.set(title=task, xlabel=BUDGET_AXIS[kind], ylabel=f"{metric} (%)", ylim=(0, 105))
+        ax.grid(alpha=0.3)
+    _legend(fig, axes)
+    fig.suptitle(f"score vs KV budget | {model} | {protocol}\n"
+                 "bars: ± std over seeds (several seeds) or 95 % bootstrap interval over questions", fontsize=10)
+    return fig
+
+
+def _band(r: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per point: score +- std over seeds where several seeds ran, else the bootstrap interval (if computed)."""
+    multi = r["n_seeds"] > 1
+    lo = (r["score"] - r["std"]).where(multi, r.get("ci_low", np.nan))
+    hi = (r["score"] + r["std"]).where(multi, r.get("ci_high", np.nan))
+    return lo.clip(lower=0), hi
+
+
+def _legend(fig: Figure, axes: list) -> None:
+    """One legend for the figure, entries in method order (full cache last)."""
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center", frameon=False)
+
+
+def needle_rows(samples: pd.DataFrame) -> pd.DataFrame:
+    """Questions of needle tasks with a (length, depth) cell: meta ``kind == "needle"`` (the synthetic suite) or a
+    task named ``*needle*`` / ``*niah*``, with meta ``target_length`` and ``depth``."""
+    need = ["meta.target_length", "meta.depth"]
+    if not set(need) <= set(samples.columns):
+        return samples.iloc[0:0]
+    is_needle = samples["task"].str.contains("needle|niah", case=False, regex=True)
+    if "meta.kind" in samples:
+        is_needle |= samples["meta.kind"] == "needle"
+    return samples[is_needle].dropna(subset=need)
+
+
+def needle_heatmaps(samples: pd.DataFrame, budget: float, task: str | None = None, model: str | None = None,
+                    protocol: str | None = None, reference: str = REFERENCE, ncols: int = 4) -> Figure:
+    """Needle retrieval per (context length x needle depth), one panel per method at ``budget`` (plus the full cache).
+
+    Uses the per-question meta ``target_length`` and ``depth`` recorded by the synthetic needle task
+    (``task=synth_needle``); cells are the mean score (0-100) over the questions of that cell and all seeds.
+    """
+    df = needle_rows(samples)
+    if df.empty:
+        raise UsageError("needle heatmaps need needle questions with meta target_length and depth (task=synth_needle)")
+    tasks = sorted(df["task"].unique())
+    task = task or (tasks[0] if len(tasks) == 1 else None)
+    if task not in tasks:
+        raise UsageError(f"pass task= one of the needle tasks {tasks}")
+    df, model, protocol = select(df[df["task"] == task], model, protocol)
+    if "label" not in df:
+        from kvbench.report.tables import add_labels
+
+        df = add_labels(df)
+    df = df[(df["budget"] == budget) | (df["method"] == reference)]
+    labels = method_order(df["label"])
+    if not labels:
+        raise UsageError(f"no {task} results at budget {budget}")
+    fig, axes = _grid(len(labels), ncols, (3.4, 3.0))
+    image = None
+    for ax, label in zip(axes, labels, strict=True):
+        grid = df[df["label"] == label].pivot_table(index="meta.depth", columns="meta.target_length",
+                                                    values="main_score", aggfunc="mean")
+        image = ax.imshow(grid.to_numpy(), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(grid.shape[1]), [str(int(c)) for c in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [f"{100 * d:.0f}" for d in grid.index])
+        if grid.size <= 400:
+            for (i, j), v in np.ndenumerate(grid.to_numpy()):
+                if not np.isnan(v):
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if v < 20 or v > 80 else "black")  # readable on the dark ends
+        title = label if label.split(" (")[0] != reference else f"{label} (full cache)"
+        ax.set(title=f"{title}: {np.nanmean(grid.to_numpy()):.1f}", xlabel="context length (tokens)",
+               ylabel="needle depth (%)")
+    fig.colorbar(image, ax=axes, label="score (%)", shrink=0.9)
+    fig.suptitle(f"{task} | {model} | {protocol} | budget {format_budget(budget)}")
+    return fig
+
+
+def _resource(df: pd.DataFrame, x: str) -> pd.Series:
+    if x == "ttft_s":
+        parts = [c for c in ("prefill_s", "compress_s", "question_s") if c in df]
+        return df[parts].fillna(0).sum(axis=1) if parts else pd.Series(np.nan, index=df.index)
+    if x not in df:
+        raise UsageError(f"no column {x!r} in the summary; Pareto axes: {sorted(RESOURCES)}")
+    return df[x]
+
+
+def pareto_front(points: pd.DataFrame, x: str = "x", y: str = "score") -> pd.DataFrame:
+    """The non-dominated points (lower ``x``, higher ``y``), sorted by ``x``."""
+    pts = points.dropna(subset=[x, y]).sort_values([x, y], ascending=[True, False])
+    keep, best = [], -np.inf
+    for idx, val in pts[y].items():
+        if val > best:
+            keep.append(idx)
+            best = val
+    return pts.loc[keep]
+
+
+def pareto(summary: pd.DataFrame, x: str = "kv_bytes_kept", tasks: Sequence[str] | None = None,
+           model: str | None = None, protocol: str | None = None, reference: str = REFERENCE) -> Figure:
+    """Average score over ``tasks`` vs a resource (memory or latency, :data:`RESOURCES`), one point per (method,
+    budget), each method's points joined, and the Pareto frontier over all points (lower cost, higher score)."""
+    df, model, protocol = select(summary, model, protocol)
+    tasks = list(tasks) if tasks else sorted(df["task"].unique())
+    df = df[df["task"].isin(tasks)].assign(x=lambda d: _resource(d, x) * RESOURCES.get(x, ("", 1.0))[1])
+    pts = df.groupby(["label", "method", "budget"], as_index=False).agg(score=("score", "mean"), x=("x", "mean"),
+                                                                         n_tasks=("task", "nunique"))
+    pts = pts[pts["n_tasks"] == len(tasks)]  # only configurations that ran every task
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for label in method_order(pts["label"]):
+        p = pts[pts["label"] == label].sort_values("x")
+        is_ref = p["method"].iloc[0] == reference
+        ax.plot(p["x"], p["score"], marker="*" if is_ref else method_marker(label), markersize=12 if is_ref else 6,
+                linestyle="none" if is_ref else "-", linewidth=1, color=method_color(label),
+                label=f"{label} (full cache)" if is_ref else label)
+        for _, row in p.iterrows():
+            if not is_ref:
+                ax.annotate(format_budget(row["budget"]), (row["x"], row["score"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    front = pareto_front(pts)
+    if not front.empty:  # the frontier's last level extends to the costliest point
+        fx, fy = [*front["x"], pts["x"].max()], [*front["score"], front["score"].iloc[-1]]
+        ax.plot(fx, fy, drawstyle="steps-post", color="0.5", linestyle=":", linewidth=1.5, label="Pareto frontier")
+    metric = "average score" if len(tasks) > 1 else f"{df['main_metric'].iloc[0]}"
+    ax.set(xlabel=RESOURCES.get(x, (x, 1.0))[0], ylabel=f"{metric} (%) over {len(tasks)} task(s)",
+           title=f"{model} | {protocol} (point labels: budget)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8, frameon=False)
+    return fig
+
+
+def check_formats(formats: Sequence[str]) -> None:
+    """One clear error for a figure format matplotlib cannot write."""
+    unknown = sorted(set(formats) - set(Figure().canvas.get_supported_filetypes()))
+    if unknown:
+        raise UsageError(f"figure formats {unknown} are not supported; use e.g. png, pdf, svg")
+
+
+def save(fig: Figure, out_dir: str | Path, stem: str, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write ``<out_dir>/<stem>.<fmt>`` for each format (PNG at 150 dpi); returns the paths."""
+    check_formats(formats)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = out / f"{stem}.{fmt}"
+        fig.savefig(path, dpi=150 if fmt == "png" else None)
+        paths.append(path)
+    return paths

@@ -1,0 +1,160 @@
+"""Which runs of a results root (or of a Hydra sweep) are finished, partial, failed, started or pending.
+
+States of a run directory (``kvbench.results`` layout):
+
+* ``finished``: ``metrics.json`` present.
+* ``failed``: ``error.json`` present and no ``metrics.json``: the run raised (the runner records the exception
+  type, message and traceback); rerunning resumes from the predictions already written.
+* ``partial``: predictions but no metrics and no error: running right now, or killed (SIGKILL, time limit, node
+  failure); rerunning resumes.
+* ``started``: only ``config.yaml``: the run claimed its directory and no question finished yet (running or killed).
+
+With a sweep (a Hydra multirun directory holding ``multirun.yaml``), every job of the sweep's grid is listed. A job
+whose run directory does not exist is ``started`` when Hydra created its job directory (still loading, or it failed
+before claiming its run directory: an invalid option, a model that could not be loaded) and ``pending`` otherwise
+(not started yet). For Slurm sweeps (submitit) the last error line of the job's stderr is shown.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from kvbench.errors import UsageError
+from kvbench.results import ERROR_FILE
+
+STATES = ("finished", "partial", "failed", "started", "pending")
+COLUMNS = ["run_id", "state", "n_predictions", "n_questions", "error", "updated", "run_dir"]
+
+
+def _run_state(run_dir: Path) -> dict[str, Any]:
+    files = {p.name: p for p in run_dir.iterdir() if p.is_file()}
+    preds = files.get("predictions.jsonl")
+    n_pred = preds.read_bytes().count(b"\n") if preds else 0
+    row: dict[str, Any] = {"n_predictions": n_pred, "n_questions": None, "error": None}
+    if "metrics.json" in files:
+        row.update(state="finished", n_questions=json.loads(files["metrics.json"].read_text()).get("n_questions"))
+    elif ERROR_FILE in files:
+        err = json.loads(files[ERROR_FILE].read_text())
+        row.update(state="failed", error=f"{err.get('type')}: {err.get('message', '')}"[:300])
+    else:
+        row["state"] = "partial" if n_pred else "started"
+    newest = max(p.stat().st_mtime for p in files.values())
+    row["updated"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(newest))
+    return row
+
+
+def _is_run_config(path: Path) -> bool:
+    if ".hydra" in path.parts or "wandb" in path.parts:
+        return False
+    try:
+        return "config_hash" in (yaml.safe_load(path.read_text()) or {})
+    except (yaml.YAMLError, OSError):
+        return False
+
+
+def scan(root: str | Path, sweep: str | Path | None = None) -> pd.DataFrame:
+    """One row per run directory under ``root`` (columns :data:`COLUMNS`); with ``sweep``, one per sweep job."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"results root {root} does not exist")
+    rows = {}
+    for cfg in sorted(root.rglob("config.yaml")):
+        if _is_run_config(cfg):
+            run_id = cfg.parent.relative_to(root).as_posix()
+            rows[run_id] = {"run_id": run_id, **_run_state(cfg.parent), "run_dir": str(cfg.parent)}
+    if sweep is None:
+        return pd.DataFrame(list(rows.values()), columns=COLUMNS)
+    out = []
+    for job, run_id, job_dir in sweep_jobs(sweep):
+        row = rows.get(run_id) or _no_run_dir(run_id, root, job_dir)
+        if row["state"] != "finished" and not row.get("error"):
+            row = {**row, "error": _job_log_error(Path(sweep), job)}
+        out.append({"job": job, **row, "job_dir": str(job_dir) if job_dir.exists() else None})
+    return pd.DataFrame(out, columns=["job", *COLUMNS, "job_dir"])
+
+
+def _no_run_dir(run_id: str | None, root: Path, job_dir: Path) -> dict[str, Any]:
+    """A sweep job without a run directory: ``started`` if Hydra created its job directory, else ``pending``."""
+    row = {"run_id": run_id, "state": "pending", "n_predictions": 0,
+           "run_dir": str(root / run_id) if run_id else None}
+    if run_id is None:
+        row["error"] = "the job's overrides no longer compose"
+    elif job_dir.exists():
+        row.update(state="started", error="no run directory: still loading, or failed before claiming it")
+    return row
+
+
+def _job_log_error(sweep: Path, job: int) -> str | None:
+    """The last error line of a submitit job's stderr (``<sweep>/.submitit/<id>_<job>/*_log.err``), if any."""
+    logs = sorted(sweep.glob(f".submitit/*_{job}/*_log.err"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return None
+    lines = [ln.strip() for ln in logs[-1].read_text(errors="replace").splitlines()[-200:] if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or [None])[-1]
+
+
+def sweep_jobs(sweep: str | Path) -> list[tuple[int, str | None, Path]]:
+    """(job number, run_id, job directory) for every job of a Hydra multirun (basic sweeper grid).
+
+    The grid is re-expanded from ``multirun.yaml`` the way Hydra's basic sweeper does, and each job's config is
+    composed from kvbench's ``conf/`` to get its run_id (None if the job's overrides no longer compose).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    import kvbench  # noqa: F401  (registers the config resolvers)
+    from kvbench.__main__ import CONF_DIR
+
+    sweep = Path(sweep)
+    multirun = sweep / "multirun.yaml"
+    if not multirun.exists():
+        raise UsageError(f"{sweep} is not a Hydra sweep directory (no multirun.yaml)")
+    overrides = yaml.safe_load(multirun.read_text())["hydra"]["overrides"]["task"]
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+    jobs = [job for batch in batches for job in batch]
+    out = []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for num, job in enumerate(jobs):
+            out += [(num, run_id, sweep / str(num)) for run_id in _run_ids(compose, job)]
+    return out
+
+
+def _run_ids(compose: Any, job: list[str]) -> list[str | None]:
+    """The run_id(s) of one job: one per budget for a shared-prefill budget list (``budget=[0.1,0.2]``)."""
+    from omegaconf import OmegaConf
+
+    overrides = [o for o in job if not o.startswith("hydra")]
+    try:
+        cfg = compose("config", overrides=overrides)
+        if not OmegaConf.is_list(cfg.budget):
+            return [str(cfg.run_id)]
+        return [str(compose("config", overrides=[*overrides, f"budget={b}"]).run_id) for b in cfg.budget]
+    except Exception:  # an option that no longer exists: list the job without a run_id
+        return [None]
+
+
+def format_status(df: pd.DataFrame, show_all: bool = False) -> str:
+    """A count per state and a table of the runs that are not finished (all runs with ``show_all``)."""
+    counts = df["state"].value_counts()
+    head = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in STATES if s != "pending" or "job" in df)
+    shown = df if show_all else df[df["state"] != "finished"]
+    if shown.empty:
+        return f"{head}\n"
+    cols = [c for c in ("job", "state", "run_id", "n_predictions", "updated", "error", "job_dir") if c in shown]
+    body = shown[cols].fillna("").to_markdown(index=False)
+    return f"{head}\n\n{body}\n"
+
+
+def main(root: str, sweep: str | None = None, show_all: bool = False) -> int:
+    """Print the status; the exit status is 1 when a run failed, else 0."""
+    df = scan(root, sweep)
+    print(format_status(df, show_all), end="")
+    return int((df["state"] == "failed").any())

@@ -1,0 +1,259 @@
+"""Budget sweeps with one prefill: ``python -m kvbench method=snapkv 'budget=[0.05,0.1,0.2,0.3,0.5]'``.
+
+For a method that compresses each layer right after the prefill's own attention over that layer, the prefill's
+hidden states (and so every layer's queries, keys, values and the last logits) do not depend on the budget: only
+what is stored afterwards does. A sweep over k budgets therefore runs each prompt's prefill once; right after a
+layer's attention, the engine's own per-layer compression runs once per budget on a copy of that layer (the full
+layer is dropped afterwards), giving k compressed caches that are entry-for-entry those of k separate runs. Each
+budget then answers over its own cache (query-aware: per question; query-agnostic: every question appended over
+its compressed context and rolled back), and its records go to the budget's *normal* run directory: the same
+config.yaml and hash as ``budget=<b>`` alone, so resuming, ``kvbench.results`` and single runs cannot tell them
+apart. Records carry ``shared_prefill: true``; their ``prefill_s`` is the shared prefill (the same number in
+every budget's record), ``compress_s`` the budget's own scoring and selection, and ``peak_kv_bytes`` the peak a
+separate run of that budget holds (replayed exactly: earlier layers compressed, the current one full). On CUDA,
+``peak_mem_bytes`` is the process's peak since the shared prefill began, i.e. with every budget's cache held.
+
+The only engine internal this relies on is ``Engine._compress_layer(module, queries, layer, scale)``, the per-layer
+compression the engine runs right after a layer's prefill attention; ``SweepEngine`` runs it once per budget.
+
+Fallback, run budget after budget through ``kvbench.runner.run``, with a log line: block-wise prefill
+(``prefill_chunk``), where later blocks attend over the compressed cache, and methods with
+``Method.shares_prefill = False`` (compression that changes the prefill itself or needs other layers' state).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, open_dict
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from kvbench import runner
+from kvbench.budget import Allocator, check_budget
+from kvbench.engine import Engine, KVStore, LayerContext, LayerKV
+from kvbench.errors import UsageError
+from kvbench.loggers import log_run
+from kvbench.method import Method
+from kvbench.pipeline import (
+    RunOptions,
+    ask_questions,
+    context_prompt,
+    prefill_stats,
+    question_prompt,
+    question_record,
+    timed_prefill,
+)
+from kvbench.results import RunStore
+from kvbench.tasks.base import Sample
+
+
+@dataclass
+class Fork:
+    """One budget's cache built from a shared prefill, and the seconds its compression took."""
+
+    store: KVStore
+    compress_s: float = 0.0
+
+
+class _SharedMemo:
+    """A method whose contexts for one layer share one ``LayerContext.memo`` across budgets.
+
+    The memo holds what is computed from the layer's tensors alone, keyed by any further parameter (window
+    attention per window size, H2O's column sums), so it is the same for every budget: computed once per layer
+    instead of once per budget. The time it takes is counted in the first budget's compression.
+    """
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+        self.memo: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.method, name)
+
+    def score(self, ctx: LayerContext) -> Tensor:
+        ctx.memo = self.memo
+        return self.method.score(ctx)
+
+
+class SweepEngine(Engine):
+    """An ``Engine`` whose compressed prefill leaves one compressed cache per budget (``fork``, then ``use``).
+
+    Usage::
+
+        with SweepEngine(model, method, allocator, budgets=[0.1, 0.2]) as eng:
+            eng.fork([0.1, 0.2])
+            logits = eng.forward(ids, compress=True)   # one prefill, two compressed caches
+            eng.use(0.1)                               # decode over budget 0.1's cache
+    """
+
+    def __init__(self, model: nn.Module, method: Method, allocator: Allocator, budgets: list[float],
+                 backend: str = "sdpa") -> None:
+        super().__init__(model, method, allocator, budgets[0], backend)
+        self.forks: dict[float, Fork] = {}
+        self._forking = False
+
+    def fork(self, budgets: list[float]) -> None:
+        """The next compressed forward (a prefill on a fresh cache) fills one cache per budget."""
+        self.forks = {b: Fork(KVStore(self.n_layers)) for b in budgets}
+        self._forking = True
+
+    def forward(self, ids: Tensor | list[int], compress: bool = False) -> Tensor:
+        logits = super().forward(ids, compress)
+        if self._forking and compress:
+            self._forking = False
+            for fork in self.forks.values():  # layers the method left alone (fullkv) are shared as they are
+                for i, layer in enumerate(self.store.layers):
+                    if fork.store.layers[i] is None and layer is not None:
+                        fork.store.layers[i] = replace(layer)
+                        fork.store.track_peak()
+                fork.store.next_position = self.store.next_position
+        return logits
+
+    def _compress_layer(self, module: nn.Module, queries: Tensor, layer: LayerKV, scale: float) -> None:
+        if not self._forking:
+            return super()._compress_layer(module, queries, layer, scale)
+        i = module.layer_idx
+        hidden = self._hidden.get(i)
+        method, self.method = self.method, _SharedMemo(self.method)  # type: ignore[assignment]
+        try:
+            for budget, fork in self.forks.items():
+                own = replace(layer)  # LayerKV never changes its tensors in place: a shallow copy is a fork
+                fork.store.layers[i] = own
+                fork.store.track_peak()  # what a separate run holds here: earlier layers compressed, this one full
+                self.budget, self.compress_seconds = budget, fork.compress_s
+                if hidden is not None:
+                    self._hidden[i] = hidden
+                super()._compress_layer(module, queries, own, scale)
+                fork.compress_s = self.compress_seconds
+        finally:
+            self.method = method
+        self.store.layers[i] = None  # the full layer is no longer needed
+        self.compress_seconds = sum(f.compress_s for f in self.forks.values())
+        return None
+
+    def use(self, budget: float) -> None:
+        """Make ``budget``'s cache the engine's cache (decoding, question appends and statistics use it)."""
+        fork = self.forks[budget]
+        self.budget, self.store, self.compress_seconds = budget, fork.store, fork.compress_s
+
+
+def sweep_sample(engine: SweepEngine, tok: PreTrainedTokenizerBase, sample: Sample, opts: RunOptions,
+                 done: dict[float, set[str]]) -> Iterator[tuple[float, dict[str, Any]]]:
+    """(budget, record) for every question of ``sample`` that a budget has not done yet; one prefill per prompt."""
+    todo = {b: [q for q in sample.questions if f"{sample.id}/{q.id}" not in ids] for b, ids in done.items()}
+    if opts.protocol == "query_agnostic":
+        groups: dict[str, list[float]] = defaultdict(list)  # the context is encoded with the first question to do
+        for b, qs in todo.items():
+            if qs:
+                groups[qs[0].id].append(b)
+        for budgets in groups.values():
+            ctx = context_prompt(tok, sample, todo[budgets[0]], opts)
+            for b, _, stats in shared_prefill(engine, ctx, {"context": (0, len(ctx))}, budgets):
+                for record in ask_questions(engine, tok, sample, todo[b], opts, {**stats, "context_tokens": len(ctx)}):
+                    yield b, record
+        return
+    for q in sample.questions:
+        budgets = [b for b, qs in todo.items() if any(x.id == q.id for x in qs)]
+        if budgets:
+            ids, spans, extra = question_prompt(tok, sample, q, opts)
+            for b, logits, stats in shared_prefill(engine, ids, spans, budgets):
+                yield b, question_record(engine, tok, sample, q, logits, opts, {**stats, **extra})
+
+
+def shared_prefill(engine: SweepEngine, ids: list[int], spans: dict[str, tuple[int, int]], budgets: list[float]
+                   ) -> Iterator[tuple[float, Tensor, dict[str, Any]]]:
+    """Prefill once for all ``budgets``; then switch the engine to each budget's cache in turn and yield the budget,
+    the prompt's last logits (the same for every budget) and the budget's prefill statistics."""
+    engine.fork(budgets)
+    logits, seconds = timed_prefill(engine, ids, spans)
+    shared_s = seconds - engine.compress_seconds  # the model's forward, without any budget's compression
+    for b in budgets:
+        engine.use(b)
+        yield b, logits, {**prefill_stats(engine, len(ids), shared_s), "shared_prefill": True}
+
+
+def budget_configs(cfg: DictConfig) -> dict[float, DictConfig]:
+    """One configuration per budget of ``budget=[...]``, each exactly the config of a run with that one budget."""
+    budgets = [check_budget(b) for b in cfg.budget]
+    if not budgets:
+        raise UsageError("budget=[] names no budget; give one or more, e.g. budget=[0.1,0.2,0.5]")
+    if len(set(budgets)) < len(budgets):
+        raise UsageError(f"budget={list(cfg.budget)} names a budget twice")
+    out = {}
+    for raw, b in zip(cfg.budget, budgets, strict=True):
+        one = copy.deepcopy(cfg)
+        with open_dict(one):
+            one.budget = raw  # as typed (0.1, 128): the run directory and config hash of `budget=<raw>` alone
+        out[b] = one
+    return out
+
+
+# Flags under which a method or allocator changes the prefill or keeps per-budget state outside the cache; the
+# engine's cross-layer allocation, cascading re-trims, decode-time eviction and episodic caches set them.
+METHOD_FLAGS = ("cascading", "decode_evict", "episodic")
+ALLOCATOR_FLAGS = ("cross_layer",)
+
+
+def fallback_reason(cfg: DictConfig, method: Method, allocator: Allocator) -> str | None:
+    """Why this sweep cannot share its prefill (None if it can)."""
+    if cfg.get("prefill_chunk"):
+        return "block-wise prefill (prefill_chunk) attends over the compressed cache of earlier blocks"
+    flags = [f for f in METHOD_FLAGS if getattr(method, f, False)]
+    if not method.shares_prefill or flags:
+        return f"method {cfg.method.name} does not share its prefill ({', '.join(flags) or 'shares_prefill = False'})"
+    flags = [f for f in ALLOCATOR_FLAGS if getattr(allocator, f, False)]
+    if not allocator.shares_prefill or flags:
+        return (f"allocator {cfg.allocator.name} plans across layers "
+                f"({', '.join(flags) or 'shares_prefill = False'})")
+    return None
+
+
+def run_sweep(cfg: DictConfig) -> dict[float, dict[str, Any]]:
+    """Run every budget of ``budget=[...]`` into its normal run directory; returns {budget: metrics}.
+
+    Finished budgets are returned as they are, the others resume from their own predictions.jsonl; where the
+    prefill cannot be shared (``fallback_reason``) the budgets run one after another through ``runner.run``.
+    """
+    configs = budget_configs(cfg)
+    reason = fallback_reason(cfg, runner.build(cfg.method, "method"), runner.build(cfg.allocator, "allocator"))
+    if reason:
+        print(f"[kvbench] budget sweep without a shared prefill: {reason}; running the budgets one after another",
+              file=sys.stderr)
+        return {b: runner.run(one) for b, one in configs.items()}
+    results, jobs = {}, {}
+    for b, one in configs.items():
+        store, _, finished = runner.prepare(one)
+        if finished is None:
+            jobs[b] = (one, store)
+        else:
+            results[b] = finished
+    if jobs:
+        with runner.failure_marked(*(one for one, _ in jobs.values())):
+            results.update(_run_shared(cfg, jobs))
+    for b, one in configs.items():
+        log_run(one, results[b])
+    return {b: results[b] for b in configs}
+
+
+def _run_shared(cfg: DictConfig, jobs: dict[float, tuple[DictConfig, RunStore]]) -> dict[float, dict[str, Any]]:
+    """The budgets still to do, one prefill per prompt; each budget's records go to its own run directory."""
+    setup = runner.load(next(iter(jobs.values()))[0])
+    for _, store in jobs.values():
+        store.open()
+    done = {b: store.done_ids() for b, (_, store) in jobs.items()}
+    todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in ids for ids in done.values() for q in s.questions)]
+    torch.manual_seed(int(cfg.seed))
+    budgets = list(jobs)
+    with SweepEngine(setup.model, setup.method, setup.allocator, budgets, cfg.model.attn_implementation) as engine:
+        desc = f"{cfg.method.name} b={','.join(map(str, budgets))} (shared prefill)"
+        for sample in runner.progress(cfg, todo, len(setup.samples), desc):
+            for b, record in sweep_sample(engine, setup.tok, sample, setup.opts, done):
+                jobs[b][1].append(record)
+    return {b: runner.finish(one, store, b, setup) for b, (one, store) in jobs.items()}
