@@ -114,9 +114,8 @@ def test_method_or_allocator_that_cannot_share_the_prefill_falls_back(tmp_path, 
     assert "method snapkv does not share its prefill" in capsys.readouterr().err and set(out) == {0.1, 0.3}
     assert len(run_dirs(tmp_path / "a")) == 2
     monkeypatch.setattr(SnapKV, "shares_prefill", True)
-    monkeypatch.setattr(Uniform, "cross_layer", True, raising=False)  # an allocator planning across layers
-    run(config(tmp_path / "b", "method=snapkv", "budget=[0.1,0.3]", "limit=1"))
-    assert "allocator uniform plans across layers (cross_layer)" in capsys.readouterr().err
+    run(config(tmp_path / "b", "method=snapkv", "allocator=global_flat", "budget=[0.1,0.3]", "limit=1"))
+    assert "allocator global_flat plans across layers (cross_layer)" in capsys.readouterr().err
     assert all("shared_prefill" not in r for d in run_dirs(tmp_path / "b").values() for r in records(d))
 
 
