@@ -49,6 +49,8 @@ def test_needlebench_parallel_is_the_fraction_of_keywords_found() -> None:
     ("\\boxed{'Jasmine~Lane'}", "Jasmine Lane", 1.0),
     ("Jasmine Lane", "None", 0.0),  # no box: OpenCompass's "None"
     ("\\boxed{Jasmine Lane Smith}", "Jasmine Lane Smith", 0.0),
+    ("\\boxed{Jasmine Lane} so \\boxed Kevin", "None", 0.0),  # the last \\boxed must be \\boxed{...}
+    ("\\fbox{Jasmine Lane}", "None", 0.0),
 ])
 def test_needlebench_atc_boxed_exact_match(pred, boxed, score) -> None:
     assert atc_postprocess(pred) == boxed

@@ -5,7 +5,7 @@
 squeeze whitespace, then the number words ``zero`` ... ``nine`` become digits. The same plain F1 for every category;
 categories are reported separately by the runner (``Question.meta["category"]``). EpiCache's ``locomo_score``
 (per-category rules, adversarial "no information" scoring) is not used by its evaluation scripts and is not
-reproduced.
+reproduced. Compared with EpiCache's ``f1_score`` on 3,000 random pairs: equal.
 """
 
 from __future__ import annotations

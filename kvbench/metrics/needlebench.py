@@ -45,19 +45,27 @@ def needlebench_parallel(prediction: str, references: list[str], **_: Any) -> fl
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (balanced braces; one extra pair of braces stripped), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
+    """OpenCompass's ``extract_boxed_answer(text, strip_double_curly_brace=True)``: the last ``\\boxed`` (else
+    ``\\fbox``) with its balanced braces, which must read ``\\boxed{...}``; one outer pair of braces stripped."""
+    idx = text.rfind("\\boxed")
+    if idx < 0:
+        idx = text.rfind("\\fbox")
+        if idx < 0:
+            return None
+    depth, close = 0, None
+    for i in range(idx, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if text[i] == "}" and depth == 0:
+            close = i
+            break
+    if close is None:
         return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            content = text[i:j]
-            if content.startswith("{") and content.endswith("}"):
-                content = content[1:-1]
-            return content
-    return None
+    boxed = text[idx : close + 1]
+    if not boxed.startswith("\\boxed{") or not boxed.endswith("}"):
+        return None
+    answer = boxed[len("\\boxed{") : -1]
+    match = re.match(r"^\{(.*)\}$", answer)
+    return match.group(1) if match else answer
 
 
 def clean_atc_answer(text: str) -> str:

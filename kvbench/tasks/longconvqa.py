@@ -7,6 +7,9 @@ and rolled back), which the task configs select. Each question keeps its categor
 and the run's ``metrics.json`` reports ``score_by_category``. Metric: ``conv_f1`` (EpiCache's token F1);
 generation: greedy, 50 new tokens (EpiCache ``model/wrapper.py``).
 
+Checked against EpiCache's own converters (``build_conversation_context``, ``QA_PROMPT``) on the fixture files:
+identical contexts and question prompts for the three datasets.
+
 Sources (``scripts/prepare_data.py longconvqa``, or ``data_dir`` pointing at local copies), read as the authors'
 JSON (nested per-conversation objects with a variable set of ``session_<n>`` keys, which ``datasets`` would flatten
 into a union schema, so plain ``json`` is used):

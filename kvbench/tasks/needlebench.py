@@ -29,6 +29,10 @@ back to the preceding period token, its raw prompt, scored with ``needle_rouge1`
 10x), ``needle_word_recall`` (its heatmap score) and ``contains`` ("Dolores Park", case-insensitive). Its haystack is
 NeedleBench's copy of the essays (KVCache-Factory reads the same essays as ``PaulGrahamEssays/*.txt`` in glob order).
 
+Checked against OpenCompass's own ``needlebench_v2`` loaders (a5acc4b, run on the same files with the same
+encoding): byte-identical prompts and gold answers for single-needle retrieval, multi-needle retrieval (with
+OpenCompass's global ``random`` seeded as ``seed``) and multi-needle reasoning.
+
 Deviations (documented, none changes what is scored):
   * ``length_tokenizer: tiktoken`` (the NeedleBench configs) counts lengths, cut points and depths in tiktoken's
     GPT-4 encoding as OpenCompass does (its encoding file is fetched by ``prepare_data.py needlebench``);
@@ -82,8 +86,8 @@ PARALLEL_ZH = ("这是一个长文本能力的测试，你需要首先阅读下�
 QUESTION_ZH = "根据文档中的信息，现在请问：{question}\n"
 
 #: The multi-needle reasoning prompt's examples and notes (``multi.py``, English, question at the end).
-REASONING_EN = (
-    "\n\nFor example:\nExample 1: If James Hill's father is Jasmine Lane, and no further information about familial "
+REASONING_EN = (  # follows QUESTION_EN, which ends with "\n"
+    "\nFor example:\nExample 1: If James Hill's father is Jasmine Lane, and no further information about familial "
     "relationships is provided in the text, then the oldest relative James Hill can trace back to in the provided "
     "text is \\boxed{{Jasmine Lane}}.\nExample 2: If Andrew Williams's grandmother is Dan Newton, and Dan Newton's "
     "father is James Hill, and no further information about familial relationships is provided in the text, then "
@@ -371,7 +375,7 @@ def make_samples(kind: str, tokenizer: Any, lengths: list[int], depths: list[flo
     samples: list[Sample] = []
     cells = [(L, None) for L in lengths] if kind == "multi_retrieval" else [(L, d) for L in lengths for d in depths]
     if kind == "multi_retrieval":
-        needles = _unique_needles(needles, len(depths), seed)
+        needles = _unique_needles(_jsonl(str(_file(data_dir, FILES[1]))), len(depths), seed, language)
     if kind == "multi_reasoning":
         names = json.loads(_file(data_dir, FILES[2]).read_text(encoding="utf-8"))[language].split(",")
     for length, depth in cells:
@@ -393,12 +397,13 @@ def make_samples(kind: str, tokenizer: Any, lengths: list[int], depths: list[flo
     return samples
 
 
-def _unique_needles(needles: list[dict], n: int, seed: int) -> list[dict]:
-    """``get_unique_entries``: ``n`` needles with distinct ``arg1``, ``arg2`` and (arg1, arg2)."""
-    pool = list(needles)
+def _unique_needles(entries: list[dict], n: int, seed: int, language: str) -> list[dict]:
+    """``get_unique_entries``: the needle file's lines shuffled (``Random(seed)`` where OpenCompass uses the global,
+    unseeded ``random``), then the first ``n`` of the language with distinct ``arg1`` and ``arg2``."""
+    pool = list(entries)
     random.Random(seed).shuffle(pool)
     seen1, seen2, out = set(), set(), []
-    for entry in pool:
+    for entry in (e for e in pool if e.get("language") == language):
         a1, a2 = entry.get("arg1", ""), entry.get("arg2", "")
         if a1 not in seen1 and a2 not in seen2:
             seen1.add(a1)

@@ -18,6 +18,10 @@ comparable). qa_1 / qa_2 read RULER's release files ``squad.json`` (SQuAD 2.0 de
 dev distractor) from ``data_dir``, read with ``json`` as RULER's ``read_squad`` / ``read_hotpotqa`` do (nested
 release JSON, not a flat table for ``datasets``).
 
+Checked against RULER's own scripts (c3f5e3b, run with the same tokenizer and essay text): the same sample lengths,
+haystack sizes, needle / list / word counts, answer prefixes and gold outputs for all 13 tasks at 1024 and 4096
+tokens (up to RULER's random draws; the search granularity and shrink step are RULER's ``incremental``).
+
 Deviations from RULER's scripts (none changes the task definition):
   * randomness: one ``random.Random`` per (task, length, sample) instead of RULER's global seeds, so a sample does
     not depend on the other lengths or on ``limit``; RULER's fixed-seed shuffles (``Random(random_seed)``) are kept.
@@ -253,6 +257,17 @@ class Generator:
             path = _require(Path(data_dir) / fname, f"RULER {name} source ({fname})", self.args["dataset"])
             reader = read_squad if self.args["dataset"] == "squad" else read_hotpotqa
             self.qas, self.docs = reader(str(path))
+
+    def incremental(self, max_length: int) -> int:
+        """RULER's ``incremental``: the search's lower bound and the per-sample shrink step (in haystack units)."""
+        haystack = self.args.get("type_haystack")
+        if self.kind in ("niah", "variable_tracking"):
+            if haystack != "essay" and max_length < 4096:
+                return 5
+            return 500 if haystack == "essay" else (25 if self.kind == "niah" else 10)
+        if self.kind == "freq_words_extraction":
+            return max(1, (max_length - self.tokens_to_generate) // 32)
+        return 10  # cwe, qa
 
     def n_tokens(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False).input_ids)
@@ -493,15 +508,23 @@ def make_samples(task: str, tokenizer: Any, lengths: list[int], n_samples: int =
             break
         budget = length - gen.tokens_to_generate
         probe = random.Random(f"ruler/{seed}/{task}/{length}/size")
-        n_fit = _fit(lambda n, r=probe, L=length: gen.n_tokens(gen.build(n, r, L).text), budget, 5)
+        step = gen.incremental(length)
+        size = lambda n, r=probe, L=length: gen.n_tokens(gen.build(n, r, L).text)  # noqa: E731
+        if gen.kind == "freq_words_extraction":  # RULER's linear search from max_len // 6 words, one step back
+            n_fit = budget // 6
+            while size(n_fit) < budget:
+                n_fit += step
+            n_fit -= step
+        else:
+            n_fit = _fit(size, budget, step)
         for i in range(n_samples):
             if limit is not None and len(samples) >= limit:
                 return samples
             rng = random.Random(f"ruler/{seed}/{task}/{length}/{i}")
             n = n_fit
             built = gen.build(n, rng, length, i)
-            while gen.n_tokens(built.text) > budget and n > 1:  # RULER's per-sample shrink loop
-                n = max(1, n - max(1, n_fit // 50))
+            while gen.n_tokens(built.text) > budget and n > step:  # RULER's per-sample shrink loop
+                n -= step
                 built = gen.build(n, random.Random(f"ruler/{seed}/{task}/{length}/{i}"), length, i)
             total = gen.n_tokens(built.text) + gen.tokens_to_generate
             meta = {"task": task, "target_length": length, "length": total, "haystack_units": n, "index": i,
