@@ -188,3 +188,9 @@ def test_epicache_runs_on_locomo(tmp_path):
     metrics = run(run_cfg(tmp_path, "method=epicache", "task=longconvqa/locomo", f"task.loader.data_dir={data}",
                           "budget=0.5", *SMALL))
     assert metrics["n_questions"] >= 1 and metrics["protocol"] == "query_agnostic"
+
+
+def test_a_sentence_transformers_embedder_that_cannot_load_is_one_clear_error(conversation):
+    method = EpiCache(embedder=str(ROOT / "no-such-embedder"))
+    with pytest.raises(UsageError, match="sentence-transformers"):
+        method.embed(["hello"], None, None)
