@@ -169,7 +169,7 @@ class CrossLayerAllocator(Allocator):
     shares_prefill: ClassVar[bool] = False  # counts depend on other layers' scores: budget sweeps run one by one
 
     def plan(self, layers: dict[int, LayerScores], keep: int, n_layers: int) -> dict[int, Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} is a cross-layer allocator and must define plan()")
 
     def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int,
                  ctx: LayerContext | None = None) -> Tensor:

@@ -1,8 +1,8 @@
 """The episodic protocol: several compressed caches per context, each question routed to one (EpiCache).
 
 The method (``episodic = True``) supplies the episodes (``episodes(sample, model, tok)``: a probe per episode),
-per-layer budgets (``layer_keep``) from its sensitivity profile (``sensitivity_profile``/``profile_ids`` in its
-module, computed once per model), and the routing (``route``). Every episode's cache is built by block-wise
+per-layer budgets (``layer_budgets(engine, tok, n)``, e.g. from a sensitivity profile computed once per model),
+and the routing (``route``). Every episode's cache is built by block-wise
 prefill, evicting after each block with the episode's probe (``Engine.probe``), so the cache never holds more than
 the budget plus one block plus the probe; the caches are kept as copies (EpiCache offloads them to CPU) and each
 question is answered over its episode's cache and rolled back.
@@ -10,24 +10,12 @@ question is answered over its episode's cache and rolled back.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from kvbench.engine.engine import Engine, sync_time
 from kvbench.tasks.base import Question, Sample
-
-
-def layer_budgets(engine: Engine, tok: PreTrainedTokenizerBase, n: int) -> list[int]:
-    """The method's per-layer tokens per KV head for a context of n tokens (the profile is computed once)."""
-    method = engine.method
-    module = importlib.import_module(type(method).__module__)
-    key = id(engine.model)
-    if key not in method._profiles:
-        ids = module.profile_ids(tok, method.profile_tokens, method.profile_seed)
-        method._profiles[key] = module.sensitivity_profile(engine, ids, method.profile_block, method.profile_sink)
-    return method.layer_keep(engine.budget, n, method._profiles[key])
 
 
 def build_cache(engine: Engine, ctx: list[int], probe_ids: list[int], block: int) -> dict[str, Any]:
@@ -55,7 +43,7 @@ def run_episodic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, t
         return []
     method = engine.method
     ctx = context_prompt(tok, sample, todo, opts)
-    engine.layer_keep = layer_budgets(engine, tok, len(ctx))
+    engine.layer_keep = method.layer_budgets(engine, tok, len(ctx))
     episodes = method.episodes(sample, engine.model, tok)
     caches, all_stats = [], []
     for ep in episodes:

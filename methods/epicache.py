@@ -169,6 +169,14 @@ class EpiCache(Method):
         return int(np.argmax([q @ e.centroid for e in episodes]))
 
     # -- layer budgets from sensitivity -------------------------------------------------------------------------------
+    def layer_budgets(self, engine: Any, tok: Any, n: int) -> list[int]:
+        """Tokens per KV head for every layer, for a context of n tokens (the model's profile is computed once)."""
+        key = id(engine.model)
+        if key not in self._profiles:
+            ids = profile_ids(tok, self.profile_tokens, self.profile_seed)
+            self._profiles[key] = sensitivity_profile(engine, ids, self.profile_block, self.profile_sink)
+        return self.layer_keep(engine.budget, n, self._profiles[key])
+
     def layer_keep(self, budget: float, n: int, sensitivity: list[float]) -> list[int]:
         """M_l for every layer: the sensitivity split of M = tokens_per_head(budget, n), floored at max(1, M // 4)."""
         m = tokens_per_head(budget, n)

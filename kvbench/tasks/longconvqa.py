@@ -108,12 +108,14 @@ def conversation_turns(conv: dict[str, Any], text_key: str = "text") -> list[dic
     """The structured turns kvbench's conversational methods read (``Sample.meta["turns"]``, the format of
     ``kvbench.tasks.conversation``): ``[{"session", "date", "speaker", "text"}]`` of a LoCoMo / REALTALK
     conversation, sessions in order, empty sessions skipped."""
-    out = []
-    for n in _sessions(conv):
-        for turn in conv[f"session_{n}"] or []:
-            out.append({"session": n, "date": conv.get(f"session_{n}_date_time", ""),
-                        "speaker": turn.get("speaker", "Unknown"), "text": turn.get(text_key, turn.get("text", ""))})
-    return out
+    return [{"session": n, "date": conv.get(f"session_{n}_date_time", ""), "speaker": turn.get("speaker", "Unknown"),
+             "text": turn.get(text_key, turn.get("text", ""))}
+            for n, turns in _nonempty_sessions(conv) for turn in turns]
+
+
+def _nonempty_sessions(conv: dict[str, Any]) -> list[tuple[int, list[dict[str, Any]]]]:
+    """(session number, turns) of a LoCoMo / REALTALK conversation in order, empty sessions skipped."""
+    return [(n, conv[f"session_{n}"]) for n in _sessions(conv) if conv[f"session_{n}"]]
 
 
 def longmemeval_turns(item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -126,10 +128,7 @@ def longmemeval_turns(item: dict[str, Any]) -> list[dict[str, Any]]:
 def render_locomo(conv: dict[str, Any]) -> str:
     """EpiCache's LoCoMo context (``build_conversation_context``), including its caption placement."""
     text = CONV_START.format(conv.get("speaker_a", "Speaker A"), conv.get("speaker_b", "Speaker B"))
-    for n in _sessions(conv):
-        turns = conv[f"session_{n}"]
-        if not turns:
-            continue
+    for n, turns in _nonempty_sessions(conv):
         if f"session_{n}_date_time" in conv:
             text += f"\nDATE: {conv[f'session_{n}_date_time']}\n"
         text += "CONVERSATION:\n"
@@ -145,10 +144,7 @@ def render_realtalk(conv: dict[str, Any]) -> str:
     """EpiCache's REALTALK context (``clean_text`` when present, image captions on their own line)."""
     names = conv.get("name", {})
     text = CONV_START.format(names.get("speaker_1", "Speaker 1"), names.get("speaker_2", "Speaker 2"))
-    for n in _sessions(conv):
-        turns = conv[f"session_{n}"]
-        if not turns:
-            continue
+    for n, turns in _nonempty_sessions(conv):
         if f"session_{n}_date_time" in conv:
             text += f"DATE: {conv[f'session_{n}_date_time']}\n"
         text += "CONVERSATION:\n"
