@@ -123,19 +123,21 @@ def test_offline_cli_run_prints_the_message(tmp_path) -> None:
     assert str(tmp_path / "nodata" / "longbench" / "data" / "trec.jsonl") in res.stderr
 
 
-def test_prepare_extracts_the_release_archive(tmp_path, monkeypatch) -> None:
+def test_prepare_extracts_the_pinned_release_archive(tmp_path, monkeypatch) -> None:
     archive = tmp_path / "dl" / "data.zip"
     archive.parent.mkdir()
     with zipfile.ZipFile(archive, "w") as zf:
         for p in sorted(FIXTURES.glob("*.jsonl")):
             zf.write(p, f"data/{p.name}")
-    monkeypatch.setattr(hub, "fetch_hub_files", lambda repo, rev, files, dest, benchmark: [archive])
+    calls = []
+    monkeypatch.setattr(hub, "fetch_hub_files", lambda *a, **kw: calls.append((a, kw)) or [archive])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     dest = tmp_path / "root" / "longbench"
     files = lb.prepare(dest, ["trec"])
     assert sorted(f.name for f in files) == ["trec.jsonl", "trec_e.jsonl"]
-    source = json.loads((dest / "source.json").read_text())
-    assert source["repo_id"] == "THUDM/LongBench" and len(source["sha256"]) == 64
+    (repo, rev, names, where), kw = calls[0]
+    assert (repo, rev, names, where) == ("zai-org/LongBench", lb.REVISION, ["data.zip"], dest)
+    assert kw["expected"] == {"data.zip": lb.ARCHIVE_CHECKSUM} and len(lb.REVISION) == 40
     assert len(lb.prepare(dest)) == 34
     assert len(lb.load("lsht", "{context}{input}", root=tmp_path / "root")) == 2  # the prepared layout loads
 

@@ -184,15 +184,21 @@ def test_run_shares_one_compressed_conversation_and_reports_categories(data, tmp
     assert all(r["question_s"] is not None for r in records), "questions are appended over the compressed context"
 
 
-def test_prepare_fetches_the_pinned_release_files(monkeypatch, tmp_path) -> None:
+def test_prepare_fetches_the_pinned_release_files_with_their_checksums(monkeypatch, tmp_path) -> None:
     urls, hub = [], []
-    monkeypatch.setattr(lc, "download", lambda url, path: urls.append((url, path)) or path)
-    monkeypatch.setattr(lc, "fetch_hub_files", lambda repo, rev, files, dest, bench: hub.append((repo, files)) or [])
+    monkeypatch.setattr(lc, "download", lambda url, path, **kw: urls.append((url, path, kw)) or path)
+    monkeypatch.setattr(lc, "fetch_hub_files",
+                        lambda repo, rev, files, dest, bench, **kw: hub.append((repo, rev, files, kw)) or [])
     lc.prepare(tmp_path, None)
-    assert urls[0] == (lc.LOCOMO_URL, tmp_path / "locomo10.json") and "/e130f7ad198c5520c181b2f7488c7d66ee62feff/" in \
-        lc.LOCOMO_URL
-    assert len(urls) == 11 and all(f"/REALTALK/{lc.REALTALK_COMMIT}/data/Chat_" in u for u, _ in urls[1:])
-    assert hub == [("xiaowu0162/longmemeval-cleaned", ["longmemeval_s_cleaned.json", "longmemeval_oracle.json"])]
+    url, path, kw = urls[0]
+    assert url == lc.LOCOMO_URL and path == tmp_path / "locomo10.json" and kw["root"] == tmp_path
+    assert f"/locomo/{lc.LOCOMO_COMMIT}/data/" in url and kw["expected"] == lc.LOCOMO_CHECKSUM
+    assert len(urls) == 11 and all(f"/REALTALK/{lc.REALTALK_COMMIT}/data/Chat_" in u for u, _, _ in urls[1:])
+    assert all(kw["expected"] == lc.REALTALK_FILES[p.stem] for _, p, kw in urls[1:])
+    (repo, rev, files, kw), = hub
+    assert (repo, rev) == ("xiaowu0162/longmemeval-cleaned", lc.LONGMEMEVAL_REVISION)
+    assert files == ["longmemeval_s_cleaned.json", "longmemeval_oracle.json"]
+    assert kw["expected"] is lc.LONGMEMEVAL_CHECKSUMS
 
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

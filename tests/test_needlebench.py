@@ -243,7 +243,8 @@ def test_prepare_fetches_the_hub_files_and_caches_the_gpt4_encoding(monkeypatch,
     import tiktoken
 
     hub, caches = [], []
-    monkeypatch.setattr(nb, "fetch_hub_files", lambda repo, rev, files, dest, bench: hub.append((repo, files)) or [])
+    monkeypatch.setattr(nb, "fetch_hub_files",
+                        lambda repo, rev, files, dest, bench, **kw: hub.append((repo, files)) or [])
     monkeypatch.setattr(tiktoken, "encoding_for_model", lambda name: caches.append(os.environ["TIKTOKEN_CACHE_DIR"]))
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     files = nb.prepare(tmp_path, None)

@@ -236,8 +236,9 @@ def test_answer_prefix_follows_the_chat_template() -> None:
 
 def test_prepare_fetches_essays_and_ruler_qa_release_files(monkeypatch, tmp_path) -> None:
     urls, hub = [], []
-    monkeypatch.setattr(ruler, "download", lambda url, path: urls.append((url, path.name)) or path)
-    monkeypatch.setattr(ruler, "fetch_hub_files", lambda repo, rev, files, dest, bench: hub.append((repo, files)) or [])
+    monkeypatch.setattr(ruler, "download", lambda url, path, **kw: urls.append((url, path.name)) or path)
+    monkeypatch.setattr(ruler, "fetch_hub_files",
+                        lambda repo, rev, files, dest, bench, **kw: hub.append((repo, files)) or [])
     ruler.prepare(tmp_path, None)
     assert hub == [("opencompass/NeedleBench", ["PaulGrahamEssays.jsonl"])]
     assert urls == [("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json", "squad.json"),

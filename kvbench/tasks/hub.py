@@ -23,11 +23,13 @@ import contextlib
 import functools
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from kvbench.errors import UsageError
+from kvbench.tasks import pinned
+from kvbench.tasks.pinned import Checksum
 
 DATA_ENV = "KVBENCH_DATA"
 _TRUE = ("1", "true", "yes", "on")
@@ -104,15 +106,38 @@ def load_local(files: str | os.PathLike | Sequence[str | os.PathLike], fmt: str 
 
 
 def fetch_hub_files(repo_id: str, revision: str, filenames: Sequence[str], dest: str | os.PathLike,
-                    benchmark: str, repo_type: str = "dataset") -> list[Path]:
-    """Download ``filenames`` of ``repo_id`` at ``revision`` into ``dest`` (kept with their repo paths)."""
+                    benchmark: str, repo_type: str = "dataset",
+                    expected: Mapping[str, Checksum] | None = None) -> list[Path]:
+    """Download ``filenames`` of ``repo_id`` at ``revision`` into ``dest`` (kept with their repo paths).
+
+    Each file is checked against ``expected[filename]`` when given (a mismatch is kept as ``.rejected`` and
+    stops the run, see :mod:`kvbench.tasks.pinned`) and recorded in ``dest/source.json`` with the commit the
+    revision resolved to."""
     from huggingface_hub import hf_hub_download
 
     dest = Path(dest)
     if not hub_reachable():
         raise DataMissingError(missing_message(benchmark, f"{repo_id}@{revision}", dest / filenames[0]))
-    return [Path(hf_hub_download(repo_id, f, repo_type=repo_type, revision=revision, local_dir=dest))
-            for f in filenames]
+    commit = resolved_commit(repo_id, revision, repo_type)
+    out = []
+    for name in filenames:
+        want = (expected or {}).get(name)
+        path = Path(hf_hub_download(repo_id, name, repo_type=repo_type, revision=revision, local_dir=dest))
+        digest = pinned.check(path, want, f"{repo_id}@{revision}/{name}")
+        pinned.record(dest, pinned.provenance(path, dest, f"hf://{repo_type}s/{repo_id}/{name}", digest, want,
+                                              revision=revision, commit=commit))
+        out.append(path)
+    return out
+
+
+def resolved_commit(repo_id: str, revision: str, repo_type: str = "dataset") -> str | None:
+    """The commit sha ``revision`` (a branch, tag or sha) of a hub repository points at; None if not answered."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision).sha
+    except Exception:  # noqa: BLE001 - informative only: the checksums identify the data
+        return None
 
 
 def require(path: str | os.PathLike, benchmark: str, dataset: str, names: Sequence[str] = ()) -> Path:

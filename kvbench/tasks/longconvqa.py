@@ -13,7 +13,7 @@ identical contexts and question prompts for the three datasets.
 Sources (``scripts/prepare_data.py longconvqa``, or ``data_dir`` pointing at local copies), read as the authors'
 JSON (nested per-conversation objects with a variable set of ``session_<n>`` keys, which ``datasets`` would flatten
 into a union schema, so plain ``json`` is used):
-  * LoCoMo: ``locomo10.json`` of snap-research/locomo at commit ``e130f7a``: a list of
+  * LoCoMo: ``locomo10.json`` of snap-research/locomo at commit ``3eb6f2c``: a list of
     ``{sample_id, conversation: {speaker_a, speaker_b, session_<n>: [{speaker, dia_id, text, blip_caption?}],
     session_<n>_date_time}, qa: [{question, answer | adversarial_answer, evidence, category}]}``. Categories
     1 multi-hop, 2 temporal, 3 open-domain, 4 single-hop, 5 adversarial. As EpiCache: category 5 is dropped and
@@ -23,14 +23,14 @@ into a union schema, so plain ``json`` is used):
     date_time, dia_id, img_url, ...}], session_<n>_date_time, events_session_<n>, qa: [{question, answer, evidence,
     category}]}``.
   * LongMemEval: ``longmemeval_s_cleaned.json`` / ``longmemeval_oracle.json`` of the hub dataset
-    ``xiaowu0162/longmemeval-cleaned``: a list of ``{question_id, question_type, question, answer, question_date,
-    haystack_session_ids, haystack_dates, haystack_sessions: [[{role, content, has_answer?}]], answer_session_ids}``;
-    one sample per question (each question has its own history). Rendered with EpiCache's LongMemEval layout
-    (TIMESTAMP / SESSION / User: / Assistant:). Deviations: EpiCache evaluates custom 20K/100K-token conversations
-    it builds from LongMemEval's raw parts with several questions each (not published); kvbench uses the released
-    benchmark, adds the question date (``Current Date: ...``, as LongMemEval's own prompt) so temporal questions are
-    answerable, and scores token F1 instead of LongMemEval's GPT-4o judge (category = ``question_type``; abstention
-    questions, ``_abs``, are flagged in ``meta["abstention"]``).
+    ``xiaowu0162/longmemeval-cleaned`` at commit ``98d7416``: a list of ``{question_id, question_type, question,
+    answer, question_date, haystack_session_ids, haystack_dates, haystack_sessions: [[{role, content,
+    has_answer?}]], answer_session_ids}``; one sample per question (each question has its own history). Rendered
+    with EpiCache's LongMemEval layout (TIMESTAMP / SESSION / User: / Assistant:). Deviations: EpiCache evaluates
+    custom 20K/100K-token conversations it builds from LongMemEval's raw parts with several questions each (not
+    published); kvbench uses the released benchmark, adds the question date (``Current Date: ...``, as LongMemEval's
+    own prompt) so temporal questions are answerable, and scores token F1 instead of LongMemEval's GPT-4o judge
+    (category = ``question_type``; abstention questions, ``_abs``, are flagged in ``meta["abstention"]``).
 """
 
 from __future__ import annotations
@@ -43,17 +43,43 @@ from kvbench.errors import UsageError
 from kvbench.tasks.base import Question, Sample
 from kvbench.tasks.download import download
 from kvbench.tasks.hub import DataMissingError, fetch_hub_files, missing_message
+from kvbench.tasks.pinned import Checksum
 
 BENCHMARK = "longconvqa"
-LOCOMO_URL = ("https://raw.githubusercontent.com/snap-research/locomo/e130f7ad198c5520c181b2f7488c7d66ee62feff/"
-              "data/locomo10.json")
+#: LoCoMo's ``data/locomo10.json`` at a pinned commit of snap-research/locomo, with the SHA-256 and size public
+#: projects pin for this file (it is the only LoCoMo release file; ``prepare`` checks the download against them).
+LOCOMO_COMMIT = "3eb6f2c585f5e1699204e3c3bdf7adc5c28cb376"
+LOCOMO_URL = f"https://raw.githubusercontent.com/snap-research/locomo/{LOCOMO_COMMIT}/data/locomo10.json"
+LOCOMO_CHECKSUM = Checksum("79fa87e90f04081343b8c8debecb80a9a6842b76a7aa537dc9fdf651ea698ff4", 2_805_274)
+#: REALTALK's ten conversations at a pinned commit of danny911kr/REALTALK; checksums computed from the git blobs of
+#: that commit (read from a clone of the repository).
 REALTALK_COMMIT = "b903e06a9770bf4e5fe9018c3e132889666d3b4a"
-REALTALK_FILES = ["Chat_1_Emi_Elise", "Chat_2_Kevin_Elise", "Chat_3_Kevin_Paola", "Chat_4_Emi_Paola",
-                  "Chat_5_Nicolas_Nebraas", "Chat_6_Vanessa_Nicolas", "Chat_7_Nebraas_Vanessa", "Chat_8_Akib_Muhhamed",
-                  "Chat_9_Fahim_Akib", "Chat_10_Fahim_Muhhamed"]
-LONGMEMEVAL_REPO, LONGMEMEVAL_REVISION = "xiaowu0162/longmemeval-cleaned", "main"
+REALTALK_FILES = {
+    "Chat_1_Emi_Elise": Checksum("4e947998a751a1ba2c3710fc873b90fbcbc234fda7a5e4e75db2b762e0f25a36", 236990),
+    "Chat_2_Kevin_Elise": Checksum("4ac6e319c206731aa9a025c93325eb1edb43686cf39473f058c87ae7deb2d62a", 228327),
+    "Chat_3_Kevin_Paola": Checksum("10c9208016538cbe7a28aafa6cfd72587b072677964c36ec242159fdf58961f2", 231570),
+    "Chat_4_Emi_Paola": Checksum("80aa012ed6a918f5b317bd942b4d4811a158d27a6e07b7a5c6182994107a9367", 232501),
+    "Chat_5_Nicolas_Nebraas": Checksum("32dd7c45786b1a26861dc1574a1bb698a855196fd2ae3fc0c091f3c9ab2d6d06", 466832),
+    "Chat_6_Vanessa_Nicolas": Checksum("9d5ee072ab5a0667ef71d5644d7cd3a4c6777a1e6e2252bf306f310d982e40ac", 467008),
+    "Chat_7_Nebraas_Vanessa": Checksum("b5716bb093217980e747dec0d98996829b569febc09587a025efc6b79806e9ce", 383849),
+    "Chat_8_Akib_Muhhamed": Checksum("814f64ad7e8a46f0398f550fe84184e2ba495a292290b9ff96ffc95448280800", 364402),
+    "Chat_9_Fahim_Akib": Checksum("05b9b4331bf0e25a2a64dc89c404622c83a61ab5e7c935fb7d844449caf6dd39", 400397),
+    "Chat_10_Fahim_Muhhamed": Checksum("26135a9e3482f40bea4c71de570a2d994a361848111067e60587be1dd82a0127", 283618),
+}
+#: LongMemEval's cleaned release (September 2025) at a pinned commit of the hub dataset, with the SHA-256 and size
+#: of each file as public projects pin them (the oracle file is byte-identical to the original release's).
+LONGMEMEVAL_REPO = "xiaowu0162/longmemeval-cleaned"
+LONGMEMEVAL_REVISION = "98d7416c24c778c2fee6e6f3006e7a073259d48f"
 LONGMEMEVAL_FILES = {"s": "longmemeval_s_cleaned.json", "oracle": "longmemeval_oracle.json",
                      "m": "longmemeval_m_cleaned.json"}
+LONGMEMEVAL_CHECKSUMS = {
+    "longmemeval_s_cleaned.json": Checksum("d6f21ea9d60a0d56f34a05b609c79c88a451d2ae03597821ea3d5a9678c3a442",
+                                           277_383_467),
+    "longmemeval_oracle.json": Checksum("821a2034d219ab45846873dd14c14f12cfe7776e73527a483f9dac095d38620c",
+                                        15_388_478),
+    "longmemeval_m_cleaned.json": Checksum("9d79e5524794a2e6900a3aa9cb7d9152c5a3e8319c9a87c25494ba1eacee495f",
+                                           2_737_100_077),
+}
 
 LOCOMO_CATEGORIES = {1: "multi_hop", 2: "temporal", 3: "open_domain", 4: "single_hop", 5: "adversarial"}
 CONV_START = ("Below is a conversation between two people: {} and {}. The conversation takes place over multiple "
@@ -76,15 +102,15 @@ def prepare(dest: Path, names: list[str] | None = None) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     if "locomo" in wanted:
-        files.append(download(LOCOMO_URL, dest / "locomo10.json"))
+        files.append(download(LOCOMO_URL, dest / "locomo10.json", expected=LOCOMO_CHECKSUM, root=dest))
     if "realtalk" in wanted:
-        (dest / "realtalk").mkdir(exist_ok=True)
-        for name in REALTALK_FILES:
+        for name, checksum in REALTALK_FILES.items():
             url = f"https://raw.githubusercontent.com/danny911kr/REALTALK/{REALTALK_COMMIT}/data/{name}.json"
-            files.append(download(url, dest / "realtalk" / f"{name}.json"))
+            files.append(download(url, dest / "realtalk" / f"{name}.json", expected=checksum, root=dest))
     lme = [LONGMEMEVAL_FILES[w.split("_", 1)[1]] for w in wanted if w.startswith("longmemeval_")]
     if lme:
-        files += fetch_hub_files(LONGMEMEVAL_REPO, LONGMEMEVAL_REVISION, lme, dest, BENCHMARK)
+        files += fetch_hub_files(LONGMEMEVAL_REPO, LONGMEMEVAL_REVISION, lme, dest, BENCHMARK,
+                                 expected=LONGMEMEVAL_CHECKSUMS)
     return files
 
 

@@ -64,6 +64,9 @@ from kvbench.tasks.base import Question, Sample
 from kvbench.tasks.hub import DataMissingError, fetch_hub_files, load_local, missing_message
 
 BENCHMARK = "needlebench"
+#: OpenCompass loads these files from the hub at ``main`` (no revision) and no commit sha or checksum of them could
+#: be found from this machine (no hub access); ``prepare`` records the commit ``main`` resolved to and each file's
+#: SHA-256 in ``<data>/needlebench/source.json``. Set a sha here to pin it.
 REPO, REVISION = "opencompass/NeedleBench", "main"
 FILES = ["PaulGrahamEssays.jsonl", "needles.jsonl", "names.json"]
 KINDS = ("single", "multi_retrieval", "multi_reasoning", "kvcache_factory")

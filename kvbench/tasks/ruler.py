@@ -127,6 +127,8 @@ QA_FILES = {
     "hotpotqa": ("hotpotqa.json", "https://huggingface.co/datasets/namlh2004/hotpotqa/resolve/"
                                   "7e54db4656209750ff487f6fdf8e39a66dba136b/hotpot_dev_distractor_v1.json"),
 }
+#: The essay haystack, from NeedleBench's hub dataset at ``main`` (unpinned there too, see
+#: ``kvbench.tasks.needlebench.REVISION``); the resolved commit and SHA-256 go to ``<data>/ruler/source.json``.
 ESSAY_REPO, ESSAY_REVISION, ESSAY_FILE = "opencompass/NeedleBench", "main", "PaulGrahamEssays.jsonl"
 
 
@@ -144,7 +146,7 @@ def prepare(dest: Path, names: list[str] | None = None) -> list[Path]:
     for name in wanted:
         if name in QA_FILES:
             fname, url = QA_FILES[name]
-            files.append(download(url, dest / fname))
+            files.append(download(url, dest / fname, root=dest))
     return files
 
 
