@@ -7,16 +7,22 @@ Layout of one run (the path depends only on the config, never on time)::
         predictions.jsonl   one line per scored question, appended and flushed as each finishes
         metrics.json        written atomically, last: its presence means "finished"
         error.json          only after a failure (exception type, message, traceback); removed when the run finishes
+        .lock               held (flock) by the process writing the run; says which (pid, host, since)
 
 Rerunning resumes: finished lines are skipped, a half-written last line is dropped, a finished run returns at
-once, and a different config for the same directory is refused.
+once, and a different config for the same directory is refused. One process at a time writes a run directory: a
+second one (a resubmitted sweep while the old jobs still run) stops at once with :class:`RunDirBusyError`. The
+lock is the kernel's, so a process that dies, even by SIGKILL or preemption, releases it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import time
 import traceback
 import warnings
@@ -33,10 +39,15 @@ VOLATILE_KEYS = ("paths", "limit", "overwrite", "progress", "run_dir", "hydra", 
 # where a task's loader finds its data files (the data root moves between machines; the data is pinned elsewhere)
 VOLATILE_LOADER_KEYS = ("root", "data_dir")
 ERROR_FILE = "error.json"
+LOCK_FILE = ".lock"
 
 
 class ConfigMismatchError(UsageError):
     """The run directory holds results of a different configuration."""
+
+
+class RunDirBusyError(UsageError):
+    """Another live process is writing the run directory."""
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
@@ -69,6 +80,7 @@ class RunStore:
         self.predictions_path = self.dir / "predictions.jsonl"
         self.metrics_path = self.dir / "metrics.json"
         self.error_path = self.dir / ERROR_FILE
+        self._lock_fd: int | None = None
 
     @property
     def complete(self) -> bool:
@@ -88,17 +100,75 @@ class RunStore:
             )
 
     def discard(self) -> None:
-        """Delete this run's files (``overwrite=true``)."""
+        """Delete this run's files (``overwrite=true``), after taking the directory's lock."""
+        if self.dir.exists():
+            self.lock()
         for p in (self.metrics_path, self.predictions_path, self.config_path, self.error_path):
             p.unlink(missing_ok=True)
 
     def open(self) -> None:
-        """Create the directory and its config.yaml, or check that the one there belongs to the same config."""
-        self.check()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Take the directory's lock, then create it and its config.yaml, or check that the one there belongs to
+        the same config."""
+        self.lock()
+        try:
+            self.check()
+        except ConfigMismatchError:
+            self.unlock()
+            raise
         if not self.config_path.exists():
             text = yaml.safe_dump({"config_hash": self.hash, "config": self.cfg}, sort_keys=False)
             _atomic_write(self.config_path, text)
+
+    def lock(self) -> None:
+        """Hold an exclusive ``flock`` on ``<dir>/.lock`` until :meth:`unlock` or the process ends; a directory
+        another process holds raises :class:`RunDirBusyError` naming it. On a file system without ``flock`` (some
+        parallel file systems) the run goes on unlocked, with a warning."""
+        if self._lock_fd is not None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirBusyError(f"{self.dir} is being written by another process ({owner}). Wait for it to end or "
+                                  "cancel it; a process that dies releases the directory.") from None
+        except OSError as err:
+            os.close(fd)
+            warnings.warn(f"cannot lock {self.dir} ({err}); writing it unlocked", stacklevel=2)
+            return
+        os.ftruncate(fd, 0)
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "slurm_job": os.environ.get("SLURM_JOB_ID")}
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock (the .lock file stays: deleting it would race with a process about to lock it)."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __del__(self) -> None:
+        self.unlock()
+
+    def holder(self) -> str | None:
+        """Who holds the directory's lock (its ``.lock`` text) if a live process does, else None."""
+        path = self.dir / LOCK_FILE
+        if not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read(4096).decode(errors="replace").strip() or "unknown"
+            except OSError:
+                return None
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return None
 
     def records(self) -> list[dict[str, Any]]:
         """Finished lines; a partial last line (killed mid-write) is cut off the file."""
@@ -160,7 +230,7 @@ def record_failure(run_dir: str | Path, cfg: dict[str, Any], err: BaseException)
     A directory that holds another configuration (or none yet) is left alone.
     """
     store = RunStore(run_dir, cfg)
-    if not store.owned():
+    if not store.owned() or isinstance(err, RunDirBusyError):  # a busy directory is another process's, not ours
         return False
     store.write_error(err)
     return True

@@ -89,16 +89,20 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     store, budget, finished = prepare(cfg)
     if finished is not None:
         return finished
-    setup = load(cfg)
-    store.open()  # only a configuration that loaded claims its run directory
-    done = store.done_ids()
-    todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
-    torch.manual_seed(int(cfg.seed))
-    with Engine(setup.model, setup.method, setup.allocator, budget, backend=cfg.model.attn_implementation) as engine:
-        for sample in progress(cfg, todo, len(setup.samples), f"{cfg.method.name} b={cfg.budget}"):
-            for record in run_sample(engine, setup.tok, sample, setup.opts, done):
-                store.append(record)
-    return finish(cfg, store, budget, setup)
+    try:
+        setup = load(cfg)
+        store.open()  # only a configuration that loaded claims (and locks) its run directory
+        done = store.done_ids()
+        todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
+        torch.manual_seed(int(cfg.seed))
+        with Engine(setup.model, setup.method, setup.allocator, budget,
+                    backend=cfg.model.attn_implementation) as engine:
+            for sample in progress(cfg, todo, len(setup.samples), f"{cfg.method.name} b={cfg.budget}"):
+                for record in run_sample(engine, setup.tok, sample, setup.opts, done):
+                    store.append(record)
+        return finish(cfg, store, budget, setup)
+    finally:
+        store.unlock()
 
 
 def prepare(cfg: DictConfig) -> tuple[RunStore, float, dict[str, Any] | None]:

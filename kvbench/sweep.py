@@ -228,15 +228,19 @@ def run_sweep(cfg: DictConfig) -> dict[float, dict[str, Any]]:
               file=sys.stderr)
         return {b: runner.run(one) for b, one in configs.items()}
     results, jobs = {}, {}
-    for b, one in configs.items():
-        store, _, finished = runner.prepare(one)
-        if finished is None:
-            jobs[b] = (one, store)
-        else:
-            results[b] = finished
-    if jobs:
-        with runner.failure_marked(*(one for one, _ in jobs.values())):
-            results.update(_run_shared(cfg, jobs))
+    try:
+        for b, one in configs.items():
+            store, _, finished = runner.prepare(one)
+            if finished is None:
+                jobs[b] = (one, store)
+            else:
+                results[b] = finished
+        if jobs:
+            with runner.failure_marked(*(one for one, _ in jobs.values())):
+                results.update(_run_shared(cfg, jobs))
+    finally:
+        for _, store in jobs.values():
+            store.unlock()
     for b, one in configs.items():
         log_run(one, results[b])
     return {b: results[b] for b in configs}

@@ -74,6 +74,7 @@ def write_run(root: Path, run_id: str, state: str) -> None:
         store.write_metrics({"n_questions": 1})
     if state == "failed":
         store.write_error(ValueError("bad"))
+    store.unlock()  # these runs' processes are gone
 
 
 def test_status_states_and_pending_sweep_jobs(tmp_path) -> None:
@@ -113,7 +114,7 @@ def test_status_states_and_pending_sweep_jobs(tmp_path) -> None:
     res = subprocess.run([sys.executable, "-m", "kvbench.report", "status", str(root), "--sweep", str(sweep)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 1, res.stderr  # a failed run
-    assert res.stdout.startswith("1 finished, 1 partial, 1 failed, 2 started, 1 pending")
+    assert res.stdout.startswith("1 finished, 0 running, 1 partial, 1 failed, 2 started, 1 pending")
     assert "ValueError: bad" in res.stdout and ids["finished"] not in res.stdout  # finished runs only with --all
     bad = subprocess.run([sys.executable, "-m", "kvbench.report", "status", str(tmp_path / "nope")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -1,5 +1,5 @@
 """``python -m kvbench.report <root>`` writes tables and figures; ``python -m kvbench.report status <root>``
-lists finished, partial, failed and (with ``--sweep``) pending runs."""
+lists finished, running, partial, failed and (with ``--sweep``) pending runs."""
 
 from __future__ import annotations
 

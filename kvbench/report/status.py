@@ -1,13 +1,15 @@
-"""Which runs of a results root (or of a Hydra sweep) are finished, partial, failed, started or pending.
+"""Which runs of a results root (or of a Hydra sweep) are finished, running, partial, failed, started or pending.
 
 States of a run directory (``kvbench.results`` layout):
 
 * ``finished``: ``metrics.json`` present.
+* ``running``: not finished and a live process holds the directory's lock (``.lock``: pid, host, since, Slurm job).
 * ``failed``: ``error.json`` present and no ``metrics.json``: the run raised (the runner records the exception
   type, message and traceback); rerunning resumes from the predictions already written.
-* ``partial``: predictions but no metrics and no error: running right now, or killed (SIGKILL, time limit, node
-  failure); rerunning resumes.
-* ``started``: only ``config.yaml``: the run claimed its directory and no question finished yet (running or killed).
+* ``partial``: predictions but no metrics, no error and no live writer: killed (SIGKILL, time limit, node failure)
+  or interrupted; rerunning resumes.
+* ``started``: only ``config.yaml``: the run claimed its directory and no question finished yet, and nothing holds
+  it now (killed while loading or before its first answer).
 
 With a sweep (a Hydra multirun directory holding ``multirun.yaml``), every job of the sweep's grid is listed. A job
 whose run directory does not exist is ``started`` when Hydra created its job directory (still loading, or it failed
@@ -26,9 +28,9 @@ import pandas as pd
 import yaml
 
 from kvbench.errors import UsageError
-from kvbench.results import ERROR_FILE
+from kvbench.results import ERROR_FILE, RunStore
 
-STATES = ("finished", "partial", "failed", "started", "pending")
+STATES = ("finished", "running", "partial", "failed", "started", "pending")
 COLUMNS = ["run_id", "state", "n_predictions", "n_questions", "error", "updated", "run_dir"]
 
 
@@ -37,8 +39,11 @@ def _run_state(run_dir: Path) -> dict[str, Any]:
     preds = files.get("predictions.jsonl")
     n_pred = preds.read_bytes().count(b"\n") if preds else 0
     row: dict[str, Any] = {"n_predictions": n_pred, "n_questions": None, "error": None}
+    holder = RunStore(run_dir, {}).holder() if "metrics.json" not in files else None
     if "metrics.json" in files:
         row.update(state="finished", n_questions=json.loads(files["metrics.json"].read_text()).get("n_questions"))
+    elif holder is not None:
+        row.update(state="running", error=f"written by {holder}")
     elif ERROR_FILE in files:
         err = json.loads(files[ERROR_FILE].read_text())
         row.update(state="failed", error=f"{err.get('type')}: {err.get('message', '')}"[:300])
