@@ -56,6 +56,13 @@ class Method(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} sets decode_evict but has no decode_score()")
 
+    def inputs(self) -> dict[str, str]:
+        """Files beyond the config whose content determines the results (a calibration), as ``{label: sha256}``.
+
+        Read after the runner's ``prepare(model)`` call; the run directory records them and refuses to resume
+        with different ones. None by default."""
+        return {}
+
     def probe_scores(self, queries: Tensor, layer: LayerKV, scale: float) -> Tensor:
         """Scores of a layer's cached tokens from a probe's queries (``Engine.probe``): (H_kv, max_h len_h), -inf
         past the end of each head. queries (H_q, p, d) post-RoPE."""

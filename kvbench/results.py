@@ -106,18 +106,32 @@ class RunStore:
         for p in (self.metrics_path, self.predictions_path, self.config_path, self.error_path):
             p.unlink(missing_ok=True)
 
-    def open(self) -> None:
+    def open(self, inputs: dict[str, str] | None = None) -> None:
         """Take the directory's lock, then create it and its config.yaml, or check that the one there belongs to
-        the same config."""
+        the same config. ``inputs`` (the method's input files, ``{label: sha256}``) are recorded there, and a
+        directory run with other input files is refused."""
         self.lock()
         try:
             self.check()
+            self._check_inputs(inputs or {})
         except ConfigMismatchError:
             self.unlock()
             raise
         if not self.config_path.exists():
-            text = yaml.safe_dump({"config_hash": self.hash, "config": self.cfg}, sort_keys=False)
+            text = yaml.safe_dump({"config_hash": self.hash, "config": self.cfg, "inputs": inputs or {}},
+                                  sort_keys=False)
             _atomic_write(self.config_path, text)
+
+    def _check_inputs(self, inputs: dict[str, str]) -> None:
+        """Refuse to resume with other input files (a run directory written before inputs were recorded passes)."""
+        stored = yaml.safe_load(self.config_path.read_text()) if self.config_path.exists() else None
+        old = (stored or {}).get("inputs", inputs) or {}
+        if old != inputs:
+            diff = "; ".join(f"{k}: {old.get(k)} then, {inputs.get(k)} now"
+                             for k in sorted({*old, *inputs}) if old.get(k) != inputs.get(k))
+            raise ConfigMismatchError(
+                f"{self.dir} was run with other input files ({diff}). Give this variant its own name (e.g. "
+                "method.name=compresskv_recal), use another paths.results, or pass overwrite=true to discard it.")
 
     def lock(self) -> None:
         """Hold an exclusive ``flock`` on ``<dir>/.lock`` until :meth:`unlock` or the process ends; a directory
@@ -230,7 +244,7 @@ def record_failure(run_dir: str | Path, cfg: dict[str, Any], err: BaseException)
     A directory that holds another configuration (or none yet) is left alone.
     """
     store = RunStore(run_dir, cfg)
-    if not store.owned() or isinstance(err, RunDirBusyError):  # a busy directory is another process's, not ours
+    if not store.owned() or isinstance(err, (RunDirBusyError, ConfigMismatchError)):  # refused: not this run's
         return False
     store.write_error(err)
     return True

@@ -91,7 +91,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         return finished
     try:
         setup = load(cfg)
-        store.open()  # only a configuration that loaded claims (and locks) its run directory
+        store.open(setup.method.inputs())  # only a configuration that loaded claims (and locks) its run directory
         done = store.done_ids()
         todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
         torch.manual_seed(int(cfg.seed))

@@ -250,7 +250,7 @@ def _run_shared(cfg: DictConfig, jobs: dict[float, tuple[DictConfig, RunStore]])
     """The budgets still to do, one prefill per prompt; each budget's records go to its own run directory."""
     setup = runner.load(next(iter(jobs.values()))[0])
     for _, store in jobs.values():
-        store.open()
+        store.open(setup.method.inputs())
     done = {b: store.done_ids() for b, (_, store) in jobs.items()}
     todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in ids for ids in done.values() for q in s.questions)]
     torch.manual_seed(int(cfg.seed))

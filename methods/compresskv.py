@@ -3,6 +3,7 @@ error-aware layer budgets (the ``error_aware`` allocator)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ class Calibration:
     layer_scores: list[float] | None
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)  # {"calibration": sha256, "layer_scores": sha256}
 
     def check(self, n_layers: int, n_heads: int) -> None:
         """One clear message when the calibration belongs to a model of another shape."""
@@ -139,11 +141,12 @@ def load_calibration(path: str | Path, layer_scores: str | Path | None = None) -
         scores, meta = None, {"format": "authors (TUDa-HWAI/CompressKV scores/*_head_idx.json)"}
     else:
         raise UsageError(f"{path} is neither a kvbench CompressKV calibration nor the authors' *_head_idx.json")
-    source = str(path)
+    source, digests = str(path), {"calibration": hashlib.sha256(path.read_bytes()).hexdigest()}
     if layer_scores is not None:
         scores = _authors_layer_scores(Path(layer_scores).expanduser())
         source += f" + {layer_scores}"
-    return Calibration(heads, [float(x) for x in scores] if scores is not None else None, source, meta)
+        digests["layer_scores"] = hashlib.sha256(Path(layer_scores).expanduser().read_bytes()).hexdigest()
+    return Calibration(heads, [float(x) for x in scores] if scores is not None else None, source, meta, digests)
 
 
 def calibration_name(name_or_path: str) -> str:
@@ -260,6 +263,10 @@ class CompressKV(Method):
         cfg = model.config.get_text_config()
         self.load(str(getattr(model.config, "_name_or_path", "") or ""), cfg.num_hidden_layers,
                   cfg.num_attention_heads)
+
+    def inputs(self) -> dict[str, str]:
+        """The SHA-256 of the calibration file(s) the run uses (recorded in the run directory)."""
+        return {f"{k}_sha256": v for cal in self._cache.values() for k, v in cal.digests.items()}
 
     def score(self, ctx: LayerContext) -> Tensor:
         config = ctx.module.config

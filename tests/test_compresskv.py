@@ -286,3 +286,30 @@ def test_uncalibrated_hf_model_names_the_command_then_runs_once_calibrated(tmp_p
     monkeypatch.setenv("KVBENCH_CALIBRATION_DIR", str(out.parent))  # calibration=auto finds it by name
     metrics = _run(tmp_path, *hf)
     assert metrics["n_questions"] == 2 and 0.29 < metrics["kept_fraction"] < 0.31
+
+
+def test_the_run_records_the_calibration_digest_and_refuses_to_resume_with_another(tmp_path):
+    """The calibration path is in the config, its content is not: a run directory keeps the file's SHA-256 and a
+    resumed run whose file changed under the same path is refused instead of mixing two calibrations."""
+    import hashlib
+    from pathlib import Path
+
+    import yaml
+
+    from kvbench.results import ConfigMismatchError
+
+    cal = tmp_path / "cal.json"
+    shutil.copy(CALIBRATION_DIR / "kvbench-tiny.json", cal)
+    metrics = _run(tmp_path, f"method.calibration={cal}", "budget=0.2")
+    run_dir = next(Path(p).parent for p in (tmp_path / "results").rglob("config.yaml"))
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["inputs"]
+    assert recorded == {"calibration_sha256": hashlib.sha256(cal.read_bytes()).hexdigest()}
+    (run_dir / "metrics.json").unlink()  # as if the job had been killed before finishing
+    assert _run(tmp_path, f"method.calibration={cal}", "budget=0.2")["n_questions"] == metrics["n_questions"]
+    (run_dir / "metrics.json").unlink()
+    data = json.loads(cal.read_text())
+    data["srh"]["ranking"] = [list(reversed(layer)) for layer in data["srh"]["ranking"]]  # a re-calibration
+    cal.write_text(json.dumps(data))
+    with pytest.raises(ConfigMismatchError, match="calibration_sha256: [0-9a-f]{64} then, [0-9a-f]{64} now"):
+        _run(tmp_path, f"method.calibration={cal}", "budget=0.2")
+    assert not (run_dir / "error.json").exists(), "the old run is not marked failed by the refused one"
