@@ -72,6 +72,8 @@ def _atomic_write(path: Path, text: str) -> None:
 class RunStore:
     """One run directory."""
 
+    _lock_fd: int | None = None  # the held lock's file descriptor (class default: also set if __init__ raised)
+
     def __init__(self, run_dir: str | Path, cfg: dict[str, Any]) -> None:
         self.dir = Path(run_dir)
         self.cfg = cfg
@@ -80,7 +82,6 @@ class RunStore:
         self.predictions_path = self.dir / "predictions.jsonl"
         self.metrics_path = self.dir / "metrics.json"
         self.error_path = self.dir / ERROR_FILE
-        self._lock_fd: int | None = None
 
     @property
     def complete(self) -> bool:
