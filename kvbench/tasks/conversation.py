@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbench.errors import UsageError
+from kvbench.tasks import synthetic
 from kvbench.tasks import synthetic_vocab as sv
 from kvbench.tasks.base import Question, Sample
 
@@ -79,7 +80,7 @@ DATE_CODES: tuple[str, ...] = sv.CODES[400:]
 ANSWER_CODES: tuple[str, ...] = sv.CODES[:400]
 MAX_NEW_TOKENS = 8
 STOP: list[str] = ["."]
-MIN_SENTENCE, MAX_SENTENCE = 5, 12
+MIN_SENTENCE, MAX_SENTENCE = synthetic.MIN_SENTENCE, synthetic.MAX_SENTENCE
 TOKENS_PER_TURN = 20  # average filler turn length (speaker, ":" and 1-3 sentences)
 
 
@@ -96,21 +97,7 @@ def question_text(attribute: str, key: str, lead: list[str] | tuple[str, ...] = 
 
 def _sentence(rng: random.Random, n: int, topic: Topic) -> list[str]:
     """A topic sentence of exactly n tokens (MIN_SENTENCE <= n <= MAX_SENTENCE + 1), ending in '.'."""
-    if n == MIN_SENTENCE:
-        return [rng.choice(sv.DETERMINERS), rng.choice(topic.nouns), rng.choice(topic.verbs), rng.choice(sv.ADVERBS),
-                "."]  # fmt: skip
-    extra = n - 6
-    use_pp = extra > 3 or (extra == 3 and rng.random() < 0.5)
-    chosen = set(rng.sample(["adj_subj", "adj_obj", "adv"] + (["adj_pp"] if use_pp else []), extra - 3 * use_pp))
-
-    def noun_phrase(slot: str) -> list[str]:
-        adj = [rng.choice(topic.adjectives)] if slot in chosen else []
-        return [rng.choice(sv.DETERMINERS), *adj, rng.choice(topic.nouns)]
-
-    words = [*noun_phrase("adj_subj"), rng.choice(topic.verbs), *noun_phrase("adj_obj")]
-    if use_pp:
-        words += [rng.choice(sv.PREPOSITIONS), *noun_phrase("adj_pp")]
-    return [*words, *([rng.choice(sv.ADVERBS)] if "adv" in chosen else []), "."]
+    return synthetic._sentence(rng, n, topic.nouns, topic.verbs, topic.adjectives)
 
 
 def _sentences(rng: random.Random, n_tokens: int, topic: Topic) -> list[list[str]]:

@@ -21,6 +21,7 @@ target exactly (recorded in ``Sample.meta["context_tokens"]``).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from kvbench.errors import UsageError
@@ -62,20 +63,22 @@ def cut_at_stop(text: str, stop: list[str] | None = None) -> str:
     return text.strip()
 
 
-def _sentence(rng: random.Random, n: int) -> list[str]:
-    """A filler sentence of exactly n tokens (MIN_SENTENCE <= n <= MAX_SENTENCE + 1), ending in '.'."""
+def _sentence(rng: random.Random, n: int, nouns: Sequence[str] = sv.NOUNS, verbs: Sequence[str] = sv.VERBS,
+              adjectives: Sequence[str] = sv.ADJECTIVES) -> list[str]:
+    """A filler sentence of exactly n tokens (MIN_SENTENCE <= n <= MAX_SENTENCE + 1), ending in '.', from these
+    content words (the embedded vocabulary by default; the conversation task passes a topic's)."""
     if n == MIN_SENTENCE:
-        return [rng.choice(sv.DETERMINERS), rng.choice(sv.NOUNS), rng.choice(sv.VERBS), rng.choice(sv.ADVERBS), "."]
+        return [rng.choice(sv.DETERMINERS), rng.choice(nouns), rng.choice(verbs), rng.choice(sv.ADVERBS), "."]
     extra = n - 6
     use_pp = extra > 3 or (extra == 3 and rng.random() < 0.5)
     singles = ["adj_subj", "adj_obj", "adv"] + (["adj_pp"] if use_pp else [])
     chosen = set(rng.sample(singles, extra - 3 * use_pp))
 
     def noun_phrase(slot: str) -> list[str]:
-        adj = [rng.choice(sv.ADJECTIVES)] if slot in chosen else []
-        return [rng.choice(sv.DETERMINERS), *adj, rng.choice(sv.NOUNS)]
+        adj = [rng.choice(adjectives)] if slot in chosen else []
+        return [rng.choice(sv.DETERMINERS), *adj, rng.choice(nouns)]
 
-    words = [*noun_phrase("adj_subj"), rng.choice(sv.VERBS), *noun_phrase("adj_obj")]
+    words = [*noun_phrase("adj_subj"), rng.choice(verbs), *noun_phrase("adj_obj")]
     if use_pp:
         words += [rng.choice(sv.PREPOSITIONS), *noun_phrase("adj_pp")]
     if "adv" in chosen:
