@@ -146,11 +146,13 @@ class LayerScores:
         scores: (H, m) scores of the layer's m candidate tokens (the first m of every head, in cache order).
         n: tokens per head in the layer (the n - m trailing ones are always kept).
         stats: per-layer scalars the method left in ``ctx.stats`` (e.g. CAKE's preference).
+        pad: (H,) leading padding columns of a ragged layer's view (scores -inf there), or None when uniform.
     """
 
     scores: Tensor
     n: int
     stats: dict
+    pad: Tensor | None = None
 
 
 @dataclass

@@ -112,9 +112,6 @@ class KVBenchLM(TemplateLM):
         if self.protocol == "query_agnostic" and not split:
             raise UsageError("protocol=query_agnostic needs split=<marker> (e.g. split='Question:'): the prompt part "
                              "before the marker's last occurrence is compressed before the question is seen")
-        if cfg.prefill_chunk and not self.allocator.equal_heads:
-            raise UsageError(f"prefill_chunk needs an allocator with equal per-head counts; {cfg.allocator.name} "
-                             "gives heads different lengths")
         if in_memory:
             if tokenizer is None:
                 raise UsageError("an in-memory model needs its tokenizer: KVBenchLM(pretrained=model, tokenizer=tok)")

@@ -140,12 +140,6 @@ def load(cfg: DictConfig) -> Setup:
     if getattr(method, "episodic", False) and cfg.protocol != "query_agnostic":
         raise UsageError(f"method={cfg.method.name} answers many questions over per-episode caches of one context; "
                          "run it with protocol=query_agnostic")
-    if cfg.prefill_chunk and allocator.cross_layer:
-        raise UsageError(f"prefill_chunk cannot be combined with the {cfg.allocator.name} allocator, which allocates "
-                         "across layers after the whole prompt is scored")
-    if cfg.prefill_chunk and not allocator.equal_heads:
-        raise UsageError(f"prefill_chunk needs an allocator that keeps equal per-head counts (uniform, pyramid); "
-                         f"{cfg.allocator.name} gives heads different lengths, which cannot be re-compressed yet")
     if hasattr(allocator, "check_method"):  # an allocator that reads one method's ctx.memo (taskkv) refuses others
         allocator.check_method(method)
     tok = load_tokenizer(cfg.model) if needs_tokenizer(cfg.task) else None  # tasks built in the model's tokens

@@ -65,7 +65,58 @@ def test_runner_blockwise_and_its_allocator_check(tmp_path) -> None:
 
     metrics = run(cfg("method=snapkv", "protocol=query_agnostic"))
     assert metrics["n_questions"] == 2 and abs(metrics["kept_fraction"] - 0.2) < 0.01
-    with pytest.raises(UsageError, match="prefill_chunk"):
-        run(cfg("method=adakv"))
+    metrics = run(cfg("method=adakv"))  # head-adaptive, re-compressed block by block through the ragged view
+    assert abs(metrics["kept_fraction"] - 0.2) < 0.01
     with pytest.raises(UsageError, match="prefill_chunk"):
         run(cfg("prefill_chunk=0"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ragged layers re-compressed block by block (head-adaptive allocators): the left-padded view
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["adakv", "defensivekv", "taskkv", "layer_defensivekv", "cake"])
+def test_blockwise_head_adaptive_keeps_the_budget(model, name) -> None:
+    from conftest import load_method
+
+    n, chunk, budget = 1536, 256, 0.2
+    ids = torch.randint(5, 700, (n,), generator=torch.Generator().manual_seed(2)).tolist()
+    method, alloc = load_method(name)
+    with Engine(model, method, alloc, budget) as eng:
+        _, stats = prefill(eng, ids, {}, chunk=chunk)
+        lens = eng.store.lengths()
+        heads = sum(len(layer) for layer in lens)
+        if not alloc.equal_heads:
+            assert any(len(set(layer)) > 1 for layer in lens), "head-adaptive: heads must differ (ragged layers)"
+        assert abs(stats["kept_entries"] / (heads * n) - budget) <= 0.02 * budget
+        per_entry = stats["kv_bytes_kept"] / stats["kept_entries"]
+        assert abs(stats["kv_bytes_kept"] - budget * n * heads * per_entry) <= 0.02 * budget * n * heads * per_entry
+        for layer in eng.store.layers:  # every head keeps the last block's window, positions sorted and unique
+            for h in range(layer.n_heads):
+                pos = layer.head(h)[2].tolist()
+                assert pos == sorted(set(pos)) and pos[-method.window :] == list(range(n - method.window, n))
+        assert torch.isfinite(eng.forward([5])).all()
+
+
+def test_ragged_view_scores_equal_each_head_scored_alone() -> None:
+    """A ragged layer's left-padded view gives every head the SnapKV scores it gets when scored on its own."""
+    from kvbench.engine.context import LayerContext
+    from kvbench.engine.store import LayerKV
+    from kvbench.engine.view import layer_view, mask_padding
+
+    torch.manual_seed(0)
+    lens, d, g, w = [40, 25, 33], 8, 2, 6
+    layer = LayerKV.from_dense(torch.randn(3, 40, d), torch.randn(3, 40, d), torch.arange(40))
+    layer.select([torch.arange(40 - x, 40) for x in lens])  # heads keep their last len_h tokens
+    queries = torch.randn(3 * g, w, d)
+    method = SnapKV(window=w)
+    view = layer_view(layer)
+    ctx = LayerContext(layer_idx=0, n_layers=1, module=None, queries=queries, keys=view.keys, values=view.values,
+                       positions=view.positions, window=w, keep=10, scaling=d**-0.5, pad=view.pad)
+    scores = mask_padding(method.score(ctx), view.pad)  # (3, 40 - w)
+    for h, length in enumerate(lens):
+        k, v, p = layer.head(h)
+        alone = LayerContext(layer_idx=0, n_layers=1, module=None, queries=queries[h * g : (h + 1) * g],
+                             keys=k[None], values=v[None], positions=p, window=w, keep=10, scaling=d**-0.5)
+        ref = method.score(alone)[0]  # (len_h - w,)
+        torch.testing.assert_close(scores[h, 40 - length :], ref, atol=1e-6, rtol=0)
+        assert torch.isinf(scores[h, : 40 - length]).all()

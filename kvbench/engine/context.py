@@ -33,6 +33,11 @@ class LayerContext:
             future multimodal runs add image/frame spans here.
         memo: scratch space shared by the method and its allocator for this layer (cached attention etc.).
         stats: per-layer scalars a cross-layer allocator reads after scoring (e.g. CAKE's layer preference).
+        pad: (H_kv,) leading padding columns per KV head when the layer's heads hold different lengths (the
+            left-padded ragged view of ``kvbench.engine.view``; ``keys``/``values`` are zero there and
+            ``positions`` is (H_kv, n) with -1), or None for a uniform layer. Softmaxes over keys must exclude
+            the padding (``key_mask``); the engine sets padding scores to -inf before selecting.
+        sliding_window: the layer's local attention window (None: global attention).
     """
 
     layer_idx: int
@@ -49,6 +54,15 @@ class LayerContext:
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     memo: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    pad: Tensor | None = None
+    sliding_window: int | None = None
+
+    @property
+    def key_mask(self) -> Tensor | None:
+        """(H_kv, n) True for real keys, False for padding; None when the layer is uniform (all real)."""
+        if self.pad is None:
+            return None
+        return torch.arange(self.n, device=self.keys.device)[None, :] >= self.pad[:, None].to(self.keys.device)
 
     @property
     def n(self) -> int:
@@ -85,6 +99,8 @@ class LayerContext:
         logits = logits.reshape(-1, w, self.n)  # (H_q, w, n); query head i belongs to KV head i // G
         causal = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)  # True above the diagonal
         logits[:, :, self.n - w :].masked_fill_(causal, float("-inf"))
+        if self.pad is not None:  # ragged view: padding keys get no attention
+            logits = logits.masked_fill(~self.key_mask.repeat_interleave(self.n_groups, 0)[:, None, :], float("-inf"))
         probs = logits.softmax(-1).to(self.queries.dtype)  # (H_q, w, n)
         return probs[:, :, : self.n - w]
 
@@ -108,6 +124,8 @@ class LayerContext:
             logits = torch.einsum("hgcd,hnd->hgcn", q, k).flatten(0, 1) * self.scaling  # (H_q, c, n)
             rows = torch.arange(s, s + q.shape[2], device=k.device)[:, None] + offset
             logits.masked_fill_(torch.arange(self.n, device=k.device)[None, :] > rows, float("-inf"))
+            if self.pad is not None:  # ragged view: padding keys get no attention
+                logits.masked_fill_(~self.key_mask.repeat_interleave(self.n_groups, 0)[:, None, :], float("-inf"))
             total += logits.softmax(-1).to(self.queries.dtype).float().sum(1)
         self.memo["colsum"] = total
         return total

@@ -4,7 +4,10 @@ How it plugs in: inside ``with Engine(...)`` every attention module's ``config._
 registered ``"kvbench"`` attention function, and the model is called with ``use_cache=False`` and explicit
 ``position_ids``. The attention function therefore receives the post-RoPE q/k/v of the *new* tokens only; it
 stores k/v in the engine's ``KVStore`` and attends over it. This needs no transformers ``Cache`` internals (which
-changed between 4.57 and 5.x) and works for Llama, Mistral, Qwen2 and Qwen3 alike.
+changed between 4.57 and 5.x). What differs between model families (which modules are the attention layers,
+their KV heads and sliding windows, how positions are built and the model is called, which config routes the
+attention) is declared by the family's adapter (``kvbench.engine.adapters``); a model without one, or with an
+attention feature the engine does not implement, is refused with one message naming it.
 
 Prefill attention always uses the full K/V; right after a layer's attention the engine scores that layer with its
 own window queries (methods_core §1.1) and keeps only the selected entries, so later layers of the same prefill
@@ -23,9 +26,12 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 
 from kvbench.budget import Allocator, LayerScores, Uniform, tokens_per_head
+from kvbench.engine import local
+from kvbench.engine.adapters import UnsupportedModelError, adapter_for
 from kvbench.engine.attention import cached_attention, causal_attention, check_backend, masked_attention
 from kvbench.engine.context import LayerContext
 from kvbench.engine.store import KVStore, LayerKV
+from kvbench.engine.view import head_indices, layer_view, mask_padding, valid_candidates
 from kvbench.ops import topk_per_head
 
 if TYPE_CHECKING:  # kvbench.method imports the engine's LayerContext
@@ -39,11 +45,22 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+# attention-function keyword arguments that carry a feature the engine does not implement (refused when set)
+UNSUPPORTED_KWARGS = {"softcap": "attention logit soft-capping", "s_aux": "learned attention sinks",
+                      "sinks": "learned attention sinks"}
+
+
 def _kvbench_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
-                       dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+                       dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
+                       **kwargs: Any) -> tuple[Tensor, None]:
     engine = getattr(module, "_kvbench_engine", None)
     if engine is None:
         raise RuntimeError("the 'kvbench' attention implementation only runs inside `with Engine(model, ...)`")
+    for name, what in UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise UnsupportedModelError(f"layer {module.layer_idx} uses {what} ({name}); the kvbench engine does "
+                                        "not implement it, so the results would be wrong")
+    engine.check_window(module.layer_idx, sliding_window)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return engine.attend(module, query, key, value, scale), None
 
@@ -60,9 +77,8 @@ def register_attention() -> None:
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The decoder's self-attention modules in layer order."""
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
-    return sorted(mods, key=lambda m: m.layer_idx)
+    """The decoder's self-attention modules in layer order (as the model family's adapter declares them)."""
+    return [layer.module for layer in adapter_for(model).attention_layers()]
 
 
 def sync_time(device: torch.device) -> float:
@@ -86,9 +102,13 @@ class Engine:
                  backend: str = "sdpa") -> None:
         self.model, self.method, self.allocator, self.budget = model, method, allocator, budget
         self.backend = check_backend(backend)
-        self.modules = attention_modules(model)
+        self.adapter = adapter_for(model)
+        self.layers = self.adapter.attention_layers()
+        self.modules = [layer.module for layer in self.layers]
         self.n_layers = len(self.modules)
-        self.n_kv_heads = model.config.get_text_config().num_key_value_heads  # heads of an unexpanded cache
+        self.n_kv_heads = self.layers[0].n_kv_heads  # heads of an unexpanded cache
+        self.windows = {layer.index: layer.sliding_window for layer in self.layers if layer.sliding_window}
+        self.compressed_layers = [layer.index for layer in self.layers if layer.sliding_window is None]
         self.device = next(model.parameters()).device
         self.store = KVStore(self.n_layers)
         self.spans: dict[str, tuple[int, int]] = {}
@@ -108,15 +128,16 @@ class Engine:
     # -- context management -------------------------------------------------------------------------------------
     def __enter__(self) -> Engine:
         register_attention()
-        self._saved_impl = self.model.config._attn_implementation
-        self.model.config._attn_implementation = ATTN_NAME
+        config = self.adapter.attn_config()  # the decoder's config only: a vision tower keeps its attention
+        self._saved_impl = config._attn_implementation
+        config._attn_implementation = ATTN_NAME
         for m in self.modules:
             m._kvbench_engine = self
             self._hooks.append(m.register_forward_pre_hook(self._capture_hidden, with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.model.config._attn_implementation = self._saved_impl
+        self.adapter.attn_config()._attn_implementation = self._saved_impl
         for m in self.modules:
             m.__dict__.pop("_kvbench_engine", None)
         for h in self._hooks:
@@ -138,8 +159,22 @@ class Engine:
         self._pending = {}
 
     def snapshot(self) -> Any:
-        """A point to ``rollback`` to; a full copy when decode-time eviction may evict tokens before it."""
-        return self.store.snapshot(copy=self.method.decode_evict)
+        """A point to ``rollback`` to; a full copy when decode-time eviction may evict tokens before it. Local
+        (sliding-window) layers drop their oldest tokens as new ones come, so they are always copied (they hold
+        at most 1.25 W tokens)."""
+        layers, position = self.store.snapshot(copy=self.method.decode_evict)
+        for i in self.windows:
+            if self.store.layers[i] is not None:
+                layers[i] = self.store.layers[i].clone()
+        return layers, position
+
+    def check_window(self, index: int, window: int | None) -> None:
+        """The model applies the sliding window its adapter declared for this layer (else one clear error)."""
+        if window != self.windows.get(index):
+            raise UnsupportedModelError(
+                f"layer {index} attends within a sliding window of {window} but the {self.adapter.family!r} "
+                f"adapter declared {self.windows.get(index)}; fix the adapter in kvbench/engine/adapters.py"
+            )
 
     def rollback(self, snap: Any) -> None:
         self.store.rollback(snap)
@@ -154,14 +189,14 @@ class Engine:
         start = self.store.next_position
         self._positions = torch.arange(start, start + ids.numel(), device=self.device)
         self._compress = compress and self.method.compresses
+        self._pending = {}  # cross-layer allocation plans over the layers scored in this forward
         try:
-            out = self.model(input_ids=ids[None], position_ids=self._positions[None], use_cache=False,
-                             logits_to_keep=1)
+            logits = self.adapter.forward(ids, self.adapter.position_ids(start, ids.numel(), self.device))
         finally:
             self._compress = False
             self._hidden.clear()
         self.store.next_position = start + ids.numel()
-        return out.logits[0, -1]
+        return logits
 
     @torch.inference_mode()
     def probe(self, ids: Tensor | list[int]) -> None:
@@ -176,7 +211,7 @@ class Engine:
         self._positions = torch.arange(start, start + ids.numel(), device=self.device)
         self._probe = True
         try:
-            self.model(input_ids=ids[None], position_ids=self._positions[None], use_cache=False, logits_to_keep=1)
+            self.adapter.forward(ids, self.adapter.position_ids(start, ids.numel(), self.device))
         finally:
             self._probe = False
 
@@ -210,6 +245,8 @@ class Engine:
         layer = self.store.layers[i]
         if self._probe:
             return self._attend_probe(module, query, key, value, scale)
+        if i in self.windows:
+            return self._attend_local(i, query, key, value, scale)
         if layer is None:
             out = (causal_attention(query, key, value, scale, self.backend) if self.attention_mask is None
                    else masked_attention(query, key, value, self.attention_mask, scale))
@@ -225,35 +262,61 @@ class Engine:
             self._evict_on_decode(module, query[0], layer, scale)
         return out
 
+    def _attend_local(self, i: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        """A sliding-window layer: attend within the window, then keep (about) the window (``kvbench.engine.local``).
+        Probe tokens are attended but not kept. query (1, Hq, q, d), key/value (1, Hkv, q, d) -> (1, q, Hq, d)."""
+        window, layer = self.windows[i], self.store.layers[i]
+        if layer is None:
+            layer = LayerKV.from_dense(key[0], value[0], self._positions)
+            self.store.layers[i] = layer
+            saved = layer.lens[:0]
+        else:
+            saved = layer.lens.clone()
+            layer.append(key[0], value[0], self._positions)
+        self.store.track_peak()
+        k, v = layer.dense()
+        k_pos = layer.positions[: k.shape[1]]
+        if self.attention_mask is not None and not len(saved):  # a masked fresh-cache forward (a sensitivity profile)
+            mask = self.attention_mask & local.window_mask(self._positions, k_pos, window)
+            out = masked_attention(query, key, value, mask, scale)
+        else:
+            out = local.local_attention(query, k[None], v[None], self._positions, k_pos, window, scale, self.backend)
+        if self._probe:
+            layer.truncate(saved)
+        elif local.needs_trim(k.shape[1], window):
+            layer.select(local.last_tokens(k.shape[1], window, layer.n_heads, layer.lens.device))
+        return out
+
     def _compress_layer(self, module: nn.Module, queries: Tensor, layer: LayerKV, scale: float) -> None:
-        if not layer.uniform:
-            raise RuntimeError(
-                "this layer already has per-head lengths (a head-adaptive allocator compressed it earlier); "
-                "re-compressing it, e.g. block-wise with prefill_chunk, is only supported with uniform or "
-                "pyramid allocators for now"
-            )
-        n = int(layer.lens[0])
+        """Score a (global) layer right after its attention and keep what the allocator grants.
+
+        A ragged layer (per-head lengths from an earlier block) is scored through its left-padded view
+        (``kvbench.engine.view``), so block-wise prefill works with every allocator through this one path."""
         keep = tokens_per_head(self.budget, int(self._positions[-1]) + 1)  # of all tokens seen, evicted or not
-        if keep >= n:
+        window = min(self.method.window, keep, queries.shape[1])  # never more than this forward's queries
+        if int(layer.lens.sum()) <= keep * layer.n_heads:
+            if layer.uniform:  # decode-time eviction (CAKE) holds every layer at its budget, compressed or not
+                self.decode_budget[module.layer_idx] = (int(layer.lens[0]) - window, window)
             return
         t0 = sync_time(self.device)
-        keys, values = layer.dense()
-        window = min(self.method.window, keep, queries.shape[1])  # never more than this forward's queries
+        view = layer_view(layer)
         ctx = LayerContext(
-            layer_idx=module.layer_idx, n_layers=self.n_layers, module=module, queries=queries, keys=keys,
-            values=values, positions=layer.positions[:n], window=window, keep=keep, scaling=scale,
-            hidden_states=self._hidden.pop(module.layer_idx, None), spans=self.spans,
+            layer_idx=module.layer_idx, n_layers=self.n_layers, module=module, queries=queries, keys=view.keys,
+            values=view.values, positions=view.positions, window=window, keep=keep, scaling=scale,
+            hidden_states=self._hidden.pop(module.layer_idx, None), spans=self.spans, pad=view.pad,
         )
-        scores = self.method.score(ctx)
+        scores = mask_padding(self.method.score(ctx), view.pad)
         if self.allocator.cross_layer:
             check_scores(scores, ctx)
-            self._pending[ctx.layer_idx] = LayerScores(scores, n, dict(ctx.stats))
-            if self.method.cascading or ctx.layer_idx == self.n_layers - 1:
-                for j, counts in self.allocator.plan(self._pending, keep, self.n_layers).items():
+            self._pending[ctx.layer_idx] = LayerScores(scores, ctx.n, dict(ctx.stats), pad=view.pad)
+            if self.method.cascading or ctx.layer_idx == self.compressed_layers[-1]:
+                plan = self.allocator.plan(self._pending, keep, len(self.compressed_layers))
+                for j, counts in plan.items():
                     self._trim(j, counts)
         else:
             layer.select(select_tokens(scores, ctx, self.allocator))
-            self.decode_budget[ctx.layer_idx] = (int(layer.lens[0]) - ctx.window, ctx.window)
+            if layer.uniform:
+                self.decode_budget[ctx.layer_idx] = (int(layer.lens[0]) - ctx.window, ctx.window)
         self.compress_seconds += sync_time(self.device) - t0
 
     def _trim(self, i: int, counts: Tensor) -> None:
@@ -263,18 +326,20 @@ class Engine:
         """
         p, layer = self._pending[i], self.store.layers[i]
         h, m = p.scores.shape
-        counts = counts.clamp(0, m)
+        counts = torch.minimum(counts.clamp(0, m), valid_candidates(m, h, p.pad).to(counts.device))
         picks = [idx.sort().values for idx in topk_per_head(p.scores, counts)]
         tail = torch.arange(m, p.n, device=p.scores.device)
-        layer.select([torch.cat([idx, tail]) for idx in picks])
+        layer.select(head_indices([torch.cat([idx, tail]) for idx in picks], p.pad))
         self.decode_budget[i] = (int(counts[0]), p.n - m)
-        if bool((counts == counts[0]).all()):
+        if bool((counts == counts[0]).all()) and p.pad is None:
             p.scores = torch.stack([p.scores[k, idx] for k, idx in enumerate(picks)])  # (H, counts)
             p.n = int(counts[0]) + p.n - m
         else:  # ragged now: no dense scores left to re-trim with
             del self._pending[i]
 
     def _attend_probe(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        if module.layer_idx in self.windows:  # a local layer keeps its window; the probe only passes through
+            return self._attend_local(module.layer_idx, query, key, value, scale)
         layer = self.store.layers[module.layer_idx]
         saved = layer.lens.clone()
         layer.append(key[0], value[0], self._positions)
@@ -319,9 +384,12 @@ def select_tokens(scores: Tensor, ctx: LayerContext, allocator: Allocator) -> li
 
     scores (H, m) cover the first m tokens; the n - m trailing ones (the window) are always kept. The allocator
     decides how many of the m candidates each head keeps, given the per-head budget minus the window.
+    On a ragged layer's left-padded view (``ctx.pad``), padding scores are -inf, the counts are clamped to each
+    head's real candidates, and the picks are turned back into within-head indices.
     """
     check_scores(scores, ctx)
     n, m = ctx.n, scores.shape[-1]
     counts = allocator.allocate(scores, max(ctx.keep - (n - m), 0), ctx.layer_idx, ctx.n_layers, ctx=ctx)
+    counts = torch.minimum(counts, valid_candidates(m, scores.shape[0], ctx.pad).to(counts.device))
     tail = torch.arange(m, n, device=scores.device)
-    return [torch.cat([idx, tail]) for idx in topk_per_head(scores, counts)]
+    return head_indices([torch.cat([idx, tail]) for idx in topk_per_head(scores, counts)], ctx.pad)
