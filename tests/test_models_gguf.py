@@ -89,3 +89,70 @@ def test_a_wrong_file_is_refused_before_conversion(tmp_path, monkeypatch) -> Non
     with pytest.raises(UsageError, match="not the pinned 0000"):
         load_model(bad, torch.device("cpu"))
     assert not any(tmp_path.iterdir()), "nothing is converted from a file that fails its checksum"
+
+
+_KEEP: dict[int, torch.Tensor] = {}
+
+
+def _masked(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    g = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(g, 1).double(), value.repeat_interleave(g, 1).double()
+    logits = (query.double() @ k.transpose(-1, -2) * scaling).masked_fill(~_KEEP[module.layer_idx][None], -1e300)
+    return (logits.softmax(-1) @ v).to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def test_smollm2_compressed_decode_equals_masked_attention(real) -> None:
+    """After AdaKV eviction (ragged heads) the real model's decode logits equal plain attention with exactly the
+    evicted entries masked, in every one of its 30 layers (positions unchanged by eviction)."""
+    from conftest import load_method
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    name, model, tok = real
+    if name != "smollm2-135m-instruct":
+        pytest.skip("SmolLM2 only (Gemma-3's local layers: tests/test_families.py)")
+    ids = prompt_ids(name, tok, 80)
+    n, (method, alloc) = len(ids), load_method("adakv")
+    with Engine(model, method, alloc, budget=0.3) as eng:
+        eng.reset()
+        logits = [eng.forward(ids, compress=True)]
+        kept = [[layer.head(h)[2].clone() for h in range(layer.n_heads)] for layer in eng.store.layers]
+        tokens = [int(logits[0].argmax())]
+        logits.append(eng.forward(tokens))
+    seq = torch.cat([ids, torch.tensor(tokens)])
+    big, g = len(seq), model.config.num_attention_heads // model.config.num_key_value_heads
+    for i, heads in enumerate(kept):
+        allowed = torch.ones(model.config.num_attention_heads, big, big, dtype=torch.bool).tril()
+        for hq in range(model.config.num_attention_heads):
+            row = torch.zeros(n, dtype=torch.bool)
+            row[heads[hq // g].long()] = True
+            allowed[hq, n:, :n] = row
+        _KEEP[i] = allowed
+    AttentionInterface.register("kvbench_test_real_masked", _masked)
+    AttentionMaskInterface.register("kvbench_test_real_masked", lambda *a, **k: None)
+    saved, model.config._attn_implementation = model.config._attn_implementation, "kvbench_test_real_masked"
+    try:
+        with torch.no_grad():
+            ref = model(seq[None]).logits[0]
+    finally:
+        model.config._attn_implementation = saved
+        _KEEP.clear()
+    torch.testing.assert_close(logits[1], ref[n], atol=2e-3, rtol=1e-4)
+    with torch.no_grad():
+        assert (model(seq[None]).logits[0, n] - logits[1]).abs().max() > 1e-2  # the eviction mattered
+
+
+@pytest.mark.slow
+def test_converted_checkpoint_equals_the_gguf_model() -> None:
+    """The cached safetensors directory gives exactly the logits of the GGUF loaded by transformers (SmolLM2)."""
+    from transformers import AutoModelForCausalLM
+
+    from kvbench.gguf import package_file
+
+    s = spec("smollm2-135m-instruct")
+    model, _ = load_model(s, torch.device("cpu"))
+    path = package_file(s.gguf.files[0], s.gguf.install)
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.arange(100, 140)[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
