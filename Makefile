@@ -46,6 +46,7 @@ $(COMPAT)/.install-stamp: pyproject.toml constraints.txt
 test-compat: $(COMPAT)/.install-stamp  ## engine, methods and runner tests on transformers 4.57 (the previous major)
 	$(COMPAT)/bin/python -m pytest -q -m "not slow and not gpu" tests/test_engine.py tests/test_methods.py \
 		tests/test_runner.py tests/test_embedded_model.py tests/test_blockwise.py tests/test_gqa_cache.py tests/test_sweep.py \
+		tests/test_families.py \
 		$(ARGS)
 
 lint: $(STAMP)  ## ruff
