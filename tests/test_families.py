@@ -185,3 +185,21 @@ def test_a_window_the_adapter_did_not_declare_is_an_error() -> None:
     with Engine(model, FullKV(), Uniform(), budget=1.0) as eng, pytest.raises(UnsupportedModelError, match="layer 3"):
         eng.reset()
         eng.forward(ids(20))
+
+
+def test_a_model_with_only_local_layers_is_refused_for_compression() -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from methods.snapkv import SnapKV
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, sliding_window=8))
+    assert [layer.sliding_window for layer in adapter_for(model).attention_layers()] == [8, 8]
+    with pytest.raises(UnsupportedModelError, match="every layer .* sliding window"):
+        Engine(model, SnapKV(), Uniform(), budget=0.2)
+    x = ids(30) % 64
+    with torch.no_grad():
+        ref = model(x[None]).logits[0, -1]
+    with Engine(model, FullKV(), Uniform(), budget=1.0) as eng:  # the full cache runs (it compresses nothing)
+        eng.reset()
+        torch.testing.assert_close(eng.forward(x), ref, atol=1e-5, rtol=0)

@@ -109,6 +109,12 @@ class Engine:
         self.n_kv_heads = self.layers[0].n_kv_heads  # heads of an unexpanded cache
         self.windows = {layer.index: layer.sliding_window for layer in self.layers if layer.sliding_window}
         self.compressed_layers = [layer.index for layer in self.layers if layer.sliding_window is None]
+        if method.compresses and not self.compressed_layers:
+            raise UnsupportedModelError(
+                f"every layer of this {self.adapter.family!r} model attends within a sliding window; kvbench's "
+                "methods compress global layers only (a local layer keeps its window: kvbench/engine/local.py), "
+                f"so method={method.name} would compress nothing"
+            )
         self.device = next(model.parameters()).device
         self.store = KVStore(self.n_layers)
         self.spans: dict[str, tuple[int, int]] = {}
