@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from kvbench.budget import Allocator, LayerScores, Uniform, tokens_per_head
+from kvbench.budget import Allocator, LayerScores, Uniform, default_decode_budget, tokens_per_head
 from kvbench.engine.attention import cached_attention, causal_attention, check_backend, masked_attention
 from kvbench.engine.context import LayerContext
 from kvbench.engine.store import KVStore, LayerKV
@@ -234,6 +234,9 @@ class Engine:
             )
         n = int(layer.lens[0])
         keep = tokens_per_head(self.budget, int(self._positions[-1]) + 1)  # of all tokens seen, evicted or not
+        default = default_decode_budget(self.budget, int(self._positions[-1]) + 1, self.method.window)
+        if default is not None:  # CAKE's C - w also when the prompt needs no compression (select/_trim refine it)
+            self.decode_budget[module.layer_idx] = default
         if keep >= n:
             return
         t0 = sync_time(self.device)
