@@ -39,6 +39,21 @@ def tokens_per_head(budget: float, n: int) -> int:
     return min(n, int(budget))
 
 
+def default_decode_budget(budget: float, n: int, window: int) -> tuple[int, int] | None:
+    """(candidates, window) per KV head a layer holds while decoding, for methods that evict at decode time (CAKE),
+    before (or without) any prefill compression: C - w and w with C the per-head budget, window included.
+
+    A token budget (> 1) is C itself even when the prompt of n tokens is shorter (its cache grows to C while
+    decoding, then stays there, as CAKE records C - w for every layer it did not compress); a fraction < 1 gives
+    C = floor(budget * n) of the prompt, as ``tokens_per_head``; budget 1.0 is no compression, hence None.
+    """
+    if budget == 1:
+        return None
+    c = int(budget) if budget > 1 else tokens_per_head(budget, n)
+    w = min(window, c)
+    return c - w, w
+
+
 def compression_ratio(budget: float, n: int | None = None) -> float:
     """kvpress convention: the fraction removed. For token budgets (> 1) it needs the cache length n."""
     if budget <= 1:
@@ -84,7 +99,10 @@ class Pyramid(Allocator):
     With base b = keep: m_min = b // beta, m_max = 2b - m_min; if m_max >= m (the candidates) then m_max = m and
     m_min = 2b - m_max; step = (m_max - m_min) // (L - 1); layer l keeps m_max - l * step (floored step, so the total
     can exceed L * b slightly, as in the authors' code). ``kvf_fallback`` reproduces KVCache-Factory's rule of
-    falling back to the uniform b when m < 2b (the AdaKV/CompressKV ports have no such rule; default off).
+    falling back to the uniform b when the whole prompt is short, ``q_len < (max_capacity_prompt - window_size) * 2``
+    (``PyramidKVCluster.update_kv``): n < 2b with n = ``ctx.n`` the layer's tokens *including* the window (the
+    candidates m = n - w are not what it compares; without a ``ctx`` n = m). The AdaKV/CompressKV ports have no such
+    rule; default off.
     Every head of a layer keeps the same number. The schedule is recomputed for every prompt: the AdaKV/CompressKV
     ports compute it once from the first sample and reuse it (a stale-state bug that matters only when the clamp
     is active); that is not reproduced.
@@ -98,7 +116,8 @@ class Pyramid(Allocator):
                  ctx: LayerContext | None = None) -> Tensor:
         h, m = scores.shape
         b = min(keep, m)
-        if n_layers == 1 or (self.kvf_fallback and m < 2 * b):
+        n = ctx.n if ctx is not None else m  # the prompt length q_len, window included
+        if n_layers == 1 or (self.kvf_fallback and n < 2 * b):
             return torch.full((h,), b, dtype=torch.long)
         m_min = b // self.beta
         m_max = 2 * b - m_min
@@ -112,17 +131,35 @@ class Pyramid(Allocator):
 class HeadAdaptive(Allocator):
     """AdaKV's head-wise budgets within a layer (https://arxiv.org/abs/2407.11550), methods_core §2.6.
 
-    The layer's H * keep candidates are chosen by one top-k over all heads' scores; a_h = picks in head h. With the
-    safeguard alpha, cap_h = round(a_h * (1 - alpha) + floor(alpha * keep)) (torch.round, half to even), clamped to
-    the m candidates. alpha = 0.2 is the AdaKV LongBench setting; alpha = 0 is DefensiveKV's plain flattened top-k.
-    ``normalize`` (KVCache-Factory's port; off in the AdaKV repo) rescales head h's scores by its top-keep mass.
+    The layer's H * keep candidates are chosen by one top-k over all heads' scores; how each head is protected from
+    losing everything depends on ``safeguard``:
+
+    * ``ffy0`` (FFY0/AdaKV ``AdaptiveSnapKVCluster``): a_h = picks in head h; cap_h = round(a_h * (1 - alpha) +
+      floor(alpha * keep)) (torch.round, half to even), clamped to the m candidates. The layer total can differ
+      from H * keep by rounding.
+    * ``kvpress`` (NVIDIA/kvpress ``AdaKVPress.compress``, the "AdaKV" baseline of the DefensiveKV paper): with
+      n_kept = keep + w the per-head budget *including* the window (w = ``ctx.n - m``, 0 without a ``ctx``),
+      n_safe = int(alpha * n_kept) tokens of every head are forced; the window comes first among them (kvpress pads
+      it with the maximum score), so the top max(0, n_safe - w) candidates of every head are forced, then one global
+      top-k fills the layer to exactly H * keep candidates. The layer total is exact.
+
+    alpha = 0.2 is both repos' default (AdaKV's LongBench ``floor_alpha``, kvpress's ``alpha_safeguard``); alpha = 0
+    is DefensiveKV's plain flattened top-k under either rule. ``normalize`` (KVCache-Factory's port; off in the AdaKV
+    repo) rescales head h's scores by its top-keep mass before either rule.
     """
 
     name: str = "head_adaptive"
     alpha: float = 0.2
     normalize: bool = False
+    safeguard: str = "ffy0"
 
     equal_heads: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.safeguard not in ("ffy0", "kvpress"):
+            raise UsageError(f"safeguard={self.safeguard!r}; use 'ffy0' (the AdaKV repo) or 'kvpress' (AdaKVPress)")
+        if not 0 <= self.alpha <= 1:
+            raise UsageError(f"alpha must be in [0, 1], got {self.alpha!r}")
 
     def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int,
                  ctx: LayerContext | None = None) -> Tensor:
@@ -132,10 +169,26 @@ class HeadAdaptive(Allocator):
         if self.normalize:
             top = s.topk(keep, dim=-1).values.sum(-1, keepdim=True)  # (H, 1)
             s = s * top / s.sum(-1, keepdim=True).clamp_min(1e-12)
+        if self.safeguard == "kvpress":
+            window = ctx.n - m if ctx is not None else 0
+            return kvpress_counts(s, keep, max(0, int((keep + window) * self.alpha) - window))
         picks = s.reshape(-1).topk(h * keep).indices // m  # (H*keep,) head of every pick
         counts = torch.bincount(picks, minlength=h).float()  # (H,)
         caps = torch.round(counts * (1 - self.alpha) + math.floor(self.alpha * keep))
         return caps.clamp(0, m).long()
+
+
+def kvpress_counts(scores: Tensor, keep: int, forced: int) -> Tensor:
+    """kvpress's AdaKV counts: every head's top-``forced`` candidates, then the layer's best others up to H * keep.
+
+    scores (H, m) -> (H,) counts. Per head the forced tokens are its best, so a count is always a prefix of the
+    head's own ranking (what ``topk_per_head`` keeps).
+    """
+    h, m = scores.shape
+    top = scores.topk(min(forced, keep), dim=-1).indices  # (H, forced)
+    lifted = scores.scatter(-1, top, float("inf"))  # forced tokens outrank everything
+    picks = lifted.reshape(-1).topk(h * keep).indices // m  # (H*keep,)
+    return torch.bincount(picks, minlength=h)
 
 
 @dataclass

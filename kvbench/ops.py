@@ -15,20 +15,40 @@ def pool1d(x: Tensor, kernel: int, mode: str = "avg") -> Tensor:
     ``avg`` uses zero padding with count_include_pad (edge values divided by the full kernel), ``max`` pads with
     -inf, exactly as ``F.avg_pool1d`` / ``F.max_pool1d`` do in the authors' code. kernel <= 1 returns x unchanged.
     x: (..., m) -> (..., m).
+
+    Computed as ``kernel`` shifted adds (or maxima) of the padded input, in the order and accumulator dtype (fp32
+    for half types) of PyTorch's pooling kernels, so the result equals ``F.avg_pool1d`` / ``F.max_pool1d`` bit for
+    bit (tests/test_ops.py) at a fraction of their CPU cost on the (rows, long m) shapes the methods pool.
     """
     if kernel <= 1 or mode == "none":
         return x
     if kernel % 2 == 0:
         raise UsageError(f"pooling kernel must be odd to keep the length, got {kernel}")
-    shape = x.shape
-    flat = x.reshape(-1, 1, shape[-1])  # (B, 1, m)
-    if mode == "avg":
-        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
-    elif mode == "max":
-        out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    else:
+    if mode not in ("avg", "max"):
         raise UsageError(f"unknown pooling {mode!r}: use 'avg', 'max' or 'none'")
-    return out.reshape(shape)
+    m, r = x.shape[-1], kernel // 2
+    if mode == "max":
+        padded = F.pad(x, (r, r), value=float("-inf"))  # (..., m + 2r)
+        out = torch.maximum(padded[..., :m], padded[..., 1 : m + 1])
+        for i in range(2, kernel):
+            torch.maximum(out, padded[..., i : i + m], out=out)
+        return out
+    padded = F.pad(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, (r, r))  # fp32 accumulator
+    out = padded[..., :m] + padded[..., 1 : m + 1]  # window terms added left to right, as the pooling kernels do
+    for i in range(2, kernel):
+        out.add_(padded[..., i : i + m])
+    return out.div_(kernel).to(x.dtype)
+
+
+def variance(x: Tensor, dim: int) -> Tensor:
+    """Unbiased variance over ``dim`` (``torch.var``'s default), two-pass in float64, cast back to x's dtype.
+
+    ``torch.var`` over a strided axis (the window queries of (H, w, m) attention) runs a scalar Welford loop that
+    costs more than the rest of a method's scoring on CPU; the two-pass sum in float64 gives the same value to
+    within rounding of the float64 accumulation (tests/test_ops.py) at a small fraction of the time.
+    """
+    xd = x.double()
+    return ((xd - xd.mean(dim, keepdim=True)).square_().sum(dim) / (x.shape[dim] - 1)).to(x.dtype)
 
 
 def group_reduce(x: Tensor, n_kv_heads: int, how: str = "mean") -> Tensor:

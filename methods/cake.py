@@ -14,7 +14,7 @@ from kvbench.budget import CrossLayerAllocator, LayerScores
 from kvbench.engine.context import LayerContext
 from kvbench.errors import UsageError
 from kvbench.method import Method
-from kvbench.ops import pool1d
+from kvbench.ops import pool1d, variance
 
 # (tau1, tau2) per model and cache size C, from the authors' config/model2tau.json (antgroup/cakekv e6adc5e).
 # The hub-id pattern picks the table's model key; any other model or C falls back to (1.0, 1.0), as in pred_cake.py.
@@ -95,9 +95,9 @@ class CAKE(Method):
 
     def score(self, ctx: LayerContext) -> Tensor:
         attn = ctx.window_attention()  # (H_q, w, n - w)
-        var = attn.var(1)  # (H_q, n - w), unbiased over the window queries
+        var = variance(attn, 1)  # (H_q, n - w), unbiased over the window queries
         a32 = attn.float()
-        entropy = -(a32 * torch.log(a32 + 1e-10)).sum()
+        entropy = -(a32 + 1e-10).log_().mul_(a32).sum()  # -sum A log(A + 1e-10), one temporary
         tau1, tau2 = self.taus(ctx.keep)
         ctx.stats["seq_len"] = ctx.n  # the prompt's length: cascading re-plans clamp against it, not the trimmed one
         ctx.stats["preference"] = float(entropy ** (1 / tau1) * var.float().sum() ** (1 / tau2))

@@ -44,24 +44,30 @@ class DefensiveKV(Method):
         attn = ctx.window_attention().float()  # (H_q, w, n - w)
         grouped = attn.reshape(h, ctx.n_groups, w, n - w)  # (H, G, w, n - w)
         ave = grouped.mean((1, 2))  # (H, n - w)
-        pooled = pool1d(grouped, self.kernel, "avg")  # (H, G, w, n - w)
-        pooled = pooled / pooled.sum(-1, keepdim=True).clamp_min(1e-30) * grouped.sum(-1, keepdim=True)
+        pooled = pool1d(grouped, self.kernel, "avg") if self.kernel > 1 else grouped.clone()  # (H, G, w, n - w)
+        pooled.div_(pooled.sum(-1, keepdim=True).clamp_min(1e-30)).mul_(grouped.sum(-1, keepdim=True))  # in place
         m = pooled.amax((1, 2))  # (H, n - w)
         d = torch.maximum(m, m.mean(-1, keepdim=True))
-        norms = self.value_norms(ctx)[:, : n - w]  # (H, n - w)
+        norms = self.value_norms(ctx, n - w)  # (H, n - w)
         s = d * norms / norms.sum(0, keepdim=True).clamp_min(1e-30)
         return self.force_stage1(s, ave, attn, ctx)
 
-    def value_norms(self, ctx: LayerContext) -> Tensor:
-        """N[h, j] = mean_g ||v_{h,j} W_O^{(h,g)}||_1: (H_kv, n). Chunked over tokens to bound memory."""
+    def value_norms(self, ctx: LayerContext, tokens: int | None = None) -> Tensor:
+        """N[h, j] = mean_g ||v_{h,j} W_O^{(h,g)}||_1 for the first ``tokens`` (default all n): (H_kv, tokens).
+
+        One batched matmul per chunk of ``norm_chunk`` tokens against the G stacked W_O slices of each KV head, the
+        absolute value taken in place: the (H, chunk, G * hidden) product is the only temporary.
+        """
+        h, g, d = ctx.n_kv_heads, ctx.n_groups, ctx.values.shape[-1]
+        tokens = ctx.n if tokens is None else tokens
         weight = ctx.module.o_proj.weight  # (hidden, H_q * d)
-        d = ctx.values.shape[-1]
-        w_o = weight.T.reshape(ctx.n_kv_heads, ctx.n_groups, d, -1).float()  # (H, G, d, hidden)
-        out = []
-        for s in range(0, ctx.n, self.norm_chunk):
-            v = ctx.values[:, s : s + self.norm_chunk].float()  # (H, c, d)
-            out.append(torch.einsum("hcd,hgdo->hgco", v, w_o).abs().sum(-1).mean(1))  # (H, c)
-        return torch.cat(out, 1)
+        w_o = weight.T.float().reshape(h, g, d, -1).transpose(1, 2).reshape(h, d, -1)  # (H, d, G * hidden)
+        out = torch.empty(h, tokens, device=ctx.values.device)
+        for s in range(0, tokens, self.norm_chunk):
+            v = ctx.values[:, s : min(s + self.norm_chunk, tokens)].float()  # (H, c, d)
+            prod = torch.bmm(v, w_o).abs_()  # (H, c, G * hidden)
+            out[:, s : s + v.shape[1]] = prod.reshape(h, v.shape[1], g, -1).sum(-1).mean(-1)
+        return out
 
     def force_stage1(self, s: Tensor, ave: Tensor, attn: Tensor, ctx: LayerContext) -> Tensor:
         """CriticalKV stage 1: give each head's top-c_h tokens (by ave) the tensor-wide maximum score."""
@@ -71,8 +77,5 @@ class DefensiveKV(Method):
         counts = (sorted_ave.cumsum(-1) >= self.tau - bias).int().argmax(-1)  # (H,)
         limit = max(0, int((n - w) * ctx.keep / n - w))
         counts = counts.clamp(max=limit)
-        forced = torch.arange(s.shape[-1], device=s.device)[None, :] < counts[:, None]  # (H, n - w) in sorted order
-        out = s.clone()
-        rows = torch.arange(s.shape[0], device=s.device)[:, None].expand_as(order)
-        out[rows[forced], order[forced]] = s.max()
-        return out
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
+        return torch.where(rank < counts[:, None], s.max(), s)  # (H, n - w): a token's rank by ave in its head

@@ -6,12 +6,31 @@ import math
 
 import pytest
 import torch
+from conftest import N_KV_HEADS, load_method
+from torch import nn
 
-from kvbench.budget import HeadAdaptive, Pyramid, Uniform, check_budget, compression_ratio, tokens_per_head
+from kvbench.budget import (
+    HeadAdaptive,
+    Pyramid,
+    Uniform,
+    check_budget,
+    compression_ratio,
+    default_decode_budget,
+    tokens_per_head,
+)
+from kvbench.engine import Engine, LayerContext, select_tokens
+from kvbench.errors import UsageError
 
 
 def scores(h: int, m: int) -> torch.Tensor:
     return torch.rand(h, m, generator=torch.Generator().manual_seed(h * 1000 + m))
+
+
+def layer_ctx(n: int, h: int, window: int, keep: int) -> LayerContext:
+    """A layer of n tokens per head whose last ``window`` are always kept (what allocators read from ctx)."""
+    z = torch.zeros(h, n, 1)
+    return LayerContext(layer_idx=0, n_layers=1, module=nn.Identity(), queries=z, keys=z, values=z,
+                        positions=torch.arange(n), window=window, keep=keep, scaling=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,11 +125,54 @@ def test_pyramid_clamp_when_m_max_reaches_the_candidates():
 
 
 def test_pyramid_kvf_fallback():
-    # m < 2b: KVCache-Factory falls back to the uniform b; without the flag the clamp rule applies
+    # n < 2b: KVCache-Factory falls back to the uniform b; without the flag the clamp rule applies
     assert pyramid(Pyramid(kvf_fallback=True), 100, 150, 4) == [100] * 4
     assert pyramid(Pyramid(kvf_fallback=False), 100, 150, 4) == [150, 117, 84, 51]
-    # m >= 2b: the flag changes nothing
+    # n >= 2b: the flag changes nothing
     assert pyramid(Pyramid(kvf_fallback=True), 100, 10_000, 4) == [195, 132, 69, 6]
+
+
+def kvf_pyramid(q_len: int, capacity: int, window: int, beta: int, n_layers: int) -> list[int] | None:
+    """KVCache-Factory's ``PyramidKVCluster.update_kv`` schedule (c97f9d7), non-window tokens kept per layer, as a
+    plain transcription of its integer rules: None = no compression (q_len < max_capacity_prompt)."""
+    b = capacity - window
+    if q_len < capacity:
+        return None
+    if q_len < b * 2:  # the fallback: the whole prompt length against twice the non-window budget
+        return [b] * n_layers
+    min_num, max_num = b // beta, b * 2 - b // beta
+    if max_num >= q_len - window:
+        max_num = q_len - window
+        min_num = b * 2 - max_num
+    steps = (max_num - min_num) // (n_layers - 1)
+    return [max_num - layer * steps for layer in range(n_layers)]
+
+
+def pyramid_in_layer(alloc: Pyramid, n: int, window: int, keep: int, n_layers: int) -> list[int]:
+    """Pyramid counts as the engine asks for them: scores of the n - window candidates, keep = B - window."""
+    ctx = layer_ctx(n, 2, window, keep + window)
+    return [int(alloc.allocate(scores(2, n - window), keep, layer, n_layers, ctx=ctx)[0]) for layer in range(n_layers)]
+
+
+@pytest.mark.parametrize(("n", "expected", "old_rule"), [
+    (199, [100] * 4, [100] * 4),  # n < 2b = 200: uniform under both rules
+    (200, [192, 131, 70, 9], [100] * 4),  # n = 2b: pyramid (clamped: m_max = m = 192, m_min = 8, step 61)
+    (207, [195, 132, 69, 6], [100] * 4),  # n = 2b + w - 1: pyramid; the old m < 2b rule still fell back
+    (208, [195, 132, 69, 6], [195, 132, 69, 6]),  # m = 2b: both rules agree again
+])
+def test_pyramid_kvf_fallback_boundary_hand_cases(n, expected, old_rule):
+    # max_capacity_prompt B = 108, window 8: b = 100; beta 20: m_min = 5, m_max = 195; L = 4
+    assert pyramid_in_layer(Pyramid(kvf_fallback=True), n, 8, 100, 4) == expected == kvf_pyramid(n, 108, 8, 20, 4)
+    m = n - 8
+    assert pyramid(Pyramid(kvf_fallback=True), 100, m, 4) == old_rule, "without a ctx, n = m (the old comparison)"
+
+
+@pytest.mark.parametrize(("capacity", "window", "n_layers"), [(108, 8, 4), (64, 32, 3), (40, 8, 32), (21, 1, 2)])
+def test_pyramid_kvf_fallback_matches_kvcache_factory_around_the_boundary(capacity, window, n_layers):
+    b = capacity - window
+    for n in range(capacity, 2 * b + 2 * window + 3):
+        assert pyramid_in_layer(Pyramid(kvf_fallback=True), n, window, b, n_layers) == kvf_pyramid(
+            n, capacity, window, 20, n_layers), f"n = {n}"
 
 
 def test_pyramid_single_layer_and_zero_budget():
@@ -199,3 +261,122 @@ def test_head_adaptive_normalize():
     assert HeadAdaptive(alpha=0.0).allocate(s, 1, 0, 2).tolist() == [2, 0]
     # normalised: head 0 -> (0.25, 0.2, 0.05), head 1 -> (0.2727, 0.018, 0.009): head 1's best now ranks first
     assert HeadAdaptive(alpha=0.0, normalize=True).allocate(s, 1, 0, 2).tolist() == [1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HeadAdaptive, kvpress's safeguard (AdaKVPress.compress)
+# ---------------------------------------------------------------------------------------------------------------
+STEEP = torch.tensor(
+    [
+        [9.0, 8.0, 7.0, 6.0, 5.0],
+        [4.0, 3.0, 2.0, 1.0, 0.5],
+        [0.4, 0.3, 0.2, 0.1, 0.05],
+    ]
+)
+
+
+@pytest.mark.parametrize(("alpha", "expected"), [
+    (0.2, [5, 1, 0]),  # n_kept = 2 + 2 = 4, n_safe = int(0.8) = 0: the plain flattened top-6
+    (0.5, [5, 1, 0]),  # n_safe = 2 = the window: nothing beyond the window is forced
+    (0.75, [4, 1, 1]),  # n_safe = 3: one candidate per head forced (9, 4, 0.4), then the best 3 others (8, 7, 6)
+    (1.0, [2, 2, 2]),  # n_safe = n_kept: every head keeps its own top 2 (uniform)
+])
+def test_kvpress_safeguard_hand_cases(alpha, expected):
+    ctx = layer_ctx(7, 3, window=2, keep=4)  # 5 candidates + a window of 2 per head
+    counts = HeadAdaptive(alpha=alpha, safeguard="kvpress").allocate(STEEP, 2, 0, 4, ctx=ctx)
+    assert counts.tolist() == expected and int(counts.sum()) == 3 * 2, "kvpress keeps exactly H * keep"
+
+
+def test_ffy0_and_kvpress_safeguards_differ():
+    ctx = layer_ctx(7, 3, window=2, keep=4)
+    # FFY0: a = (5, 1, 0), cap = round(a * 0.25 + floor(0.75 * 2)) = (2, 1, 1): two entries under H * keep
+    assert HeadAdaptive(alpha=0.75).allocate(STEEP, 2, 0, 4, ctx=ctx).tolist() == [2, 1, 1]
+    assert HeadAdaptive(alpha=0.75, safeguard="kvpress").allocate(STEEP, 2, 0, 4, ctx=ctx).tolist() == [4, 1, 1]
+    # without a ctx there is no window: n_kept = keep = 2, n_safe = int(0.5 * 2) = 1 candidate forced per head
+    assert HeadAdaptive(alpha=0.5, safeguard="kvpress").allocate(STEEP, 2, 0, 4).tolist() == [4, 1, 1]
+
+
+def test_head_adaptive_rejects_unknown_safeguards():
+    with pytest.raises(UsageError, match="safeguard"):
+        HeadAdaptive(safeguard="kvf")
+    with pytest.raises(UsageError, match="alpha"):
+        HeadAdaptive(alpha=1.5)
+
+
+def kvpress_adakv_kept(window_scores: torch.Tensor, window: int, n_kept: int, alpha: float) -> torch.Tensor:
+    """NVIDIA/kvpress ``AdaKVPress.compress`` on the scores a kvpress ``ScorerPress`` returns: (H, n) with the last
+    ``window`` columns padded with the maximum (as SnapKVPress does); returns the (H, n) bool mask of kept entries.
+
+    n_safe = int(n_kept * alpha) top entries of every head are set to the dtype's max, then the globally lowest
+    H * (n - n_kept) entries are masked out. A transcription of its rules for testing, not kvbench's code path.
+    """
+    h, n = window_scores.shape
+    s = window_scores.clone()
+    n_safe = int(n_kept * alpha)
+    s.scatter_(-1, s.topk(n_safe, dim=-1).indices, torch.finfo(s.dtype).max)
+    pruned = (-s.reshape(-1)).topk(h * (n - n_kept)).indices
+    kept = torch.ones(h * n, dtype=torch.bool)
+    kept[pruned] = False
+    return kept.reshape(h, n)
+
+
+@pytest.mark.parametrize(("h", "n", "window", "n_kept", "alpha"), [
+    (2, 60, 8, 20, 0.2), (4, 60, 8, 20, 0.5), (4, 200, 32, 40, 0.2), (8, 200, 32, 100, 0.2), (3, 50, 4, 10, 1.0),
+    (4, 120, 8, 30, 0.0), (2, 90, 16, 18, 0.9),
+])
+def test_kvpress_safeguard_keeps_exactly_what_adakvpress_keeps(h, n, window, n_kept, alpha):
+    cand = torch.rand(h, n - window, generator=torch.Generator().manual_seed(n * h + n_kept))
+    padded = torch.cat([cand, cand.new_full((h, window), float(cand.max()) + 1)], dim=1)  # kvpress's SnapKV padding
+    ref = kvpress_adakv_kept(padded, window, n_kept, alpha)
+    ctx = layer_ctx(n, h, window, n_kept)
+    kept = select_tokens(cand, ctx, HeadAdaptive(alpha=alpha, safeguard="kvpress"))
+    ours = torch.zeros(h, n, dtype=torch.bool)
+    for head, idx in enumerate(kept):
+        ours[head, idx] = True
+    assert torch.equal(ours, ref)
+    assert int(ours.sum()) == h * n_kept
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_defensivekv_papers_adakv_baseline_in_the_engine(tiny_model, prompt, arch):
+    """kvpress's AdaKV (SnapKVPress: window 32, avg-pool 5, group mean; AdaKVPress alpha 0.2) as configs: every
+    layer keeps exactly H * floor(budget * n) entries, window included, and exactly the entries AdaKVPress keeps."""
+    overrides = ("allocator=head_adaptive_kvpress", "method.kernel=5", "method.pooling=avg")
+    method, allocator = load_method("adakv", overrides)
+    assert (allocator.safeguard, allocator.alpha, method.window) == ("kvpress", 0.2, 32)
+    n, budget = 200, 0.3
+    seen: list[torch.Tensor] = []  # the candidates' scores of every layer, as the method returned them
+    score = method.score
+
+    def spy(ctx: LayerContext) -> torch.Tensor:
+        out = score(ctx)
+        seen.append(out.clone())
+        return out
+
+    method.score = spy
+    with Engine(tiny_model(arch), method, allocator, budget=budget) as eng:
+        eng.reset()
+        eng.forward(prompt(n, seed=5), compress=True)
+        layers = eng.store.layers
+        kept = [[ly.head(h)[2].tolist() for h in range(ly.n_heads)] for ly in layers]
+    n_kept = tokens_per_head(budget, n)
+    for cand, layer in zip(seen, kept, strict=True):
+        padded = torch.cat([cand, cand.new_full((cand.shape[0], 32), float(cand.max()) + 1)], dim=1)
+        ref = kvpress_adakv_kept(padded, 32, n_kept, 0.2)
+        assert [torch.nonzero(row).flatten().tolist() for row in ref] == layer
+        assert sum(map(len, layer)) == N_KV_HEADS * n_kept and len({len(h) for h in layer}) > 1, "exact, ragged"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode-time budget (CAKE)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("budget", "n", "window", "expected"), [
+    (48, 20, 32, (16, 32)),  # token budget: C = 48 even for a 20-token prompt
+    (48.9, 500, 32, (16, 32)),
+    (0.2, 200, 32, (8, 32)),  # fraction: C = floor(0.2 * 200) = 40
+    (0.1, 200, 32, (0, 20)),  # C = 20 < window: the window is clamped to C
+    (1.0, 200, 32, None),  # budget 1.0 = no compression, no decode limit
+    (1, 200, 32, None),
+])
+def test_default_decode_budget(budget, n, window, expected):
+    assert default_decode_budget(budget, n, window) == expected

@@ -150,6 +150,42 @@ def test_decode_eviction_keeps_every_layer_at_its_budget(tiny_model, prompt, arc
     assert len(tokens) == 6
 
 
+@pytest.mark.parametrize("arch", ARCHS[:2])
+@pytest.mark.parametrize("n", [20, 60])  # 20: shorter than C; 60: in (C, C + w], which CAKE does not compress either
+def test_short_prompt_still_decodes_at_the_budget(tiny_model, prompt, arch, n):
+    """The authors record C - w for every layer they do not compress and evict to it while decoding: a prompt that
+    needed no compression grows to C tokens per head, then stays there (it used to grow without bound)."""
+    method, allocator = load_method("cake")
+    c, w, steps = 48, 32, 40  # budget = 48 tokens per head (window included), window 32
+    seen: list[tuple[int, list[list[int]], list[list[int]]]] = []
+
+    def record(tokens: list[int]) -> bool:  # called before the forward of token len(tokens): len - 1 steps done
+        layers = eng.store.layers
+        seen.append((len(tokens) - 1, [ly.lens.tolist() for ly in layers],
+                     [ly.head(h)[2][-w:].tolist() for ly in layers for h in range(ly.n_heads)]))
+        return False
+
+    with Engine(tiny_model(arch), method, allocator, budget=c) as eng:
+        eng.reset()
+        logits = eng.forward(prompt(n, seed=n), compress=True)
+        assert eng.decode_budget == dict.fromkeys(range(N_LAYERS), (c - w, w))
+        eng.generate(logits, steps + 1, should_stop=record)
+    assert [k for k, _, _ in seen] == list(range(steps))
+    for k, lens, recent in seen:
+        expected = n if k == 0 else min(n + k, c)  # a prompt in (C, C + w] drops to C at the first decode step
+        assert lens == [[expected] * N_KV_HEADS] * N_LAYERS, f"after {k} decode steps"
+        total = n + k
+        assert all(pos == list(range(max(0, total - w), total)) for pos in recent), "the newest w tokens stay"
+
+
+def test_budget_one_sets_no_decode_budget(tiny_model, prompt):
+    method, allocator = load_method("cake")
+    with Engine(tiny_model("llama"), method, allocator, budget=1.0) as eng:
+        eng.reset()
+        tokens, _ = eng.generate(eng.forward(prompt(40), compress=True), 12)
+        assert eng.decode_budget == {} and [ly.lens.tolist() for ly in eng.store.layers] == [[51] * 2] * N_LAYERS
+
+
 def test_query_agnostic_rollback_undoes_decode_eviction(tiny_model, prompt):
     method, allocator = load_method("cake")
     with Engine(tiny_model("llama"), method, allocator, budget=0.2) as eng:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,14 @@ def script(*args: str) -> str:
 
 def test_efficiency_script_prints_every_method() -> None:
     out = script("scripts/efficiency.py", "--lengths", "256", "--repeats", "1", "--decode", "2")
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:] if line.strip()}
+    header, *lines = out.splitlines()
+    columns = re.split(r"\s{2,}", header.strip())  # "method", "tokens", "prefill ms", ...
+    rows = {line.split()[0]: dict(zip(columns, line.split(), strict=True)) for line in lines if line.strip()}
     assert sorted(rows) == METHODS
-    full = float(rows["fullkv"][4])
-    assert float(rows["fullkv"][5]) == full and float(rows["snapkv"][5]) < 0.25 * full  # KV full / kept MiB
+    full = float(rows["fullkv"]["KV full MiB"])
+    assert float(rows["fullkv"]["KV kept MiB"]) == full and float(rows["snapkv"]["KV kept MiB"]) < 0.25 * full
+    assert float(rows["fullkv"]["compress %"]) == 0 and float(rows["snapkv"]["compress %"]) > 0
+    assert float(rows["cake"]["evict ms/tok"]) > 0 == float(rows["snapkv"]["evict ms/tok"])  # decode-time eviction
 
 
 def test_quality_table_script_writes_runs_and_a_markdown_table(tmp_path) -> None:

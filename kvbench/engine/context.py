@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from kvbench.ops import group_reduce
 
+COLSUM_BLOCK = 64  # attention_column_sums pads each chunk's keys to a multiple of this (see there)
+
 
 @dataclass
 class LayerContext:
@@ -109,23 +111,31 @@ class LayerContext:
 
         H2O's accumulated attention (softmax in fp32, fully causal), computed in query chunks of at most
         ``max_elements`` logits: 2**21 on CPU (cache-friendly), 2**28 on GPU (1 GiB in fp32, few kernel launches).
+        A chunk only computes the keys its queries can see (the causal triangle: half the work of the full rows),
+        rounded up to a multiple of ``COLSUM_BLOCK`` keys so that the CPU softmax reduces every row in the same
+        vector blocks as a full-length masked row (the masked keys add exact zeros): the sums equal the full-row
+        computation bit for bit there. Only the chunk's diagonal block needs a mask.
         """
         if "colsum" in self.memo:
             return self.memo["colsum"]
         max_elements = max_elements or (2**21 if self.keys.device.type == "cpu" else 2**28)
-        chunk = max(1, max_elements // (self.queries.shape[0] * self.n))
-        k = self.keys.float()  # (H_kv, n, d)
-        n_q = self.queries.shape[1]
+        n, n_q, hq = self.n, self.queries.shape[1], self.queries.shape[0]
+        chunk = max(1, max_elements // (hq * n))
+        k_t = self.keys.float().transpose(1, 2)  # (H_kv, d, n)
         q_all = self.queries.float().reshape(self.n_kv_heads, self.n_groups, n_q, -1)  # (H_kv, G, q, d)
-        offset = self.n - n_q  # queries cover the last q positions of the cache
-        total = torch.zeros(self.queries.shape[0], self.n, device=k.device)
+        offset = n - n_q  # queries cover the last q positions of the cache
+        total = torch.zeros(hq, n, device=k_t.device)
         for s in range(0, n_q, chunk):
-            q = q_all[:, :, s : s + chunk]  # (H_kv, G, c, d)
-            logits = torch.einsum("hgcd,hnd->hgcn", q, k).flatten(0, 1) * self.scaling  # (H_q, c, n)
-            rows = torch.arange(s, s + q.shape[2], device=k.device)[:, None] + offset
-            logits.masked_fill_(torch.arange(self.n, device=k.device)[None, :] > rows, float("-inf"))
+            e = min(s + chunk, n_q)
+            seen = min(n, -(-(e + offset) // COLSUM_BLOCK) * COLSUM_BLOCK)  # keys visible to the chunk, rounded up
+            q = q_all[:, :, s:e].reshape(self.n_kv_heads, -1, q_all.shape[-1])  # (H_kv, G * c, d)
+            logits = torch.bmm(q, k_t[:, :, :seen]).mul_(self.scaling).view(hq, e - s, seen)  # (H_q, c, seen)
+            rows = torch.arange(s + offset, e + offset, device=k_t.device)[:, None]  # (c, 1) absolute positions
+            cols = torch.arange(s + offset, seen, device=k_t.device)[None, :]  # the diagonal block and padding
+            logits[:, :, s + offset :].masked_fill_(cols > rows, float("-inf"))
             if self.pad is not None:  # ragged view: padding keys get no attention
-                logits.masked_fill_(~self.key_mask.repeat_interleave(self.n_groups, 0)[:, None, :], float("-inf"))
-            total += logits.softmax(-1).to(self.queries.dtype).float().sum(1)
+                pad_keys = ~self.key_mask[:, :seen].repeat_interleave(self.n_groups, 0)  # (H_q, seen)
+                logits.masked_fill_(pad_keys[:, None, :], float("-inf"))
+            total[:, :seen] += logits.softmax(-1).to(self.queries.dtype).float().sum(1)
         self.memo["colsum"] = total
         return total

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from kvbench.budget import Allocator, LayerScores, Uniform, tokens_per_head
+from kvbench.budget import Allocator, LayerScores, Uniform, default_decode_budget, tokens_per_head
 from kvbench.engine import local
 from kvbench.engine.adapters import UnsupportedModelError, adapter_for
 from kvbench.engine.attention import cached_attention, causal_attention, check_backend, masked_attention
@@ -300,9 +300,10 @@ class Engine:
         (``kvbench.engine.view``), so block-wise prefill works with every allocator through this one path."""
         keep = tokens_per_head(self.budget, int(self._positions[-1]) + 1)  # of all tokens seen, evicted or not
         window = min(self.method.window, keep, queries.shape[1])  # never more than this forward's queries
+        default = default_decode_budget(self.budget, int(self._positions[-1]) + 1, self.method.window)
+        if default is not None:  # CAKE's C - w also when the prompt needs no compression (select/_trim refine it)
+            self.decode_budget[module.layer_idx] = default
         if int(layer.lens.sum()) <= keep * layer.n_heads:
-            if layer.uniform:  # decode-time eviction (CAKE) holds every layer at its budget, compressed or not
-                self.decode_budget[module.layer_idx] = (int(layer.lens[0]) - window, window)
             return
         t0 = sync_time(self.device)
         view = layer_view(layer)
