@@ -1,0 +1,504 @@
+"""Quantised KV storage (KIVI / ZipCache style): packed low-bit keys and values with a full-precision residual.
+
+Layout, per layer (batch 1, ragged, head-major like ``LayerKV``): every (head, token) entry is a flat row whose key
+and value each have a bit width, 16 (kept in full precision) or 2 / 4 / 8 (packed). Keys and values are separate
+"sides" because KIVI quantises them at different times (below). Each side holds
+
+* ``full``: the full-precision rows (model dtype), e.g. the residual window;
+* per bit width b, a ``Packed`` block: codes ``(m, d*b/8)`` uint8 (8/b codes per byte, channel j of a row at bit
+  offset ``b * (j % (8/b))`` of byte ``j // (8/b)``), and min-max scale / zero point rows in the model dtype.
+
+Quantisation is asymmetric min-max as in KIVI (jy-yuan/KIVI ``quant/new_pack.py``): ``scale = (max - min) / (2^b
+- 1)``, ``zero = min``, ``code = clamp(round((x - zero) / scale))``, dequantised ``code * scale + zero``, so the error
+of every element is at most ``scale / 2`` of its group. Keys are quantised **per channel**, over groups of
+``group`` consecutive tokens of a head (one scale and zero per (group, channel)); values **per token**, over groups
+of ``group`` consecutive channels (one scale and zero per (token, channel group)).
+
+KIVI's residual (``models/llama_kivi.py``), with residual length R (a multiple of ``group``):
+* keys: after prefill the first ``floor(n / R) * R`` tokens are quantised and ``n mod R`` stay in full precision;
+  while decoding, the new key joins the residual and once it holds R tokens all R are quantised (R / group groups);
+* values: after prefill all but the last R tokens are quantised (``n <= R``: none); while decoding the residual is
+  a sliding window of the newest R values: the oldest one is quantised when the residual exceeds R;
+* prefill attention uses the full-precision K/V, and a step's attention sees its residual before the step's flush.
+``flush()`` applies both rules; ``from_dense`` (the prefill) and ``attend`` (after computing its output) call it.
+
+Per-token plans (``apply_plan``): a method may decide per (head, token) between ``EVICT``, ``LOW`` and ``HIGH``
+precision (ZipVL, ZipCache). Evicted rows are dropped; the rows of each precision are quantised with groups formed
+among the rows of that precision, in token order, per head (the last group of a head may be shorter).
+
+Deviations, all tested: codes are packed along channels per token into uint8 (KIVI packs keys along tokens into
+int32 words for its CUDA kernel): the bytes are the same and eviction stays a row gather. A constant group (max =
+min) is stored with scale 0 and reconstructed exactly (KIVI divides by zero). A head narrower than ``group`` is one
+value group. Bookkeeping (positions, bit widths, group indices) is not counted in ``nbytes``, as for ``LayerKV``.
+
+Attention dequantises the layer and attends over it with the engine's kernels (``cached_attention``): the
+reference on CPU. A GPU kernel would fuse the unpacking into the matmuls (KIVI's ``cuda_bmm_fA_qB_outer``: q·Kᵀ
+reads packed key codes with per-channel scales, P·V packed values with per-token scales), so that dequantised K/V
+never reach memory; decode would then read ~b/16 of the fp16 bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from kvbench.engine.attention import cached_attention
+from kvbench.engine.store import LayerKV, cu_from_lens, ragged_index
+from kvbench.errors import UsageError
+
+if TYPE_CHECKING:
+    from kvbench.budget import Allocator
+    from kvbench.method import Method
+
+FULL = 16  # bit width of a row kept in full precision (the model dtype)
+BITS = (2, 4, 8)  # packed bit widths
+
+# A plan: one int8 code per (head, token), (H, n) for a uniform layer or (T,) flat head-major for any layer.
+EVICT, LOW, HIGH = 0, 1, 2
+PLAN_CODES = (EVICT, LOW, HIGH)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a quantised layer stores new tokens: bit widths, group size and KIVI's residual length.
+
+    ``residual=None``: tokens stay in full precision until a plan quantises them (nothing is flushed).
+    """
+
+    k_bits: int = 4
+    v_bits: int = 4
+    group: int = 32
+    residual: int | None = 128
+
+    def __post_init__(self) -> None:
+        for name in ("k_bits", "v_bits"):
+            check_bits(getattr(self, name), name)
+        if self.group < 1:
+            raise UsageError(f"group={self.group}: the quantisation group size must be >= 1")
+        if self.residual is not None and (self.residual < 1 or self.residual % self.group):
+            raise UsageError(f"residual={self.residual} must be a positive multiple of group={self.group} "
+                             "(keys are flushed as residual/group whole groups, as in KIVI)")
+
+
+def check_bits(bits: int, name: str = "bits", allow_full: bool = False) -> int:
+    ok = (*BITS, FULL) if allow_full else BITS
+    if bits not in ok:
+        raise UsageError(f"{name}={bits}: choose one of {', '.join(map(str, ok))}")
+    return bits
+
+
+# -- packing and min-max quantisation -------------------------------------------------------------------------------
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """(m, d) integer codes in [0, 2^bits) -> (m, d * bits / 8) uint8, 8/bits codes per byte, low bits first."""
+    per = 8 // bits
+    m, d = codes.shape
+    c = codes.to(torch.uint8).view(m, d // per, per)
+    out = torch.zeros(m, d // per, dtype=torch.uint8, device=codes.device)
+    for j in range(per):
+        out |= c[:, :, j] << (bits * j)
+    return out
+
+
+def unpack(packed: Tensor, bits: int) -> Tensor:
+    """(m, d * bits / 8) uint8 -> (m, d) uint8 codes; the inverse of ``pack``."""
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits  # (per,)
+    return ((packed[:, :, None] >> shifts) & (2**bits - 1)).reshape(packed.shape[0], -1)
+
+
+def minmax_codes(x: Tensor, mn: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Codes of x (fp32) for broadcastable zero points and scales; a zero scale (constant group) gives code 0."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return ((x - mn) / safe).round().clamp(0, 2**bits - 1)
+
+
+def quantize_tokens(x: Tensor, gid: Tensor, n_groups: int, bits: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Keys: per channel over token groups. x (m, d) fp32, gid (m,) group of each row -> codes (m, d), scale and
+    zero (n_groups, d) in ``dtype`` (the codes are computed from the stored, rounded scale and zero)."""
+    idx = gid[:, None].expand_as(x)
+    mn = x.new_full((n_groups, x.shape[1]), float("inf")).scatter_reduce(0, idx, x, "amin")
+    mx = x.new_full((n_groups, x.shape[1]), float("-inf")).scatter_reduce(0, idx, x, "amax")
+    zero, scale = mn.to(dtype), ((mx - mn) / (2**bits - 1)).to(dtype)
+    return minmax_codes(x, zero.float()[gid], scale.float()[gid], bits), scale, zero
+
+
+def quantize_channels(x: Tensor, group: int, bits: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Values: per token over channel groups. x (m, d) fp32 -> codes (m, d), scale and zero (m, d / group)."""
+    m, d = x.shape
+    xg = x.view(m, d // group, group)
+    mn, mx = xg.amin(-1), xg.amax(-1)  # (m, d/group)
+    zero, scale = mn.to(dtype), ((mx - mn) / (2**bits - 1)).to(dtype)
+    codes = minmax_codes(xg, zero.float()[..., None], scale.float()[..., None], bits)
+    return codes.view(m, d), scale, zero
+
+
+def token_groups(heads: Tensor, n_heads: int, group: int) -> tuple[Tensor, int]:
+    """Rows (m,) of a class, head-major in token order -> group id of each row (``group`` consecutive rows of a
+    head, the last one of each head possibly shorter) and the number of groups."""
+    counts = torch.bincount(heads, minlength=n_heads)  # (H,)
+    rank = torch.arange(len(heads), device=heads.device) - cu_from_lens(counts)[heads]
+    offsets = cu_from_lens((counts + group - 1) // group)  # (H+1,) first group of each head
+    return offsets[heads] + rank // group, int(offsets[-1])
+
+
+# -- one side (keys or values) --------------------------------------------------------------------------------------
+@dataclass
+class Packed:
+    """Rows stored at one bit width: codes (m, d*b/8) uint8; scale/zero (p, c); param (m,) the scale row of each
+    code row; ``width`` channels share one scale column (keys 1, values the channel group)."""
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+    param: Tensor
+    width: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+    def dequantize(self, bits: int) -> Tensor:
+        """(m, d) fp32."""
+        scale = self.scale[self.param].float().repeat_interleave(self.width, 1)
+        zero = self.zero[self.param].float().repeat_interleave(self.width, 1)
+        return unpack(self.codes, bits).float() * scale + zero
+
+    def take(self, slots: Tensor) -> Packed:
+        """Only the code rows ``slots`` (in that order), and only the scale rows they use."""
+        used, inverse = torch.unique(self.param[slots], return_inverse=True)
+        return Packed(self.codes[slots], self.scale[used], self.zero[used], inverse, self.width)
+
+    def extend(self, other: Packed) -> Packed:
+        param = torch.cat([self.param, other.param + self.scale.shape[0]])
+        return Packed(torch.cat([self.codes, other.codes]), torch.cat([self.scale, other.scale]),
+                      torch.cat([self.zero, other.zero]), param, self.width)
+
+
+@dataclass
+class Side:
+    """Keys or values of a layer. Per flat row (T,): ``bits`` (int8, 16 = full precision), ``slot`` (its row in
+    ``full`` or in ``packed[bits]``), ``pending`` (in the residual window, awaiting a flush) and ``stamp`` (the
+    head's length when the row got its representation; a rollback before that point cannot be undone)."""
+
+    bits: Tensor
+    slot: Tensor
+    pending: Tensor
+    stamp: Tensor
+    full: Tensor
+    packed: dict[int, Packed] = field(default_factory=dict)
+
+    @classmethod
+    def dense(cls, x: Tensor) -> Side:
+        """(T, d) full-precision rows, all in the residual."""
+        t = x.shape[0]
+        return cls(torch.full((t,), FULL, dtype=torch.int8, device=x.device), torch.arange(t, device=x.device),
+                   torch.ones(t, dtype=torch.bool, device=x.device), torch.zeros(t, dtype=torch.int32, device=x.device),
+                   x)
+
+    def nbytes(self) -> int:
+        return self.full.numel() * self.full.element_size() + sum(p.nbytes() for p in self.packed.values())
+
+    def rows(self) -> Tensor:
+        """(T, d) dequantised rows in the model dtype."""
+        out = self.full.new_empty(len(self.bits), self.full.shape[1])
+        is_full = self.bits == FULL
+        out[is_full] = self.full[self.slot[is_full]]
+        for b, p in self.packed.items():
+            mask = self.bits == b
+            out[mask] = p.dequantize(b)[self.slot[mask]].to(out.dtype)
+        return out
+
+    def take(self, rows: Tensor) -> Side:
+        """The rows ``rows`` in that order; storage not referenced any more is dropped."""
+        bits, slot = self.bits[rows], self.slot[rows].clone()
+        full = self.full[slot[bits == FULL]]
+        packed = {}
+        for b in [FULL, *self.packed]:
+            mask = bits == b
+            if b != FULL and bool(mask.any()):
+                packed[b] = self.packed[b].take(slot[mask])
+            slot[mask] = torch.arange(int(mask.sum()), device=slot.device)
+        return Side(bits, slot, self.pending[rows], self.stamp[rows], full, packed)
+
+    def permute(self, order: Tensor) -> Side:
+        """Reorder rows without touching storage (every row kept)."""
+        return replace(self, bits=self.bits[order], slot=self.slot[order], pending=self.pending[order],
+                       stamp=self.stamp[order])
+
+    def append_full(self, x: Tensor) -> Side:
+        """m new full-precision rows (pending) at the end."""
+        m, dev = x.shape[0], x.device
+        slot = torch.arange(self.full.shape[0], self.full.shape[0] + m, device=dev)
+        pending = torch.cat([self.pending, self.pending.new_ones(m)])
+        return Side(torch.cat([self.bits, self.bits.new_full((m,), FULL)]), torch.cat([self.slot, slot]), pending,
+                    torch.cat([self.stamp, self.stamp.new_zeros(m)]), torch.cat([self.full, x]), dict(self.packed))
+
+    def store(self, rows: Tensor, bits: int, block: Packed | None, stamp: Tensor) -> Side:
+        """Give full-precision ``rows`` the representation ``bits`` (``block`` holds their codes, row order), no
+        longer pending; the full-precision storage is compacted."""
+        new_bits, slot = self.bits.clone(), self.slot.clone()
+        pending, stamps = self.pending.clone(), self.stamp.clone()
+        pending[rows], stamps[rows] = False, stamp
+        packed = dict(self.packed)
+        if block is not None:
+            old = packed.get(bits)
+            new_bits[rows] = bits
+            slot[rows] = torch.arange(len(rows), device=rows.device) + (0 if old is None else old.codes.shape[0])
+            packed[bits] = block if old is None else old.extend(block)
+        is_full = new_bits == FULL
+        full = self.full[slot[is_full]]
+        slot[is_full] = torch.arange(int(is_full.sum()), device=slot.device)
+        return Side(new_bits, slot, pending, stamps, full, packed)
+
+
+def quantize_block(x: Tensor, heads: Tensor, n_heads: int, bits: int, group: int, per_channel: bool,
+                   dtype: torch.dtype) -> Packed:
+    """Rows x (m, d), head-major in token order -> a ``Packed`` block (keys: per channel over token groups of each
+    head; values: per token over channel groups)."""
+    x = x.float()
+    if per_channel:
+        gid, n_groups = token_groups(heads, n_heads, group)
+        codes, scale, zero = quantize_tokens(x, gid, n_groups, bits, dtype)
+        return Packed(pack(codes, bits), scale, zero, gid, 1)
+    width = min(group, x.shape[1])
+    codes, scale, zero = quantize_channels(x, width, bits, dtype)
+    return Packed(pack(codes, bits), scale, zero, torch.arange(x.shape[0], device=x.device), width)
+
+
+# -- the layer ------------------------------------------------------------------------------------------------------
+@dataclass
+class QuantLayerKV:
+    """One layer's quantised cache: the ``LayerKV`` surface plus ``attend``, ``flush``, ``apply_plan``.
+
+    ``lens`` (H,) and ``positions`` (T,) as in ``LayerKV``; ``k`` and ``v`` the two sides; ``spec`` the bit widths,
+    group size and residual used for flushed tokens. Tensors are never changed in place, so a shallow copy
+    (``dataclasses.replace``) is a fork, as for ``LayerKV``.
+    """
+
+    k: Side
+    v: Side
+    lens: Tensor
+    positions: Tensor
+    spec: QuantSpec
+
+    @classmethod
+    def from_dense(cls, keys: Tensor, values: Tensor, positions: Tensor, spec: QuantSpec | None = None
+                   ) -> QuantLayerKV:
+        """keys/values (H, n, d), positions (n,) after prefill attention -> a layer quantised by KIVI's prefill
+        rule (``flush``)."""
+        spec = spec or QuantSpec()
+        h, n, d = keys.shape
+        check_head_dim(d, spec)
+        layer = cls(Side.dense(keys.reshape(h * n, d)), Side.dense(values.reshape(h * n, values.shape[-1])),
+                    torch.full((h,), n, dtype=torch.long, device=keys.device), positions.to(torch.int32).repeat(h),
+                    spec)
+        layer.flush()
+        return layer
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.lens)
+
+    @property
+    def uniform(self) -> bool:
+        return bool((self.lens == self.lens[0]).all())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.full.dtype
+
+    def nbytes(self) -> int:
+        """Packed codes + scales + zero points + full-precision rows, keys and values."""
+        return self.k.nbytes() + self.v.nbytes()
+
+    def precision_counts(self) -> dict[str, dict[int, int]]:
+        """Number of (head, token) entries per bit width, for keys and values: {"k": {16: 72, 4: 128}, ...}."""
+        return {name: {int(b): int(c) for b, c in zip(*torch.unique(s.bits, return_counts=True), strict=True)}
+                for name, s in (("k", self.k), ("v", self.v))}
+
+    def dequantized(self) -> LayerKV:
+        """The layer with dequantised keys and values (model dtype): what attention reads."""
+        return LayerKV(self.k.rows(), self.v.rows(), self.lens, self.positions)
+
+    def dense(self) -> tuple[Tensor, Tensor]:
+        """(H, L, d) dequantised keys and values (copies); only valid when all heads have the same length."""
+        return self.dequantized().dense()
+
+    def head(self, h: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Dequantised keys (len_h, d), values (len_h, d) and positions (len_h,) of one head."""
+        return self.dequantized().head(h)
+
+    def attend(self, q: Tensor, scale: float, backend: str = "sdpa") -> Tensor:
+        """Attention of q (Hq, q, d) new tokens, already appended, over the dequantised cache -> (q, Hq, d), as
+        ``cached_attention`` for a ``LayerKV``; then the step's flush (KIVI quantises after the attention)."""
+        out = cached_attention(q, self.dequantized(), scale, backend)
+        self.flush()
+        return out
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Append q new full-precision tokens to every head's residual. keys/values (H, q, d), positions (q,)."""
+        h, q, _ = keys.shape
+        t = len(self.positions)
+        new_cu = cu_from_lens(self.lens + q)
+        heads, pos = ragged_index(self.lens)
+        order = torch.empty(t + h * q, dtype=torch.long, device=keys.device)
+        order[new_cu[heads] + pos] = torch.arange(t, device=keys.device)
+        new_rows = (new_cu[:-1, None] + self.lens[:, None] + torch.arange(q, device=keys.device)).reshape(-1)
+        order[new_rows] = torch.arange(t, t + h * q, device=keys.device)
+        self.k = self.k.append_full(keys.reshape(h * q, -1)).permute(order)
+        self.v = self.v.append_full(values.reshape(h * q, -1)).permute(order)
+        self.positions = torch.cat([self.positions, positions.to(self.positions.dtype).repeat(h)])[order]
+        self.lens = self.lens + q
+
+    def _take(self, rows: Tensor, lens: Tensor) -> None:
+        self.k, self.v = self.k.take(rows), self.v.take(rows)
+        self.positions, self.lens = self.positions[rows], lens
+
+    def select(self, keep: list[Tensor]) -> None:
+        """Keep, for each head h, the within-head token indices ``keep[h]`` (any order)."""
+        cu = cu_from_lens(self.lens)
+        rows = torch.cat([cu[h] + idx.sort().values for h, idx in enumerate(keep)])  # (T',)
+        self._take(rows, torch.tensor([len(i) for i in keep], dtype=torch.long, device=self.lens.device))
+
+    def truncate(self, lens: Tensor) -> None:
+        """Drop the newest tokens of each head so that head h keeps its first ``lens[h]`` entries.
+
+        Refused when a kept entry was quantised after its head reached ``lens[h]`` (a flush that involved the
+        dropped tokens or happened later): that state cannot be restored without a copy of the layer."""
+        heads, pos = ragged_index(self.lens)
+        kept = pos < lens[heads]
+        for side in (self.k, self.v):
+            if bool((kept & (side.stamp > lens[heads])).any()):
+                raise UsageError(
+                    "a quantised KV cache cannot be rolled back past a flush of its residual (tokens quantised "
+                    "since then would stay quantised, some in groups with the dropped tokens); the query-agnostic "
+                    "protocol and lm-eval rollbacks need copied snapshots of quantised layers, not supported yet. "
+                    "Use protocol=query_aware."
+                )
+        self._take(kept.nonzero().squeeze(1), lens.clone())
+
+    def clone(self) -> QuantLayerKV:
+        def copy(side: Side) -> Side:
+            packed = {b: Packed(p.codes.clone(), p.scale.clone(), p.zero.clone(), p.param.clone(), p.width)
+                      for b, p in side.packed.items()}
+            return Side(side.bits.clone(), side.slot.clone(), side.pending.clone(), side.stamp.clone(),
+                        side.full.clone(), packed)
+
+        return QuantLayerKV(copy(self.k), copy(self.v), self.lens.clone(), self.positions.clone(), self.spec)
+
+    # -- quantisation ---------------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """KIVI's residual rule: keys quantise ``floor(r / R) * R`` of their r pending tokens, values all but the
+        newest R; the oldest pending tokens go first. Nothing happens with ``residual=None``."""
+        r = self.spec.residual
+        if r is None:
+            return
+        self.k = self._flush(self.k, lambda n: n // r * r, self.spec.k_bits, per_channel=True)
+        self.v = self._flush(self.v, lambda n: (n - r).clamp(min=0), self.spec.v_bits, per_channel=False)
+
+    def _flush(self, side: Side, how_many: Callable[[Tensor], Tensor], bits: int, per_channel: bool) -> Side:
+        heads, pos = ragged_index(self.lens)
+        n_pending = torch.bincount(heads[side.pending], minlength=self.n_heads)  # (H,) trailing rows of each head
+        first = self.lens - n_pending  # (H,) within-head index of the oldest pending row
+        rows = ((pos >= first[heads]) & (pos < (first + how_many(n_pending))[heads])).nonzero().squeeze(1)
+        if len(rows) == 0:
+            return side
+        return self._quantize(side, rows, bits, per_channel)
+
+    def _quantize(self, side: Side, rows: Tensor, bits: int, per_channel: bool) -> Side:
+        """Quantise full-precision ``rows`` (head-major, token order) at ``bits`` (16: keep as they are)."""
+        heads = ragged_index(self.lens)[0][rows]
+        stamp = self.lens[heads].to(torch.int32)
+        if bits == FULL:
+            return side.store(rows, FULL, None, stamp)
+        if bool((side.bits[rows] != FULL).any()):
+            raise ValueError("only full-precision entries can be quantised (re-quantising would compound errors)")
+        x = side.full[side.slot[rows]]
+        block = quantize_block(x, heads, self.n_heads, bits, self.spec.group, per_channel, self.dtype)
+        return side.store(rows, bits, block, stamp)
+
+    def apply_plan(self, plan: Tensor, bits_high: int, bits_low: int) -> None:
+        """Apply a per-(head, token) plan: ``EVICT`` rows are dropped, ``HIGH`` / ``LOW`` rows are stored at
+        ``bits_high`` / ``bits_low`` (16 = full precision) for keys and values alike; none stays pending.
+
+        plan: (H, n) int codes for a uniform layer, or (T,) flat head-major. Entries already quantised must be
+        planned at the bit width they have (re-quantising would compound errors)."""
+        flat = self._check_plan(plan)
+        target = torch.full_like(flat, FULL, dtype=torch.int8)
+        target[flat == HIGH] = check_bits(bits_high, "bits_high", allow_full=True)
+        target[flat == LOW] = check_bits(bits_low, "bits_low", allow_full=True)
+        for side in (self.k, self.v):  # validate before changing anything
+            if bool(((flat != EVICT) & (side.bits != FULL) & (side.bits != target)).any()):
+                raise ValueError("the plan asks for other bit widths for entries already quantised (re-quantising "
+                                 "would compound errors): plan them at the bits they have")
+        heads = ragged_index(self.lens)[0]
+        keep = (flat != EVICT).nonzero().squeeze(1)
+        self._take(keep, torch.bincount(heads[keep], minlength=self.n_heads))
+        flat = flat[keep]
+        for code, bits in ((HIGH, bits_high), (LOW, bits_low)):
+            for name, per_channel in (("k", True), ("v", False)):
+                side = getattr(self, name)
+                todo = ((flat == code) & (side.bits == FULL)).nonzero().squeeze(1)
+                setattr(self, name, self._quantize(side, todo, bits, per_channel) if len(todo) else side)
+
+    def _check_plan(self, plan: Tensor) -> Tensor:
+        flat = plan.reshape(-1) if plan.dim() == 2 else plan
+        if plan.dim() == 2 and (not self.uniform or tuple(plan.shape) != (self.n_heads, int(self.lens[0]))):
+            raise ValueError(f"a (H, n) plan needs a uniform layer of that shape; got {tuple(plan.shape)} for "
+                             f"lengths {self.lens.tolist()} (pass a flat (T,) plan for ragged layers)")
+        if flat.shape != self.positions.shape:
+            raise ValueError(f"plan has {flat.numel()} entries, the layer {len(self.positions)}")
+        if not bool(torch.isin(flat, torch.tensor(PLAN_CODES, device=flat.device)).all()):
+            raise ValueError(f"plan codes must be EVICT={EVICT}, LOW={LOW} or HIGH={HIGH}")
+        return flat
+
+
+def check_head_dim(d: int, spec: QuantSpec) -> None:
+    """Every bit width packs whole bytes of a row, and value groups tile the head."""
+    for bits in (spec.k_bits, spec.v_bits):
+        if d % (8 // bits):
+            raise UsageError(f"head_dim {d} cannot be packed at {bits} bits ({8 // bits} codes per byte)")
+    if d > spec.group and d % spec.group:
+        raise UsageError(f"head_dim {d} is not a multiple of the value group size {spec.group}")
+
+
+# -- what the engine needs: the layer kind a method declares --------------------------------------------------------
+@dataclass(frozen=True)
+class LayerKind:
+    """How the engine builds a layer after prefill attention and attends over it, for a declared ``layer_store``."""
+
+    name: str
+    build: Callable[[Tensor, Tensor, Tensor], Any]  # keys/values (H, n, d), positions (n,) -> a layer
+    attend: Callable[[Any, Tensor, float, str], Tensor]  # layer, q (Hq, q, d), scale, backend -> (q, Hq, d)
+
+
+def _attend_evicting(layer: LayerKV, q: Tensor, scale: float, backend: str) -> Tensor:
+    return cached_attention(q, layer, scale, backend)
+
+
+def _attend_quantized(layer: QuantLayerKV, q: Tensor, scale: float, backend: str) -> Tensor:
+    return layer.attend(q, scale, backend)
+
+
+LAYER_STORES = ("evict", "quantized")
+
+
+def layer_kind(method: Method, allocator: Allocator, budget: float) -> LayerKind:
+    """The layer kind of ``method.layer_store``, after checking that method, allocator and budget go together."""
+    if method.layer_store == "evict":
+        return LayerKind("evict", LayerKV.from_dense, _attend_evicting)
+    if method.layer_store != "quantized":
+        raise UsageError(f"{type(method).__name__}.layer_store={method.layer_store!r}; use one of {LAYER_STORES}")
+    if not method.compresses and budget != 1.0:
+        raise UsageError(
+            f"method={method.name} quantises every token and evicts none: its memory is set by its bit widths, "
+            f"not by a token budget. Run it with budget=1.0 (got budget={budget})."
+        )
+    if not method.compresses and allocator.name != "uniform":
+        raise UsageError(f"method={method.name} evicts no token, so allocator={allocator.name} would be ignored; "
+                         "drop the allocator override")
+    return LayerKind("quantized", partial(QuantLayerKV.from_dense, spec=method.quant_spec()), _attend_quantized)
