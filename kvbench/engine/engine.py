@@ -25,6 +25,7 @@ from transformers import AttentionInterface
 from kvbench.budget import Allocator, LayerScores, Uniform, tokens_per_head
 from kvbench.engine.attention import cached_attention, causal_attention, check_backend, masked_attention
 from kvbench.engine.context import LayerContext
+from kvbench.engine.quant import layer_kind
 from kvbench.engine.store import KVStore, LayerKV
 from kvbench.ops import topk_per_head
 
@@ -86,6 +87,7 @@ class Engine:
                  backend: str = "sdpa") -> None:
         self.model, self.method, self.allocator, self.budget = model, method, allocator, budget
         self.backend = check_backend(backend)
+        self.layer_kind = layer_kind(method, allocator, budget)  # how layers are stored and attended (declared)
         self.modules = attention_modules(model)
         self.n_layers = len(self.modules)
         self.n_kv_heads = model.config.get_text_config().num_key_value_heads  # heads of an unexpanded cache
@@ -213,11 +215,11 @@ class Engine:
         if layer is None:
             out = (causal_attention(query, key, value, scale, self.backend) if self.attention_mask is None
                    else masked_attention(query, key, value, self.attention_mask, scale))
-            layer = LayerKV.from_dense(key[0], value[0], self._positions)
+            layer = self.layer_kind.build(key[0], value[0], self._positions)
             self.store.layers[i] = layer
         else:
             layer.append(key[0], value[0], self._positions)
-            out = cached_attention(query[0], layer, scale, self.backend)[None]
+            out = self.layer_kind.attend(layer, query[0], scale, self.backend)[None]
         self.store.track_peak()
         if self._compress:
             self._compress_layer(module, query[0], layer, scale)

@@ -315,6 +315,10 @@ class QuantLayerKV:
         """Packed codes + scales + zero points + full-precision rows, keys and values."""
         return self.k.nbytes() + self.v.nbytes()
 
+    def full_nbytes(self) -> int:
+        """Bytes the same entries would take in full precision (the model dtype)."""
+        return len(self.positions) * (self.k.full.shape[1] + self.v.full.shape[1]) * self.k.full.element_size()
+
     def precision_counts(self) -> dict[str, dict[int, int]]:
         """Number of (head, token) entries per bit width, for keys and values: {"k": {16: 72, 4: 128}, ...}."""
         return {name: {int(b): int(c) for b, c in zip(*torch.unique(s.bits, return_counts=True), strict=True)}
@@ -474,6 +478,11 @@ class LayerKind:
     name: str
     build: Callable[[Tensor, Tensor, Tensor], Any]  # keys/values (H, n, d), positions (n,) -> a layer
     attend: Callable[[Any, Tensor, float, str], Tensor]  # layer, q (Hq, q, d), scale, backend -> (q, Hq, d)
+    full_nbytes: Callable[[Any], int]  # layer -> bytes its entries would take in full precision
+
+    def full_bytes(self, layers: list[Any]) -> int:
+        """Full-precision bytes of the entries held by ``layers`` (None = not filled yet)."""
+        return sum(self.full_nbytes(layer) for layer in layers if layer is not None)
 
 
 def _attend_evicting(layer: LayerKV, q: Tensor, scale: float, backend: str) -> Tensor:
@@ -490,7 +499,7 @@ LAYER_STORES = ("evict", "quantized")
 def layer_kind(method: Method, allocator: Allocator, budget: float) -> LayerKind:
     """The layer kind of ``method.layer_store``, after checking that method, allocator and budget go together."""
     if method.layer_store == "evict":
-        return LayerKind("evict", LayerKV.from_dense, _attend_evicting)
+        return LayerKind("evict", LayerKV.from_dense, _attend_evicting, LayerKV.nbytes)
     if method.layer_store != "quantized":
         raise UsageError(f"{type(method).__name__}.layer_store={method.layer_store!r}; use one of {LAYER_STORES}")
     if not method.compresses and budget != 1.0:
@@ -501,4 +510,5 @@ def layer_kind(method: Method, allocator: Allocator, budget: float) -> LayerKind
     if not method.compresses and allocator.name != "uniform":
         raise UsageError(f"method={method.name} evicts no token, so allocator={allocator.name} would be ignored; "
                          "drop the allocator override")
-    return LayerKind("quantized", partial(QuantLayerKV.from_dense, spec=method.quant_spec()), _attend_quantized)
+    return LayerKind("quantized", partial(QuantLayerKV.from_dense, spec=method.quant_spec()), _attend_quantized,
+                     QuantLayerKV.full_nbytes)
