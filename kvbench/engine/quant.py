@@ -435,6 +435,7 @@ class QuantLayerKV:
         target = torch.full_like(flat, FULL, dtype=torch.int8)
         target[flat == HIGH] = check_bits(bits_high, "bits_high", allow_full=True)
         target[flat == LOW] = check_bits(bits_low, "bits_low", allow_full=True)
+        check_packing(self.k.full.shape[1], bits_high, bits_low)
         for side in (self.k, self.v):  # validate before changing anything
             if bool(((flat != EVICT) & (side.bits != FULL) & (side.bits != target)).any()):
                 raise ValueError("the plan asks for other bit widths for entries already quantised (re-quantising "
@@ -463,11 +464,15 @@ class QuantLayerKV:
 
 def check_head_dim(d: int, spec: QuantSpec) -> None:
     """Every bit width packs whole bytes of a row, and value groups tile the head."""
-    for bits in (spec.k_bits, spec.v_bits):
-        if d % (8 // bits):
-            raise UsageError(f"head_dim {d} cannot be packed at {bits} bits ({8 // bits} codes per byte)")
+    check_packing(d, spec.k_bits, spec.v_bits)
     if d > spec.group and d % spec.group:
         raise UsageError(f"head_dim {d} is not a multiple of the value group size {spec.group}")
+
+
+def check_packing(d: int, *bits: int) -> None:
+    for b in bits:
+        if b != FULL and d % (8 // b):
+            raise UsageError(f"head_dim {d} cannot be packed at {b} bits ({8 // b} codes per byte)")
 
 
 # -- what the engine needs: the layer kind a method declares --------------------------------------------------------
