@@ -161,11 +161,12 @@ class Packed:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
-    def dequantize(self, bits: int) -> Tensor:
-        """(m, d) fp32."""
-        scale = self.scale[self.param].float().repeat_interleave(self.width, 1)
-        zero = self.zero[self.param].float().repeat_interleave(self.width, 1)
-        return unpack(self.codes, bits).float() * scale + zero
+    def dequantize(self, bits: int, slots: Tensor) -> Tensor:
+        """Code rows ``slots`` -> (len(slots), d) fp32."""
+        param = self.param[slots]
+        scale = self.scale[param].float().repeat_interleave(self.width, 1)
+        zero = self.zero[param].float().repeat_interleave(self.width, 1)
+        return unpack(self.codes[slots], bits).float() * scale + zero
 
     def take(self, slots: Tensor) -> Packed:
         """Only the code rows ``slots`` (in that order), and only the scale rows they use."""
@@ -202,14 +203,15 @@ class Side:
     def nbytes(self) -> int:
         return self.full.numel() * self.full.element_size() + sum(p.nbytes() for p in self.packed.values())
 
-    def rows(self) -> Tensor:
-        """(T, d) dequantised rows in the model dtype."""
-        out = self.full.new_empty(len(self.bits), self.full.shape[1])
-        is_full = self.bits == FULL
-        out[is_full] = self.full[self.slot[is_full]]
+    def rows(self, start: int = 0, end: int | None = None) -> Tensor:
+        """Flat rows [start, end) dequantised, (end - start, d) in the model dtype."""
+        bits, slot = self.bits[start:end], self.slot[start:end]
+        out = self.full.new_empty(len(bits), self.full.shape[1])
+        is_full = bits == FULL
+        out[is_full] = self.full[slot[is_full]]
         for b, p in self.packed.items():
-            mask = self.bits == b
-            out[mask] = p.dequantize(b)[self.slot[mask]].to(out.dtype)
+            mask = bits == b
+            out[mask] = p.dequantize(b, slot[mask]).to(out.dtype)
         return out
 
     def take(self, rows: Tensor) -> Side:
@@ -334,7 +336,9 @@ class QuantLayerKV:
 
     def head(self, h: int) -> tuple[Tensor, Tensor, Tensor]:
         """Dequantised keys (len_h, d), values (len_h, d) and positions (len_h,) of one head."""
-        return self.dequantized().head(h)
+        cu = cu_from_lens(self.lens)
+        s, e = int(cu[h]), int(cu[h + 1])
+        return self.k.rows(s, e), self.v.rows(s, e), self.positions[s:e]
 
     def attend(self, q: Tensor, scale: float, backend: str = "sdpa") -> Tensor:
         """Attention of q (Hq, q, d) new tokens, already appended, over the dequantised cache -> (q, Hq, d), as
