@@ -28,8 +28,10 @@ among the rows of that precision, in token order, per head (the last group of a 
 
 Deviations, all tested: codes are packed along channels per token into uint8 (KIVI packs keys along tokens into
 int32 words for its CUDA kernel): the bytes are the same and eviction stays a row gather. A constant group (max =
-min) is stored with scale 0 and reconstructed exactly (KIVI divides by zero). A head narrower than ``group`` is one
-value group. Bookkeeping (positions, bit widths, group indices) is not counted in ``nbytes``, as for ``LayerKV``.
+min) is stored with scale 0 and reconstructed exactly (KIVI divides by zero). Zero points are stored rounded down
+and scales rounded up in the model dtype (KIVI: to nearest), so that the half-step bound also holds in fp16/bf16
+(exact in fp32). A head narrower than ``group`` is one value group. Bookkeeping (positions, bit widths, group
+indices) is not counted in ``nbytes``, as for ``LayerKV``.
 
 Attention dequantises the layer and attends over it with the engine's kernels (``cached_attention``): the
 reference on CPU. A GPU kernel would fuse the unpacking into the matmuls (KIVI's ``cuda_bmm_fA_qB_outer``: q·Kᵀ
@@ -117,13 +119,27 @@ def minmax_codes(x: Tensor, mn: Tensor, scale: Tensor, bits: int) -> Tensor:
     return ((x - mn) / safe).round().clamp(0, 2**bits - 1)
 
 
+def round_out(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
+    """x (fp32) stored in ``dtype``, rounded towards +inf (up) or -inf (down) instead of to nearest."""
+    y = x.to(dtype)
+    bad = y.float() < x if up else y.float() > x
+    return torch.where(bad, torch.nextafter(y, torch.full_like(y, float("inf") if up else float("-inf"))), y)
+
+
+def grid(mn: Tensor, mx: Tensor, bits: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Stored zero point and scale of groups with minimum mn and maximum mx (fp32): zero <= mn and
+    zero + (2^bits - 1) * scale >= mx after rounding to ``dtype``, so every element is within half a step."""
+    zero = round_out(mn, dtype, up=False)
+    return zero, round_out((mx - zero.float()) / (2**bits - 1), dtype, up=True)
+
+
 def quantize_tokens(x: Tensor, gid: Tensor, n_groups: int, bits: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
     """Keys: per channel over token groups. x (m, d) fp32, gid (m,) group of each row -> codes (m, d), scale and
     zero (n_groups, d) in ``dtype`` (the codes are computed from the stored, rounded scale and zero)."""
     idx = gid[:, None].expand_as(x)
     mn = x.new_full((n_groups, x.shape[1]), float("inf")).scatter_reduce(0, idx, x, "amin")
     mx = x.new_full((n_groups, x.shape[1]), float("-inf")).scatter_reduce(0, idx, x, "amax")
-    zero, scale = mn.to(dtype), ((mx - mn) / (2**bits - 1)).to(dtype)
+    zero, scale = grid(mn, mx, bits, dtype)
     return minmax_codes(x, zero.float()[gid], scale.float()[gid], bits), scale, zero
 
 
@@ -132,7 +148,7 @@ def quantize_channels(x: Tensor, group: int, bits: int, dtype: torch.dtype) -> t
     m, d = x.shape
     xg = x.view(m, d // group, group)
     mn, mx = xg.amin(-1), xg.amax(-1)  # (m, d/group)
-    zero, scale = mn.to(dtype), ((mx - mn) / (2**bits - 1)).to(dtype)
+    zero, scale = grid(mn, mx, bits, dtype)
     codes = minmax_codes(xg, zero.float()[..., None], scale.float()[..., None], bits)
     return codes.view(m, d), scale, zero
 
