@@ -4,6 +4,8 @@ plans, decode logits against an independent dequantise-then-attend reference, an
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -187,6 +189,20 @@ def test_plan_keeps_high_in_full_precision_and_refuses_requantising():
         layer.apply_plan(torch.full((1, 8), 7, dtype=torch.int8), bits_high=FULL, bits_low=4)
 
 
+def test_a_shallow_copy_is_a_fork():
+    """Tensors are never changed in place (SweepEngine forks layers with ``dataclasses.replace``)."""
+    layer = QuantLayerKV.from_dense(rand(2, 40, 16), rand(2, 40, 16), torch.arange(40), QuantSpec(group=8, residual=16))
+    keys, values = layer.dense()
+    fork = replace(layer)
+    for s in range(20):
+        step(fork, 40 + s, 16, seed=s)
+    fork.apply_plan(torch.full((2, 60), HIGH, dtype=torch.int8), bits_high=4, bits_low=2)
+    fork.select([torch.arange(5), torch.arange(9)])
+    assert torch.equal(layer.dense()[0], keys) and torch.equal(layer.dense()[1], values)
+    assert layer.lens.tolist() == [40, 40] and layer.precision_counts() == {"k": {4: 64, FULL: 16},
+                                                                            "v": {4: 48, FULL: 32}}
+
+
 def test_select_truncate_clone_and_exact_rollback():
     layer = QuantLayerKV.from_dense(rand(2, 40, 16), rand(2, 40, 16), torch.arange(40), QuantSpec(residual=32))
     copy = layer.clone()
@@ -315,10 +331,18 @@ def test_kivi_bytes_in_the_engine(tiny_model, prompt):
 
 
 # -- errors ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Paged(FullKV):
+    name: str = "paged"
+    layer_store: ClassVar[str] = "paged"
+
+
 def test_budget_and_compat_errors(tiny_model):
     model = tiny_model(ARCHS[0])
     with pytest.raises(UsageError, match=r"budget=1\.0 \(got budget=0\.2\)"):
         Engine(model, KIVI(), Uniform(), budget=0.2)
+    with pytest.raises(UsageError, match=r"Paged.layer_store='paged'; use one of \('evict', 'quantized'\)"):
+        Engine(model, Paged(), Uniform(), budget=1.0)
     with pytest.raises(UsageError, match="allocator=pyramid would be ignored"):
         Engine(model, KIVI(), Pyramid(), budget=1.0)
     for kwargs, msg in (({"k_bits": 3}, "k_bits=3"), ({"v_bits": 16}, "v_bits=16"),
