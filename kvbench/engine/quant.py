@@ -178,11 +178,12 @@ class Packed:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
     def dequantize(self, bits: int, slots: Tensor) -> Tensor:
-        """Code rows ``slots`` -> (len(slots), d) fp32."""
+        """Code rows ``slots`` -> (len(slots), d) fp32: code * scale + zero, the scales broadcast over ``width``."""
         param = self.param[slots]
-        scale = self.scale[param].float().repeat_interleave(self.width, 1)
-        zero = self.zero[param].float().repeat_interleave(self.width, 1)
-        return unpack(self.codes[slots], bits).float() * scale + zero
+        codes = unpack(self.codes[slots], bits).view(len(slots), self.scale.shape[1], self.width)  # (m, c, width)
+        scale = self.scale.index_select(0, param).float()[:, :, None]  # (m, c, 1)
+        zero = self.zero.index_select(0, param).float()[:, :, None]
+        return torch.addcmul(zero, codes.float(), scale).view(len(slots), -1)
 
     def take(self, slots: Tensor) -> Packed:
         """Only the code rows ``slots`` (in that order), and only the scale rows they use."""
@@ -223,11 +224,11 @@ class Side:
         """Flat rows [start, end) dequantised, (end - start, d) in the model dtype."""
         bits, slot = self.bits[start:end], self.slot[start:end]
         out = self.full.new_empty(len(bits), self.full.shape[1])
-        is_full = bits == FULL
-        out[is_full] = self.full[slot[is_full]]
-        for b, p in self.packed.items():
-            mask = bits == b
-            out[mask] = p.dequantize(b, slot[mask]).to(out.dtype)
+        for b in (FULL, *self.packed):
+            idx = (bits == b).nonzero().squeeze(1)
+            if len(idx):
+                rows = self.full[slot[idx]] if b == FULL else self.packed[b].dequantize(b, slot[idx]).to(out.dtype)
+                out.index_copy_(0, idx, rows)
         return out
 
     def take(self, rows: Tensor) -> Side:
