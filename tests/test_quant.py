@@ -15,7 +15,8 @@ from transformers import AttentionInterface
 
 from kvbench.budget import Pyramid, Uniform
 from kvbench.engine import Engine, KVStore
-from kvbench.engine.quant import EVICT, FULL, HIGH, LOW, QuantLayerKV, QuantSpec, pack, unpack
+from kvbench.engine.packed import FULL, pack, unpack
+from kvbench.engine.quant import EVICT, HIGH, LOW, QuantLayerKV, QuantSpec
 from kvbench.errors import UsageError
 from methods.fullkv import FullKV
 from methods.kivi import KIVI
