@@ -37,7 +37,10 @@ indices) is not counted in ``nbytes``, as for ``LayerKV``.
 Attention dequantises the layer and attends over it with the engine's kernels (``cached_attention``): the
 reference on CPU. A GPU kernel would fuse the unpacking into the matmuls (KIVI's ``cuda_bmm_fA_qB_outer``: q·Kᵀ
 reads packed key codes with per-channel scales, P·V packed values with per-token scales), so that dequantised K/V
-never reach memory; decode would then read ~b/16 of the fp16 bytes.
+never reach memory; decode would then read ~b/16 of the fp16 bytes. The engine's ``peak_kv_bytes`` is measured
+after each step's flush; the transient dequantised view (which a fused kernel never materialises) is not counted.
+Known cost: besides the dequantisation, a decode step copies the per-row bookkeeping and, when values flush, the
+value codes (``torch.cat``), O(cache) per token like ``LayerKV.append`` today; in-place growth would remove it.
 """
 
 from __future__ import annotations
