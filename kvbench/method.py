@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
 from kvbench.engine.context import LayerContext
 from kvbench.engine.store import LayerKV
 from kvbench.errors import UsageError
+
+if TYPE_CHECKING:
+    from kvbench.engine.quant import QuantSpec
 
 
 @dataclass
@@ -48,6 +51,13 @@ class Method(ABC):
     cascading: ClassVar[bool] = False  # cross-layer allocators: re-plan after every layer (CAKE), not only the last
     keeps_window: ClassVar[bool] = True  # the last ``window`` tokens always survive (False: they compete)
     decode_evict: ClassVar[bool] = False  # evict during generation too, keeping every layer at its prefill budget
+    # How the engine stores a layer (kvbench.engine.quant.layer_kind): "evict" = LayerKV, full-precision kept
+    # entries; "quantized" = QuantLayerKV, packed low-bit keys/values as ``quant_spec()`` says (KIVI, ZipVL).
+    layer_store: ClassVar[str] = "evict"
+
+    def quant_spec(self) -> QuantSpec:
+        """Bit widths, group size and residual of a ``layer_store = "quantized"`` method's cache."""
+        raise NotImplementedError(f"{type(self).__name__} sets layer_store='quantized' but has no quant_spec()")
 
     def decode_score(self, ctx: LayerContext) -> Tensor:
         """Scores of the non-window tokens at a decode step (``ctx.queries`` is the new token's): (H_kv, n - window).

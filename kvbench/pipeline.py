@@ -141,7 +141,7 @@ def cache_stats(engine: Engine, n: int) -> dict[str, Any]:
         "full_entries": full_entries,
         "kept_fraction": entries / (n * stored_heads),  # per stored head (query heads in query_head mode)
         "kv_bytes_kept": nbytes,
-        "kv_bytes_full": round(nbytes / entries * full_entries),
+        "kv_bytes_full": round(engine.layer_kind.full_bytes(store.layers) / entries * full_entries),
         "kept_per_layer": [sum(lens) for lens in store.lengths()],
     }
 

@@ -48,14 +48,17 @@ def measure(model: torch.nn.Module, method_name: str, budget: float, ids: torch.
     """One compressed prefill plus ``decode`` greedy steps; times in seconds, bytes exact."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"method={method_name}"])
-    with Engine(model, instantiate(cfg.method), instantiate(cfg.allocator), budget, backend=backend) as eng:
+    method = instantiate(cfg.method)
+    budget = budget if method.layer_store == "evict" else 1.0  # quantising methods keep every token
+    with Engine(model, method, instantiate(cfg.allocator), budget, backend=backend) as eng:
         eng.reset()
         t0 = sync_time(eng.device)
         logits = compressed_prefill(eng, ids)
         prefill = sync_time(eng.device) - t0
         compress = eng.compress_seconds  # before decoding: decode-time eviction adds to it
         kept, peak = eng.store.nbytes(), eng.store.peak_bytes
-        full = kept / eng.store.n_entries() * ids.numel() * sum(layer.n_heads for layer in eng.store.layers)
+        full_per_entry = eng.layer_kind.full_bytes(eng.store.layers) / eng.store.n_entries()  # full precision
+        full = full_per_entry * ids.numel() * sum(layer.n_heads for layer in eng.store.layers)
         _, times = eng.generate(logits, decode + 1)
         evict = (eng.compress_seconds - compress) / len(times)
     return {"prefill_ms": 1000 * (prefill - compress), "compress_ms": 1000 * compress,

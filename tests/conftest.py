@@ -140,6 +140,17 @@ def is_episodic(name: str) -> bool:
 PREFILL_METHODS = tuple(m for m in METHODS if not is_episodic(m))  # compressed by Engine.forward(compress=True)
 
 
+def layer_store(name: str) -> str:
+    """The layer store a method declares (``Method.layer_store``): "evict" or "quantized"."""
+    return get_class(method_config(name).method._target_).layer_store
+
+
+# Quantising methods keep every token at reduced precision: their budget must be 1.0 (tests/test_quant.py covers
+# their bytes and logits); the eviction tests run over the others.
+QUANTIZED_METHODS = tuple(m for m in PREFILL_METHODS if layer_store(m) == "quantized")
+EVICTING_METHODS = tuple(m for m in PREFILL_METHODS if layer_store(m) == "evict")
+
+
 @functools.cache
 def tiny_calibration_dir() -> Path:
     """CompressKV calibrations (``tiny-random-<arch>.json``) of the tiny random models (seeds as ``tiny_model``),

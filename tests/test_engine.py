@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import ARCHS, HEAD_DIM, N_HEADS, N_KV_HEADS, N_LAYERS, PREFILL_METHODS, ROOT, load_method
+from conftest import ARCHS, EVICTING_METHODS, HEAD_DIM, N_HEADS, N_KV_HEADS, N_LAYERS, ROOT, load_method
 from torch import Tensor
 from transformers import AttentionInterface
 
@@ -27,7 +27,7 @@ from kvbench.method import Method
 from methods.fullkv import FullKV
 
 G = N_HEADS // N_KV_HEADS
-COMPRESSING = tuple(m for m in PREFILL_METHODS if m != "fullkv")
+COMPRESSING = tuple(m for m in EVICTING_METHODS if m != "fullkv")  # quantising methods: tests/test_quant.py
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Every discovered method x budgets {1.0, 0.5, 0.1} x architectures, through ``Engine.forward(ids, compress=True)``."""
+"""Every discovered method x budgets {1.0, 0.5, 0.1} x architectures, through ``Engine.forward(ids, compress=True)``.
+
+Methods that declare a quantised layer store (``Method.layer_store``) keep every token at reduced precision: they
+run at budget 1.0 only (the engine refuses others, tested here) and their bytes and logits are checked against
+formulas and a reference in tests/test_quant.py; the bit-identity and eviction checks cover the evicting methods.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,22 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import ARCHS, HEAD_DIM, N_KV_HEADS, N_LAYERS, PREFILL_METHODS, load_method
+from conftest import (
+    ARCHS,
+    EVICTING_METHODS,
+    HEAD_DIM,
+    N_KV_HEADS,
+    N_LAYERS,
+    PREFILL_METHODS,
+    QUANTIZED_METHODS,
+    layer_store,
+    load_method,
+)
 from torch import Tensor
 
 from kvbench.budget import tokens_per_head
 from kvbench.engine import Engine
+from kvbench.errors import UsageError
 
 N = 200
 BUDGETS = (1.0, 0.5, 0.1)
@@ -28,6 +44,7 @@ class Run:
     positions: list[list[list[int]]]  # per layer, per head: original positions after prefill
     shapes: list[tuple]  # per layer: keys, values, positions shapes and lens.sum()
     nbytes: int
+    full_bytes: int  # the same entries in full precision
     logits: list[Tensor]  # prefill, then after every decode step
     tokens: list[int]
     lens_after: list[list[Tensor]]  # per decode step, per layer (H,)
@@ -49,11 +66,14 @@ def run(tiny_model):
             eng.reset()
             logits = [eng.forward(ids, compress=True)]
             layers = eng.store.layers
+            if method.layer_store == "quantized":  # the layout of what attention reads
+                layers = [ly.dequantized() for ly in layers]
             lens = [ly.lens.clone() for ly in layers]
             positions = [[ly.head(h)[2].tolist() for h in range(ly.n_heads)] for ly in layers]
             shapes = [(tuple(ly.keys.shape), tuple(ly.values.shape), tuple(ly.positions.shape), int(ly.lens.sum()))
                       for ly in layers]
             nbytes = eng.store.nbytes()
+            full_bytes = eng.layer_kind.full_bytes(eng.store.layers)
             tokens, lens_after, new_pos, next_pos = [], [], [], []
             for _ in range(DECODE_STEPS):
                 tokens.append(int(logits[-1].argmax()))
@@ -63,14 +83,14 @@ def run(tiny_model):
                 next_pos.append(eng.store.next_position)
         keep = tokens_per_head(budget, N)
         cache[key] = Run(method, allocator, keep, method.compresses and keep < N, lens, positions, shapes, nbytes,
-                         logits, tokens, lens_after, new_pos, next_pos)
+                         full_bytes, logits, tokens, lens_after, new_pos, next_pos)
         return cache[key]
 
     return get
 
 
 FULL_BYTES = N_LAYERS * N_KV_HEADS * N * HEAD_DIM * 4 * 2  # fp32 keys + values
-GRID = [(m, b, a) for m in PREFILL_METHODS for b in BUDGETS for a in ARCHS]
+GRID = [(m, b, a) for m in PREFILL_METHODS for b in (BUDGETS if layer_store(m) == "evict" else (1.0,)) for a in ARCHS]
 COMPRESSED_GRID = [(m, b, a) for m, b, a in GRID if m != "fullkv" and b < 1]
 
 
@@ -130,7 +150,11 @@ def test_counts_follow_the_allocator(run, name, budget, arch):
 @pytest.mark.parametrize(("name", "budget", "arch"), GRID)
 def test_kv_bytes_match_budget(run, name, budget, arch):
     r = run(name, budget, arch)
-    assert r.nbytes == sum(s[3] for s in r.shapes) * HEAD_DIM * 4 * 2
+    assert r.full_bytes == sum(s[3] for s in r.shapes) * HEAD_DIM * 4 * 2
+    if r.method.layer_store == "quantized":  # every entry kept, fewer bytes each (exact formulas: test_quant.py)
+        assert r.full_bytes == FULL_BYTES and r.nbytes < 0.7 * FULL_BYTES
+        return
+    assert r.nbytes == r.full_bytes
     if name == "fullkv" or budget == 1.0:
         assert r.nbytes == FULL_BYTES
     else:
@@ -138,7 +162,7 @@ def test_kv_bytes_match_budget(run, name, budget, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", PREFILL_METHODS)
+@pytest.mark.parametrize("name", EVICTING_METHODS)
 def test_budget_one_is_bit_identical_to_fullkv(run, name, arch):
     r, ref = run(name, 1.0, arch), run("fullkv", 1.0, arch)
     assert r.tokens == ref.tokens
@@ -161,11 +185,18 @@ def test_decoding_grows_cache_by_one_per_head(run, name, budget, arch):
 def test_compression_changes_the_output(run, arch):
     """Sanity: at budget 0.1 the decode logits of a compressing method differ from FullKV's."""
     ref = run("fullkv", 0.1, arch)
-    for name in PREFILL_METHODS:
+    for name in EVICTING_METHODS:
         if name != "fullkv":
             r = run(name, 0.1, arch)
             assert torch.equal(r.logits[0], ref.logits[0]), "prefill logits use the full K/V"
             assert (r.logits[1] - ref.logits[1]).abs().max() > 1e-4, name
+
+
+@pytest.mark.parametrize("name", [m for m in QUANTIZED_METHODS if not load_method(m)[0].compresses])
+def test_methods_that_keep_every_token_refuse_a_token_budget(tiny_model, name):
+    method, allocator = load_method(name)
+    with pytest.raises(UsageError, match="budget=1.0"):
+        Engine(tiny_model("llama"), method, allocator, budget=0.5)
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.1])

@@ -30,6 +30,7 @@ from kvbench.engine import local
 from kvbench.engine.adapters import UnsupportedModelError, adapter_for
 from kvbench.engine.attention import cached_attention, causal_attention, check_backend, masked_attention
 from kvbench.engine.context import LayerContext
+from kvbench.engine.quant import layer_kind
 from kvbench.engine.store import KVStore, LayerKV
 from kvbench.engine.view import head_indices, layer_view, mask_padding, valid_candidates
 from kvbench.ops import topk_per_head
@@ -102,6 +103,7 @@ class Engine:
                  backend: str = "sdpa") -> None:
         self.model, self.method, self.allocator, self.budget = model, method, allocator, budget
         self.backend = check_backend(backend)
+        self.layer_kind = layer_kind(method, allocator, budget)  # how layers are stored and attended (declared)
         self.adapter = adapter_for(model)
         self.layers = self.adapter.attention_layers()
         self.modules = [layer.module for layer in self.layers]
@@ -165,10 +167,12 @@ class Engine:
         self._pending = {}
 
     def snapshot(self) -> Any:
-        """A point to ``rollback`` to; a full copy when decode-time eviction may evict tokens before it. Local
+        """A point to ``rollback`` to; a full copy when decode-time eviction may evict tokens before it or the
+        layers are quantised (a flush of the full-precision residual cannot be undone by truncation). Local
         (sliding-window) layers drop their oldest tokens as new ones come, so they are always copied (they hold
         at most 1.25 W tokens)."""
-        layers, position = self.store.snapshot(copy=self.method.decode_evict)
+        quantized = self.layer_kind.name == "quantized"  # a rollback cannot undo a flush of the residual
+        layers, position = self.store.snapshot(copy=self.method.decode_evict or quantized)
         for i in self.windows:
             if self.store.layers[i] is not None:
                 layers[i] = self.store.layers[i].clone()
@@ -256,11 +260,11 @@ class Engine:
         if layer is None:
             out = (causal_attention(query, key, value, scale, self.backend) if self.attention_mask is None
                    else masked_attention(query, key, value, self.attention_mask, scale))
-            layer = LayerKV.from_dense(key[0], value[0], self._positions)
+            layer = self.layer_kind.build(key[0], value[0], self._positions)
             self.store.layers[i] = layer
         else:
             layer.append(key[0], value[0], self._positions)
-            out = cached_attention(query[0], layer, scale, self.backend)[None]
+            out = self.layer_kind.attend(layer, query[0], scale, self.backend)[None]
         self.store.track_peak()
         if self._compress:
             self._compress_layer(module, query[0], layer, scale)

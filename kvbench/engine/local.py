@@ -6,7 +6,8 @@ W - 1 tokens of such a layer before a forward; it trims a local layer back to th
 ``W - 1 + slack`` entries (``slack = max(1, W // 4)``: the copy is amortised over ``slack`` tokens, and a local
 layer never holds more than 1.25 W entries). Per-layer policy: methods compress the global layers; a local layer
 keeps exactly its window (it is bounded already, and what lies outside it is never attended again). Local layers
-are never ragged: every KV head keeps the same window.
+are never ragged: every KV head keeps the same window, and they hold it in the model's dtype under every method
+(a quantising method such as ``kivi`` quantises the global layers only).
 """
 
 from __future__ import annotations

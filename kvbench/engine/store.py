@@ -164,7 +164,7 @@ class KVStore:
         """Forget every token appended (and undo every eviction, for a copied snapshot) since ``snap``."""
         saved, self.next_position = snap
         for i, (layer, kept) in enumerate(zip(self.layers, saved, strict=True)):
-            if isinstance(kept, LayerKV):
+            if kept is not None and not isinstance(kept, Tensor):  # a copied layer (any layer kind)
                 self.layers[i] = kept.clone()
             elif layer is not None and kept is not None and not torch.equal(layer.lens, kept):
                 layer.truncate(kept)
