@@ -43,7 +43,8 @@ def check_backend(name: str) -> str:
 def _eager(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """q (1, Hq, q, d), k/v (1, Hkv, L, d), mask bool (1, Hq|1, q, L) True = attend -> (1, Hq, q, d)."""
     g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    if g > 1:
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (1, Hq, q, L)
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
