@@ -2,8 +2,8 @@
 
 One random Llama-architecture model built from a config (SmolLM2-135M's shape by default: hidden 576, 9 heads,
 3 KV heads, head_dim 64, intermediate 1536; ``--layers`` decoder layers, 16K positions), one process, SDPA
-everywhere. For every context length, each implementation prefills its own cache (untimed) from the same random
-prompt and then decodes ``--new-tokens`` greedy tokens, each forward timed alone:
+everywhere. For every context length the random prompt is prefilled once (untimed, ``Prefilled``) and each
+implementation decodes ``--new-tokens`` greedy tokens from that cache, each forward timed alone:
 
 - ``kvbench``: ``Engine`` with ``fullkv`` (budget 1.0): the cache kvbench measures every method on;
 - ``static``: ``StaticCache`` preallocated to context + new tokens and written in place (the reference);
@@ -67,29 +67,36 @@ def timed_steps(step: Callable[[int], torch.Tensor], first: torch.Tensor, n: int
     return tokens, times
 
 
-@torch.inference_mode()
-def run_kvbench(model: LlamaForCausalLM, ids: torch.Tensor, n: int) -> tuple[list[int], Times]:
-    with Engine(model, FullKV(), Uniform(), budget=1.0, backend="sdpa") as eng:
-        eng.reset()
-        first = eng.forward(ids)
-        return timed_steps(lambda tok: eng.forward([tok]), first, n)
+class Prefilled:
+    """One prompt prefilled once by kvbench's engine; every implementation decodes from the same cache contents.
 
+    transformers' caches are filled with the engine's post-RoPE keys and values through ``Cache.update`` (what the
+    model's own prefill would store), so a repetition costs one prefill instead of three; the greedy tokens of the
+    three implementations are compared to check that nothing differs."""
 
-@torch.inference_mode()
-def run_hf(model: LlamaForCausalLM, ids: torch.Tensor, n: int, kind: str) -> tuple[list[int], Times]:
-    cache = (StaticCache(config=model.config, max_cache_len=ids.numel() + n + 1) if kind == "static"
-             else DynamicCache(config=model.config))
-    kw = {CACHE_KWARG: cache, "use_cache": True, "logits_to_keep": 1}
-    first = model(input_ids=ids[None], **kw).logits[0, -1]
+    def __init__(self, model: LlamaForCausalLM, ids: torch.Tensor, n_new: int) -> None:
+        self.model, self.n, self.n_new = model, ids.numel(), n_new
+        self.engine = Engine(model, FullKV(), Uniform(), budget=1.0, backend="sdpa")
+        with torch.inference_mode(), self.engine as eng:
+            eng.reset()
+            self.first = eng.forward(ids)
+            self.kv = [tuple(t.clone()[None] for t in layer.dense()) for layer in eng.store.layers]  # (1, H, n, d)
 
-    def step(tok: int) -> torch.Tensor:
-        return model(input_ids=torch.tensor([[tok]]), **kw).logits[0, -1]
+    @torch.inference_mode()
+    def decode(self, impl: str) -> tuple[list[int], Times]:
+        if impl == "kvbench":
+            with self.engine as eng:
+                return timed_steps(lambda tok: eng.forward([tok]), self.first, self.n_new)
+        cache = (StaticCache(config=self.model.config, max_cache_len=self.n + self.n_new + 1) if impl == "static"
+                 else DynamicCache(config=self.model.config))
+        for i, (k, v) in enumerate(self.kv):
+            cache.update(k.clone(), v.clone(), i, {"cache_position": torch.arange(self.n)})
+        kw = {CACHE_KWARG: cache, "use_cache": True, "logits_to_keep": 1}
 
-    return timed_steps(step, first, n)
+        def step(tok: int) -> torch.Tensor:
+            return self.model(input_ids=torch.tensor([[tok]]), **kw).logits[0, -1]
 
-
-def run(model: LlamaForCausalLM, impl: str, ids: torch.Tensor, n: int) -> tuple[list[int], Times]:
-    return run_kvbench(model, ids, n) if impl == "kvbench" else run_hf(model, ids, n, impl)
+        return timed_steps(step, self.first, self.n_new)
 
 
 def spread(xs: list[float]) -> str:
@@ -132,13 +139,15 @@ def main() -> None:
     medians: dict[tuple[str, str, int], list[float]] = defaultdict(list)  # (clock, impl, context) -> per repetition
     means: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     agree: dict[str, list[bool]] = defaultdict(list)
-    run(model, "kvbench", prompts[contexts[0]][:128], 2)  # warm-up: first-call overheads
+    warm = Prefilled(model, prompts[contexts[0]][:128], 2)  # first-call overheads
+    for impl in IMPLS:
+        warm.decode(impl)
     for rep in range(args.repeats):
         for c in contexts:
             order = IMPLS[rep % 3:] + IMPLS[: rep % 3]
-            tokens = {}
+            tokens, cache = {}, Prefilled(model, prompts[c], args.new_tokens)
             for impl in order:
-                tokens[impl], times = run(model, impl, prompts[c], args.new_tokens)
+                tokens[impl], times = cache.decode(impl)
                 for clock, ts in times.items():
                     medians[clock, impl, c].append(statistics.median(ts))
                     means[clock, impl, c].append(statistics.mean(ts))
