@@ -4,6 +4,9 @@ ragged layers with slack, bytes, and attention over the buffer with no copy of t
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +365,15 @@ def test_varlen_reference_refuses_the_gqa_decode_packing_flash_attn_misreads():
     cu_q, cu_k = torch.tensor([0, 1, 1, 2], dtype=torch.int32), torch.tensor([0, 3, 6, 9], dtype=torch.int32)
     with pytest.raises(ValueError, match="1537"):
         varlen_reference(q, k, k, cu_q, cu_k, 1, 3, softmax_scale=1.0, causal=True)
+
+
+# -- the decode benchmark script ---------------------------------------------------------------------------------------
+def test_decode_bench_script_prints_both_clocks_and_agrees_with_static_cache():
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "scripts/decode_bench.py", "--contexts", "32,64", "--repeats", "1",
+                          "--new-tokens", "3", "--layers", "1"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "wall time per decoded token" in out and "cpu time per decoded token" in out
+    assert "kvbench / static at 64" in out and "kvbench growth / static growth" in out
+    assert "same greedy tokens as static: kvbench True, dynamic True" in out
