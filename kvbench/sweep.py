@@ -27,7 +27,7 @@ import copy
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -111,7 +111,7 @@ class SweepEngine(Engine):
             for fork in self.forks.values():  # layers the method left alone (fullkv) are shared as they are
                 for i, layer in enumerate(self.store.layers):
                     if fork.store.layers[i] is None and layer is not None:
-                        fork.store.layers[i] = replace(layer)
+                        fork.store.layers[i] = layer.share()
                         fork.store.track_peak()
                 fork.store.next_position = self.store.next_position
         return logits
@@ -124,7 +124,7 @@ class SweepEngine(Engine):
         method, self.method = self.method, _SharedMemo(self.method)  # type: ignore[assignment]
         try:
             for budget, fork in self.forks.items():
-                own = replace(layer)  # LayerKV never changes its tensors in place: a shallow copy is a fork
+                own = layer.share()  # copy-on-write: costs nothing until a fork writes
                 fork.store.layers[i] = own
                 fork.store.track_peak()  # what a separate run holds here: earlier layers compressed, this one full
                 self.budget, self.compress_seconds = budget, fork.compress_s
