@@ -285,7 +285,7 @@ class Engine:
             layer.append(key[0], value[0], self._positions)
         self.store.track_peak()
         k, v = layer.dense()
-        k_pos = layer.positions[: k.shape[1]]
+        k_pos = layer.head(0)[2]  # a view: every head of a local layer holds the same tokens
         if self.attention_mask is not None and not len(saved):  # a masked fresh-cache forward (a sensitivity profile)
             mask = self.attention_mask & local.window_mask(self._positions, k_pos, window)
             out = masked_attention(query, key, value, mask, scale)
@@ -376,7 +376,7 @@ class Engine:
         n = keys.shape[1]
         ctx = LayerContext(
             layer_idx=module.layer_idx, n_layers=self.n_layers, module=module, queries=query, keys=keys,
-            values=values, positions=layer.positions[:n], window=window, keep=budget + window, scaling=scale,
+            values=values, positions=layer.head(0)[2], window=window, keep=budget + window, scaling=scale,
             spans=self.spans,
         )
         layer.select(select_tokens(self.method.decode_score(ctx), ctx, Uniform()))

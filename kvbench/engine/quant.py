@@ -143,6 +143,10 @@ class QuantLayerKV:
         """Packed codes + scales + zero points + full-precision rows, keys and values."""
         return self.k.nbytes() + self.v.nbytes()
 
+    def allocated_bytes(self) -> int:
+        """Bytes reserved: the same as ``nbytes`` (the packed tensors are rebuilt to size, without growth slack)."""
+        return self.nbytes()
+
     def full_nbytes(self) -> int:
         """Bytes the same entries would take in full precision (the model dtype)."""
         return len(self.positions) * (self.k.full.shape[1] + self.v.full.shape[1]) * self.k.full.element_size()

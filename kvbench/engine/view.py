@@ -34,12 +34,13 @@ def layer_view(layer: LayerKV) -> LayerView:
     """The dense view of a layer for scoring: free for a uniform layer, a left-padded copy for a ragged one."""
     if layer.uniform:
         keys, values = layer.dense()
-        return LayerView(keys, values, layer.positions[: keys.shape[1]])
+        return LayerView(keys, values, layer.head(0)[2])
     n = int(layer.lens.max())
-    h, d, dv = layer.n_heads, layer.keys.shape[-1], layer.values.shape[-1]
-    keys = layer.keys.new_zeros(h, n, d)
-    values = layer.values.new_zeros(h, n, dv)
-    positions = layer.positions.new_full((h, n), -1)
+    k0, v0, p0 = layer.head(0)  # views, for dtype and device (the flat .keys may be a compact copy)
+    h = layer.n_heads
+    keys = k0.new_zeros(h, n, k0.shape[-1])
+    values = v0.new_zeros(h, n, v0.shape[-1])
+    positions = p0.new_full((h, n), -1)
     for i in range(h):  # H slices per compression step (not per token)
         k, v, p = layer.head(i)
         keys[i, n - len(p) :], values[i, n - len(p) :], positions[i, n - len(p) :] = k, v, p
