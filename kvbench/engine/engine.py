@@ -373,7 +373,6 @@ class Engine:
             return
         t0 = sync_time(self.device)
         keys, values = layer.dense()
-        n = keys.shape[1]
         ctx = LayerContext(
             layer_idx=module.layer_idx, n_layers=self.n_layers, module=module, queries=query, keys=keys,
             values=values, positions=layer.head(0)[2], window=window, keep=budget + window, scaling=scale,
