@@ -14,16 +14,31 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> Any:
-    from kvbench.errors import UsageError  # imported here so that --help answers without loading torch
-    from kvbench.runner import run
+    # imported here so that --help and every usage error answer without loading torch
+    from kvbench.errors import UsageError
+    from kvbench.runfiles import FULL_ERRNOS
+    from kvbench.validate import check_config
 
     try:
+        check_config(cfg)  # every top-level key, before torch, transformers or any data is loaded
+        from kvbench.runner import run
+
         metrics = run(cfg)
         if "score" not in metrics:  # budget=[...]: {budget: metrics}
             return {budget: m["score"] for budget, m in metrics.items()}
         return metrics["score"]
     except UsageError as err:
         print(f"kvbench: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"kvbench: interrupted; every answer scored so far is kept under {cfg.paths.results}: rerun the same "
+              "command to resume", file=sys.stderr)
+        sys.exit(130)
+    except OSError as err:
+        if err.errno not in FULL_ERRNOS:
+            raise
+        print(f"kvbench: error: no space left on the device ({err}); free some space and rerun the same command: "
+              "the answers already written are kept", file=sys.stderr)
         sys.exit(2)
 
 
