@@ -48,6 +48,12 @@ class Method(ABC):
     cascading: ClassVar[bool] = False  # cross-layer allocators: re-plan after every layer (CAKE), not only the last
     keeps_window: ClassVar[bool] = True  # the last ``window`` tokens always survive (False: they compete)
     decode_evict: ClassVar[bool] = False  # evict during generation too, keeping every layer at its prefill budget
+    episodic: ClassVar[bool] = False  # several caches per context, questions routed (kvbench.episodic, EpiCache)
+
+    def prepare(self, model: object) -> None:
+        """Called by the runner once the model is loaded, before the run directory is claimed: a method with
+        per-model data (CompressKV's calibration) checks it here. Nothing by default."""
+        return None
 
     def decode_score(self, ctx: LayerContext) -> Tensor:
         """Scores of the non-window tokens at a decode step (``ctx.queries`` is the new token's): (H_kv, n - window).
