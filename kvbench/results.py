@@ -315,9 +315,9 @@ class RunStore:
 
     def load_metrics(self) -> dict[str, Any]:
         metrics = read_json(self.metrics_path)
-        if not isinstance(metrics, dict) or not isinstance(metrics.get("score"), dict):
-            raise CorruptRunError(f"{self.metrics_path}: not a kvbench metrics file (no score mapping); delete it "
-                                  "and rerun to aggregate the predictions again")
+        if not isinstance(metrics, dict):
+            raise CorruptRunError(f"{self.metrics_path}: not a kvbench metrics file (not a mapping); delete it and "
+                                  "rerun to aggregate the predictions again")
         return metrics
 
 

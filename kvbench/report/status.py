@@ -167,7 +167,8 @@ def _run_ids(compose: Any, job: list[str]) -> list[str | None]:
 def format_status(df: pd.DataFrame, show_all: bool = False) -> str:
     """A count per state and a table of the runs that are not finished (all runs with ``show_all``)."""
     counts = df["state"].value_counts()
-    head = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in STATES if s != "pending" or "job" in df)
+    shown_states = [s for s in STATES if (s != "pending" or "job" in df) and (s != "corrupt" or counts.get(s, 0))]
+    head = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in shown_states)
     shown = df if show_all else df[df["state"] != "finished"]
     if shown.empty:
         return f"{head}\n"
