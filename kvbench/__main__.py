@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ def main(cfg: DictConfig) -> Any:
     from kvbench.runfiles import FULL_ERRNOS
     from kvbench.validate import check_config
 
+    warnings.formatwarning = one_line_warning
     try:
         check_config(cfg)  # every top-level key, before torch, transformers or any data is loaded
         from kvbench.runner import run
@@ -40,6 +42,11 @@ def main(cfg: DictConfig) -> Any:
         print(f"kvbench: error: no space left on the device ({err}); free some space and rerun the same command: "
               "the answers already written are kept", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    """Warnings as one ``kvbench: warning: ...`` line (not Python's file:line and source line)."""
+    return f"kvbench: warning: {message}\n"
 
 
 GROUPS = ("model", "method", "allocator", "task")

@@ -101,3 +101,23 @@ def test_the_model_part_of_the_check_is_a_declared_capability() -> None:
         check_compatible(method, allocator, "query_aware", 64, ENGINE_DEFAULT)
     check_compatible(method, allocator, "query_aware", 64, ModelCapabilities("llama", ragged_blockwise_prefill=True))
     check_compatible(method, allocator, "query_aware", None, ENGINE_DEFAULT)
+
+
+def records(run_dir: str) -> list[dict]:
+    import json
+
+    drop = {"prefill_s", "compress_s", "question_s", "decode_s_per_token", "peak_mem_bytes"}
+    lines = (Path(run_dir) / "predictions.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines]
+
+
+def test_a_sweep_without_a_shared_prefill_runs_each_budget_like_a_run_of_one(tmp_path) -> None:
+    """cake (cascading, cross-layer) falls back to budget after budget over one loaded model, with a fresh method
+    and allocator per budget: the same records as separate runs (a single budget is a sweep of one)."""
+    common = ("method=cake", "limit=2", "task=synth_needle")
+    swept = run(config(tmp_path / "sweep", *common, "budget=[0.1,0.3]"))
+    for b in (0.1, 0.3):
+        one = config(tmp_path / "one", *common, f"budget={b}")
+        alone = run(one)
+        assert alone["score"] == swept[b]["score"] and alone["kept_fraction"] == swept[b]["kept_fraction"]
+        assert records(one.run_dir) == records(config(tmp_path / "sweep", *common, f"budget={b}").run_dir)
