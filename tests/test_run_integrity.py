@@ -237,3 +237,16 @@ def test_empty_or_corrupt_model_directories_are_one_clear_message(tmp_path) -> N
     with pytest.raises(ModelLoadError, match="look corrupt or incomplete"):
         run(config(tmp_path / "r", "model=hf", f"model.pretrained={broken}", "model.chat_template=false"))
     assert not list((tmp_path / "r").rglob("config.yaml")), "a model that cannot load claims no directory"
+
+
+def test_a_hub_model_is_identified_by_its_revision_and_commit(monkeypatch, tmp_path) -> None:
+    from kvbench.identity import model_difference, model_identity
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    pinned = model_identity("org/name", "a" * 40)
+    assert pinned == {"hub": "org/name", "revision": "a" * 40, "commit": "a" * 40}
+    unknown = model_identity("org/name", "main")  # not cached: the commit is learnt when the model loads
+    assert unknown["commit"] is None and model_difference(pinned, unknown) is None
+    other = {**pinned, "commit": "b" * 40}
+    assert "hub commit differs" in model_difference(pinned, other)
+    assert "source differs" in model_difference({"local": "x"}, pinned)
