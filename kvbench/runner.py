@@ -49,13 +49,14 @@ from kvbench.loggers import log_run
 from kvbench.method import Method
 from kvbench.models import load_model, load_tokenizer, pick_device, resolve_source
 from kvbench.pipeline import RunOptions
-from kvbench.results import RunStore
+from kvbench.results import ConfigMismatchError, CorruptRunError, RunDirBusyError, RunStore
 from kvbench.schema import SIZE_KEYS, TIMING_KEYS
 from kvbench.sweep import SweepEngine, budget_configs, fallback_reason, sweep_sample
 from kvbench.tasks import load_samples, needs_tokenizer
 from kvbench.tasks.base import Sample
 from kvbench.validate import check_config, resolve
 
+REFUSALS = (ConfigMismatchError, RunDirBusyError, CorruptRunError)  # another run's directory, not this run failing
 validate = check_config  # the public name the experiment tests and notebooks use
 
 
@@ -117,7 +118,7 @@ def execute(cfg: DictConfig, configs: dict[float, DictConfig],
             answer_all(cfg, setup, todo)
             results.update({job.budget: finish(job, setup) for job in todo})
         except Exception as err:
-            for job in todo:
+            for job in todo if not isinstance(err, REFUSALS) else []:  # a refusal is no failure of a run
                 with contextlib.suppress(Exception):  # the original error is what the user needs to see
                     job.store.write_error(err)
             raise
