@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import PurePath
+import re
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -10,10 +11,15 @@ __version__ = "0.1.0"
 
 
 def model_slug(pretrained: str) -> str:
-    """A run-directory name for a model: 'org/name' -> 'org--name', a local path -> its last part."""
+    """A run-directory name for a model: 'org/name' -> 'org--name', a local path -> the name of the directory it
+    resolves to (``/models/llama/..`` -> ``models``); any character outside ``[A-Za-z0-9._+=-]`` becomes ``-`` and
+    a leading dot ``_`` (``kvbench.validate`` refuses what is still not a safe name)."""
     if pretrained.startswith(("/", ".", "~")):
-        return PurePath(pretrained).name
-    return pretrained.replace("embedded:", "").replace("/", "--")
+        name = Path(pretrained).expanduser().resolve().name
+    else:
+        name = pretrained.replace("embedded:", "").replace("/", "--")
+    name = re.sub(r"[^A-Za-z0-9._+=-]", "-", name)
+    return "_" + name[1:] if name.startswith(".") else name
 
 
 if not OmegaConf.has_resolver("kvbench_slug"):

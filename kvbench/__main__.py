@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,16 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> Any:
-    from kvbench.errors import UsageError  # imported here so that --help answers without loading torch
-    from kvbench.runner import run
+    # imported here so that --help and every usage error answer without loading torch
+    from kvbench.errors import UsageError
+    from kvbench.runfiles import FULL_ERRNOS
+    from kvbench.validate import check_config
 
+    warnings.formatwarning = one_line_warning
     try:
+        check_config(cfg)  # every top-level key, before torch, transformers or any data is loaded
+        from kvbench.runner import run
+
         metrics = run(cfg)
         if "score" not in metrics:  # budget=[...]: {budget: metrics}
             return {budget: m["score"] for budget, m in metrics.items()}
@@ -25,6 +32,21 @@ def main(cfg: DictConfig) -> Any:
     except UsageError as err:
         print(f"kvbench: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"kvbench: interrupted; every answer scored so far is kept under {cfg.paths.results}: rerun the same "
+              "command to resume", file=sys.stderr)
+        sys.exit(130)
+    except OSError as err:
+        if err.errno not in FULL_ERRNOS:
+            raise
+        print(f"kvbench: error: no space left on the device ({err}); free some space and rerun the same command: "
+              "the answers already written are kept", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    """Warnings as one ``kvbench: warning: ...`` line (not Python's file:line and source line)."""
+    return f"kvbench: warning: {message}\n"
 
 
 GROUPS = ("model", "method", "allocator", "task")

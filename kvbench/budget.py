@@ -79,6 +79,11 @@ class Allocator:
     # several budgets (``budget=[...]``, kvbench.sweep); allocators that plan across layers set it False.
     shares_prefill: ClassVar[bool] = True
 
+    def check_method(self, method: object) -> None:
+        """Refuse, before a run starts, a method this allocator cannot pair with (one that reads what a particular
+        method leaves in ``ctx.memo``); every method by default."""
+        return None
+
     def allocate(self, scores: Tensor, keep: int, layer: int, n_layers: int,
                  ctx: LayerContext | None = None) -> Tensor:
         h, m = scores.shape

@@ -43,13 +43,16 @@ from hydra import compose, initialize_config_dir
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from kvbench.compat import ENGINE_DEFAULT, ModelCapabilities, check_compatible
 from kvbench.engine import Engine
 from kvbench.errors import UsageError
 from kvbench.models import load_model, pick_device
 from kvbench.pipeline import encode, prefill, stopper
-from kvbench.runner import build, validate
+from kvbench.runner import build
+from kvbench.validate import check_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -70,7 +73,9 @@ def compose_config(overrides: dict[str, Any]):
             cfg = compose("config", overrides=[_override(k, v) for k, v in overrides.items()])
         except Exception as err:  # Hydra's errors name the bad key/option and list the valid ones
             raise UsageError(f"invalid kvbench model_args for lm-eval: {err}") from err
-    validate(cfg)
+    check_config(cfg)
+    if OmegaConf.is_list(cfg.budget):
+        raise UsageError(f"the lm-eval bridge runs one budget at a time, got budget={list(cfg.budget)}")
     return cfg
 
 
@@ -86,13 +91,14 @@ class KVBenchLM(TemplateLM):
         max_gen_toks: default generation limit when a task sets none (lm-eval's default, 256).
         batch_size, max_batch_size, device: lm-eval's standard arguments (``device`` becomes kvbench's unless
             ``device`` is also a kvbench override; lm-eval's default ``cuda:0`` falls back to the CPU without CUDA).
+        model_caps: what the engine supports for this model family (the per-family adapter declares it).
         **overrides: kvbench config overrides: ``method``, ``budget``, ``allocator``, ``protocol``,
             ``prefill_chunk``, ``seed``, ``threads``, ``model.*``, ``method.*`` ...
     """
 
     def __init__(self, pretrained: Any = None, tokenizer: Any = None, split: str | None = None,
                  max_gen_toks: int = 256, batch_size: Any = 1, max_batch_size: Any = None, device: str | None = None,
-                 **overrides: Any) -> None:
+                 model_caps: ModelCapabilities = ENGINE_DEFAULT, **overrides: Any) -> None:
         super().__init__()
         in_memory = pretrained is not None and not isinstance(pretrained, str)
         if isinstance(pretrained, str):
@@ -112,6 +118,8 @@ class KVBenchLM(TemplateLM):
         if self.protocol == "query_agnostic" and not split:
             raise UsageError("protocol=query_agnostic needs split=<marker> (e.g. split='Question:'): the prompt part "
                              "before the marker's last occurrence is compressed before the question is seen")
+        check_compatible(self.method, self.allocator, self.protocol, cfg.prefill_chunk, model_caps,
+                         episodic_supported=False)  # the runner's own check
         if in_memory:
             if tokenizer is None:
                 raise UsageError("an in-memory model needs its tokenizer: KVBenchLM(pretrained=model, tokenizer=tok)")

@@ -12,10 +12,12 @@ import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:  # annotations only: kvbench.validate reads LOGGERS without loading pandas
+    import pandas as pd
 
 LOGGERS = ("none", "wandb")
 
@@ -121,4 +123,4 @@ def log_run(cfg: DictConfig, metrics: dict[str, Any]) -> None:
     from kvbench.results import RunStore
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    _safely("wandb logging", logger.log_run, config, metrics, RunStore(cfg.run_dir, config).records())
+    _safely("wandb logging", lambda: logger.log_run(config, metrics, RunStore(cfg.run_dir, config).records()))

@@ -59,6 +59,13 @@ class Method(ABC):
         """Bit widths, group size and residual of a ``layer_store = "quantized"`` method's cache."""
         raise NotImplementedError(f"{type(self).__name__} sets layer_store='quantized' but has no quant_spec()")
 
+    episodic: ClassVar[bool] = False  # several caches per context, questions routed (kvbench.episodic, EpiCache)
+
+    def prepare(self, model: object) -> None:
+        """Called by the runner once the model is loaded, before the run directory is claimed: a method with
+        per-model data (CompressKV's calibration) checks it here. Nothing by default."""
+        return None
+
     def decode_score(self, ctx: LayerContext) -> Tensor:
         """Scores of the non-window tokens at a decode step (``ctx.queries`` is the new token's): (H_kv, n - window).
 

@@ -78,7 +78,27 @@ def _source(spec: Any) -> tuple[str, dict[str, Any]]:
     return source, kwargs
 
 
-def _load_error(spec: Any, source: str, kwargs: dict[str, Any], err: OSError) -> ModelLoadError:
+def _check_local(source: str) -> None:
+    """A local model directory must hold a config.json (an empty or unrelated directory is named as such)."""
+    path = Path(source)
+    if path.is_dir() and not (path / "config.json").is_file():
+        what = "is empty" if not any(path.iterdir()) else "has no config.json"
+        raise ModelLoadError(f"model directory {source} {what}: it is not a Hugging Face model directory. Download "
+                             "the model into it (`hf download <org/name> --local-dir ...`) or point "
+                             "model.pretrained at the directory that holds config.json")
+
+
+def _translated(err: Exception, source: str) -> bool:
+    """Errors turned into one ModelLoadError: OSError (missing files, hub), anything a local directory's files
+    raise (corrupt JSON, truncated weights); UsageErrors and other errors of hub models pass unchanged."""
+    return not isinstance(err, UsageError) and (isinstance(err, OSError) or Path(source).is_dir())
+
+
+def _load_error(spec: Any, source: str, kwargs: dict[str, Any], err: Exception) -> ModelLoadError:
+    if Path(source).is_dir():  # corrupt or truncated files: transformers/safetensors name the file, not the fix
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return ModelLoadError(f"could not load the model files in {source} ({type(err).__name__}: {first[:300]}); "
+                              "they look corrupt or incomplete: download them again")
     if kwargs.get("local_files_only"):
         rev = spec.get("revision") or "main"
         return ModelLoadError(
@@ -92,9 +112,12 @@ def _load_error(spec: Any, source: str, kwargs: dict[str, Any], err: OSError) ->
 def load_tokenizer(spec: Any) -> PreTrainedTokenizerBase:
     """The tokenizer of a ``conf/model/*.yaml`` node (tasks that are built in the model's own tokens need it)."""
     source, kwargs = _source(spec)
+    _check_local(source)
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
-    except OSError as err:
+    except Exception as err:
+        if not _translated(err, source):
+            raise
         raise _load_error(spec, source, kwargs, err) from err
 
 
@@ -105,12 +128,15 @@ def load_model(spec: Any, device: torch.device, tokenizer: PreTrainedTokenizerBa
     if spec.dtype not in DTYPES:
         raise UsageError(f"model.dtype={spec.dtype!r}; choose one of {', '.join(DTYPES)}")
     source, kwargs = _source(spec)
+    _check_local(source)
     hf_logging.disable_progress_bar()  # kvbench shows its own progress; the weight-loading bar is noise
     try:
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(source, **kwargs)
         # the engine replaces the attention function; "sdpa" only decides what transformers builds at load time
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[spec.dtype], attn_implementation="sdpa",
                                                      **kwargs)
-    except OSError as err:
+    except Exception as err:
+        if not _translated(err, source):
+            raise
         raise _load_error(spec, source, kwargs, err) from err
     return model.to(device).eval(), tokenizer

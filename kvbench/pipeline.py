@@ -1,6 +1,7 @@
-"""One sample through the engine under a protocol: prompt encoding, prefill + compression, answers, records.
+"""The shared leaf of every protocol: prompt encoding, prefill + compression, answers, records.
 
-Protocols (recorded in every run):
+The protocols themselves are registered in :mod:`kvbench.protocols` (this module imports none of them); the two
+defined here are generators that yield each question's record as soon as it is scored:
   * ``query_aware``: for each question, the prompt context + question is prefilled and compressed together (the
     observation window holds the question), then the answer is decoded (SnapKV, KVCache-Factory, CAKE papers).
   * ``query_agnostic``: the context alone is prefilled and compressed once; each question is then appended over the
@@ -10,7 +11,8 @@ Protocols (recorded in every run):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +20,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kvbench.engine.engine import Engine, sync_time
-from kvbench.episodic import run_episodic
 from kvbench.metrics import score_prediction
 from kvbench.prompt import encode_joint, postprocess_text
 from kvbench.tasks.base import Question, Sample
 
-PROTOCOLS = ("query_aware", "query_agnostic")
 SPLIT = "\u241eKVBENCH-SPLIT\u241e"
 BULKY_META = ("turns",)  # per-context structures (a conversation's turns) not copied into every question's record
 
@@ -188,20 +188,18 @@ def answer(engine: Engine, tok: PreTrainedTokenizerBase, logits: torch.Tensor, o
     }
 
 
-def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, opts: RunOptions, skip: set[str]
-               ) -> list[dict[str, Any]]:
-    """Answer every question of ``sample`` not in ``skip``; one record per question."""
-    todo = [q for q in sample.questions if f"{sample.id}/{q.id}" not in skip]
-    if getattr(engine.method, "episodic", False):
-        return run_episodic(engine, tok, sample, todo, opts)
-    if opts.protocol == "query_agnostic":
-        return _query_agnostic(engine, tok, sample, todo, opts)
-    records = []
+def prompt_hash(ids: list[int]) -> str:
+    """sha256 (16 hex) of the prompt token ids the model was given (``PredictionRecord.prompt_hash``)."""
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+def query_aware(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question],
+                opts: RunOptions) -> Iterator[dict[str, Any]]:
+    """Per question: context + question prefilled and compressed together, then the answer decoded."""
     for q in todo:
         ids, spans, extra = question_prompt(tok, sample, q, opts)
         logits, stats = prefill(engine, ids, spans, opts.prefill_chunk)
-        records.append(question_record(engine, tok, sample, q, logits, opts, {**stats, **extra}))
-    return records
+        yield question_record(engine, tok, sample, q, logits, opts, {**stats, **extra, "prompt_hash": prompt_hash(ids)})
 
 
 def question_prompt(tok: PreTrainedTokenizerBase, sample: Sample, q: Question, opts: RunOptions
@@ -212,37 +210,38 @@ def question_prompt(tok: PreTrainedTokenizerBase, sample: Sample, q: Question, o
     return ctx + q_ids, spans, {"context_tokens": len(ctx), "question_tokens": len(q_ids)}
 
 
-def context_prompt(tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question], opts: RunOptions
-                   ) -> list[int]:
-    """Query-agnostic context ids (encoded with the first question to do: truncation leaves room for it)."""
-    return encode_question(tok, sample.context, todo[0], opts)[0]
+def context_prompt(tok: PreTrainedTokenizerBase, sample: Sample, opts: RunOptions) -> list[int]:
+    """Query-agnostic context ids, encoded with the sample's first question (truncation leaves room for it), so a
+    resumed run compresses exactly the context an uninterrupted one did."""
+    return encode_question(tok, sample.context, sample.questions[0], opts)[0]
 
 
-def _query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question],
-                    opts: RunOptions) -> list[dict[str, Any]]:
-    """Compress the context once; append, answer and roll back every question over that cache."""
+def query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question],
+                   opts: RunOptions) -> Iterator[dict[str, Any]]:
+    """Compress the context once; append, answer and roll back every question of ``todo`` over that cache."""
     if not todo:
-        return []
-    ctx = context_prompt(tok, sample, todo, opts)
+        return
+    ctx = context_prompt(tok, sample, opts)
     _, stats = prefill(engine, ctx, {"context": (0, len(ctx))}, opts.prefill_chunk)
-    return ask_questions(engine, tok, sample, todo, opts, {**stats, "context_tokens": len(ctx)})
+    yield from ask_questions(engine, tok, sample, todo, opts, {**stats, "context_tokens": len(ctx)}, ctx)
 
 
 def ask_questions(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question],
-                  opts: RunOptions, stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """Append, answer and roll back every question of ``todo`` over the engine's (compressed) context cache."""
+                  opts: RunOptions, stats: dict[str, Any], ctx: list[int]) -> Iterator[dict[str, Any]]:
+    """Append, answer and roll back every question of ``todo`` over the engine's (compressed) context cache of
+    ``ctx``; each record is yielded as soon as it is scored."""
     snap = engine.snapshot()
-    records = []
     for q in todo:
         engine.rollback(snap)
         engine.store.reset_peak()
         _, q_ids = encode_question(tok, sample.context, q, opts)
         t0 = sync_time(engine.device)
         q_logits = engine.forward(q_ids)
-        extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids)}
-        records.append(question_record(engine, tok, sample, q, q_logits, opts, {**stats, **extra}))
-    engine.rollback(snap)
-    return records
+        extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids),
+                 "prompt_hash": prompt_hash(ctx + q_ids)}
+        record = question_record(engine, tok, sample, q, q_logits, opts, {**stats, **extra})
+        engine.rollback(snap)
+        yield record
 
 
 def metric_kwargs(sample: Sample, q: Question) -> dict[str, Any]:

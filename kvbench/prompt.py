@@ -20,9 +20,10 @@ YAML instead: the prompt ``context + question`` (already formatted with the data
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # annotations only: kvbench.validate reads this module's constants before transformers loads
+    from transformers import PreTrainedTokenizerBase
 
 SPLIT = "\u241eKVBENCH-SPLIT\u241e"
 TRUNCATIONS = ("context", "prompt_text")

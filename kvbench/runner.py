@@ -1,15 +1,33 @@
-"""``run(cfg)``: one configuration end to end, resumable, with no Hydra global state (tests and notebooks call it)."""
+"""``run(cfg)``: the one execution path of kvbench, resumable, with no Hydra global state (tests and notebooks call it).
+
+A single budget is a sweep of one: ``budget=0.2`` and ``budget=[0.1,0.2]`` go through the same steps, each once:
+
+1. validation of every top-level key (:func:`kvbench.validate.check_config`; the CLI runs it before torch loads);
+2. each budget's run directory checked, nothing written (busy, another configuration, unreadable files);
+3. method and allocator built and checked together with the protocol, ``prefill_chunk`` and the model's
+   capabilities (:func:`kvbench.compat.check_compatible`); the samples loaded, the data and model files identified;
+4. finished runs with the same inputs returned as they are (other inputs are refused, naming what differs);
+5. the model loaded once, then every unfinished run directory claimed (locked; ``overwrite=true`` replaces the old
+   run only now);
+6. the per-sample loop, budget after budget or with one shared prefill (:mod:`kvbench.sweep`); every answer is
+   appended and flushed as soon as it is scored, under every protocol (:mod:`kvbench.protocols`);
+7. metrics written per run; a failure marks (``error.json``) only the directories this process claimed and has not
+   finished; every run that returns is passed to the configured logger (``logger=``, none by default).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import re
+import functools
 import resource
 import statistics
+import subprocess
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,140 +35,182 @@ import transformers
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kvbench.budget import Allocator, check_budget, compression_ratio
+import kvbench
+from kvbench import protocols
+from kvbench.budget import Allocator, compression_ratio
+from kvbench.compat import ENGINE_DEFAULT, ModelCapabilities, check_compatible
 from kvbench.engine import Engine
 from kvbench.errors import UsageError
+from kvbench.gguf import PREFIX as GGUF_PREFIX
+from kvbench.identity import data_identity, model_identity
 from kvbench.loggers import log_run
 from kvbench.method import Method
-from kvbench.models import load_model, load_tokenizer, pick_device
-from kvbench.pipeline import PROTOCOLS, RunOptions, run_sample
-from kvbench.prompt import POSTPROCESS, TRUNCATIONS
-from kvbench.results import RunStore, record_failure
+from kvbench.models import load_model, load_tokenizer, pick_device, resolve_source
+from kvbench.pipeline import RunOptions
+from kvbench.results import ConfigMismatchError, CorruptRunError, RunDirBusyError, RunStore
+from kvbench.schema import SIZE_KEYS, TIMING_KEYS
+from kvbench.sweep import SweepEngine, budget_configs, fallback_reason, sweep_sample
 from kvbench.tasks import load_samples, needs_tokenizer
 from kvbench.tasks.base import Sample
+from kvbench.validate import check_config, resolve
 
-TIMING_KEYS = ("prefill_s", "compress_s", "question_s", "decode_s_per_token")
-SIZE_KEYS = ("kept_fraction", "kv_bytes_full", "kv_bytes_kept", "compressed_tokens")
-
-
-def validate(cfg: DictConfig) -> tuple[float, dict[str, Any]]:
-    """Check the top-level keys a user types; returns the budget and the resolved config."""
-    try:
-        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
-        key = re.search(r"Missing mandatory value: (\S+)", str(err))
-        raise UsageError(f"missing required setting {key.group(1) if key else err} (e.g. model=hf "
-                         "model.pretrained=Qwen/Qwen2.5-7B-Instruct)") from None
-    budget = check_budget(cfg.budget)
-    if cfg.protocol not in PROTOCOLS:
-        raise UsageError(f"protocol={cfg.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    chunk = cfg.get("prefill_chunk")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise UsageError(f"prefill_chunk must be a positive number of tokens or null, got {chunk!r}")
-    return budget, resolved
+REFUSALS = (ConfigMismatchError, RunDirBusyError, CorruptRunError)  # another run's directory, not this run failing
+validate = check_config  # the public name the experiment tests and notebooks use
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume, or return) the configuration's run directory; returns its metrics.
+def run(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT) -> dict[str, Any]:
+    """Run (or resume, or return) the configuration's run directory; returns its metrics, or ``{budget: metrics}``
+    for a list of budgets (``budget=[0.1,0.2]``, every budget in its normal run directory).
 
-    A run that raises leaves ``error.json`` in its directory if it had claimed it (``kvbench.report status``
-    lists it as failed); every run that returns is passed to the configured logger (``logger=``, none by default).
-    A list of budgets (``budget=[0.1,0.2]``) is a budget sweep with one prefill per prompt (``kvbench.sweep``): it
-    fills every budget's normal run directory and returns ``{budget: metrics}``.
+    ``model_caps``: what the engine supports for this model family (the per-family adapter declares it).
     """
-    if OmegaConf.is_list(cfg.get("budget")):
-        from kvbench.sweep import run_sweep  # kvbench.sweep builds on this module
-
-        return run_sweep(cfg)
-    with failure_marked(cfg):
-        metrics = execute(cfg)
-    log_run(cfg, metrics)
-    return metrics
+    check_config(cfg)
+    configs = budget_configs(cfg)
+    results = execute(cfg, configs, model_caps)
+    for b, one in configs.items():
+        log_run(one, results[b])
+    return results if OmegaConf.is_list(cfg.budget) else results[next(iter(configs))]
 
 
-@contextlib.contextmanager
-def failure_marked(*cfgs: DictConfig) -> Iterator[None]:
-    """On an exception, write ``error.json`` into each of these configurations' run directories they had claimed."""
-    try:
-        yield
-    except Exception as err:
-        for cfg in cfgs:
-            with contextlib.suppress(Exception):  # the original error is what the user needs to see
-                record_failure(cfg.run_dir, OmegaConf.to_container(cfg, resolve=True), err)
-        raise
+@dataclass
+class Job:
+    """One budget's run: its configuration and run directory."""
 
-
-def execute(cfg: DictConfig) -> dict[str, Any]:
-    """The run itself (``run`` without the failure marker and the logger)."""
-    store, budget, finished = prepare(cfg)
-    if finished is not None:
-        return finished
-    try:
-        setup = load(cfg)
-        store.open(setup.method.inputs())  # only a configuration that loaded claims (and locks) its run directory
-        done = store.done_ids()
-        todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
-        torch.manual_seed(int(cfg.seed))
-        with Engine(setup.model, setup.method, setup.allocator, budget,
-                    backend=cfg.model.attn_implementation) as engine:
-            for sample in progress(cfg, todo, len(setup.samples), f"{cfg.method.name} b={cfg.budget}"):
-                for record in run_sample(engine, setup.tok, sample, setup.opts, done):
-                    store.append(record)
-        return finish(cfg, store, budget, setup)
-    finally:
-        store.unlock()
-
-
-def prepare(cfg: DictConfig) -> tuple[RunStore, float, dict[str, Any] | None]:
-    """Validate a configuration and check its run directory: the store, the budget, and the stored metrics if the
-    run is already finished (None if there is work to do)."""
-    budget, resolved = validate(cfg)
-    store = RunStore(cfg.run_dir, resolved)
-    if cfg.overwrite:
-        store.discard()
-    store.check()  # refuses a directory that holds another configuration, finished or not
-    if store.complete and store.load_metrics().get("limit") == cfg.limit:
-        metrics = store.load_metrics()
-        print(f"[kvbench] already finished: {store.dir}", file=sys.stderr)
-        print(format_table(metrics, cfg.run_dir))
-        return store, budget, metrics
-    return store, budget, None
+    budget: float
+    cfg: DictConfig
+    store: RunStore
 
 
 @dataclass
 class Setup:
-    """What a run loads once: the method, allocator, samples, device, model, tokenizer and run options."""
+    """What a run loads once: the method, allocator, samples, tokenizer, and (for work to do) device, model and
+    run options; ``data`` and ``model_id`` identify the inputs (:mod:`kvbench.identity`)."""
 
     method: Method
     allocator: Allocator
     samples: list[Sample]
-    device: torch.device
-    model: PreTrainedModel
-    tok: PreTrainedTokenizerBase
-    opts: RunOptions
+    tok: PreTrainedTokenizerBase | None
+    data: dict[str, str]
+    model_id: dict[str, Any]
+    device: torch.device | None = None
+    model: PreTrainedModel | None = None
+    opts: RunOptions | None = None
 
 
-def load(cfg: DictConfig) -> Setup:
-    """Build the method and allocator, load the samples and the model (threads set), and the run options."""
+def execute(cfg: DictConfig, configs: dict[float, DictConfig],
+            model_caps: ModelCapabilities = ENGINE_DEFAULT) -> dict[float, dict[str, Any]]:
+    """Steps 2-7 of the module docstring for every budget's configuration; ``{budget: metrics}``."""
+    jobs = [Job(b, one, RunStore(one.run_dir, resolve(one))) for b, one in configs.items()]
+    for job in jobs:
+        if cfg.overwrite:
+            job.store.discard()
+        job.store.preflight()
+    setup = prepare(cfg, model_caps)
+    results = {job.budget: m for job in jobs if (m := finished(job, setup)) is not None}
+    todo = [job for job in jobs if job.budget not in results]
+    if todo:
+        load(cfg, setup)
+        try:
+            for job in todo:
+                job.store.open(setup.method.inputs(), setup.data, setup.model_id)
+            answer_all(cfg, setup, todo)
+            results.update({job.budget: finish(job, setup) for job in todo})
+        except Exception as err:
+            for job in todo if not isinstance(err, REFUSALS) else []:  # a refusal is no failure of a run
+                with contextlib.suppress(Exception):  # the original error is what the user needs to see
+                    job.store.write_error(err)
+            raise
+        finally:
+            for job in todo:
+                job.store.unlock()
+    return {job.budget: results[job.budget] for job in jobs}
+
+
+def prepare(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT) -> Setup:
+    """Build and check the method and allocator, load the samples (and the tokenizer a task is built with) and
+    identify the data and model files; nothing is claimed and no model weights are loaded."""
     method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
-    if getattr(method, "episodic", False) and cfg.protocol != "query_agnostic":
-        raise UsageError(f"method={cfg.method.name} answers many questions over per-episode caches of one context; "
-                         "run it with protocol=query_agnostic")
-    if hasattr(allocator, "check_method"):  # an allocator that reads one method's ctx.memo (taskkv) refuses others
-        allocator.check_method(method)
+    check_compatible(method, allocator, str(cfg.protocol), cfg.get("prefill_chunk"), model_caps)
+    gguf_sha = cfg.model.gguf.sha256 if str(cfg.model.pretrained).startswith(GGUF_PREFIX) else None
+    source = None if gguf_sha else resolve_source(str(cfg.model.pretrained))  # a missing local path fails here
     tok = load_tokenizer(cfg.model) if needs_tokenizer(cfg.task) else None  # tasks built in the model's tokens
     samples = load_samples(cfg.task, cfg.limit, tokenizer=tok)
-    device = pick_device(str(cfg.device))
-    if device.type == "cpu" and cfg.get("threads"):
+    return Setup(method, allocator, samples, tok, data_identity(samples),
+                 {"gguf_sha256": gguf_sha} if gguf_sha else model_identity(source, cfg.model.get("revision")))
+
+
+def finished(job: Job, setup: Setup) -> dict[str, Any] | None:
+    """The stored metrics of a finished run with the same limit and inputs (None if there is work to do); a
+    finished run of other data or model files is refused, naming what differs."""
+    store = job.store
+    if store.overwrite or not store.complete:
+        return None
+    store.check_inputs(None, setup.data, setup.model_id)
+    metrics = store.load_metrics()
+    if metrics.get("limit") != job.cfg.limit:
+        return None
+    print(f"[kvbench] already finished: {store.dir}", file=sys.stderr)
+    print(format_table(metrics, job.cfg.run_dir))
+    return metrics
+
+
+def load(cfg: DictConfig, setup: Setup) -> None:
+    """Load the model (threads set) and the run options into ``setup``; the method checks its per-model data."""
+    setup.device = pick_device(str(cfg.device))
+    if setup.device.type == "cpu" and cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    model, tok = load_model(cfg.model, device, tokenizer=tok)
-    if hasattr(method, "prepare"):  # a method with per-model data (CompressKV's calibration) checks it for this model
-        method.prepare(model)
-    return Setup(method, allocator, samples, device, model, tok, run_options(cfg, model))
+    setup.model, setup.tok = load_model(cfg.model, setup.device, tokenizer=setup.tok)
+    commit = getattr(setup.model.config, "_commit_hash", None)  # transformers records the hub commit it loaded
+    if "hub" in setup.model_id and not setup.model_id.get("commit") and commit:
+        setup.model_id = {**setup.model_id, "commit": commit}
+    setup.method.prepare(setup.model)
+    setup.opts = run_options(cfg, setup.model)
+
+
+def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, opts: RunOptions, skip: set[str]
+               ) -> Iterator[dict[str, Any]]:
+    """Every question of ``sample`` not in ``skip`` under the registered protocol, each record as it is scored."""
+    todo = [q for q in sample.questions if f"{sample.id}/{q.id}" not in skip]
+    protocol = protocols.get(protocols.protocol_name(opts.protocol, engine.method.episodic))
+    return protocol(engine, tok, sample, todo, opts)
+
+
+def answer_all(cfg: DictConfig, setup: Setup, jobs: list[Job]) -> None:
+    """The per-sample loop: one shared prefill for several budgets where the method allows it, else budget after
+    budget (a single budget is the second case); every record is appended as soon as it is scored."""
+    done = {job.budget: job.store.done_ids() for job in jobs}
+    reason = fallback_reason(cfg, setup.method, setup.allocator) if len(jobs) > 1 else "one budget"
+    if len(jobs) > 1 and reason:
+        print(f"[kvbench] budget sweep without a shared prefill: {reason}; running the budgets one after another",
+              file=sys.stderr)
+    if reason:
+        for i, job in enumerate(jobs):
+            method, allocator = (setup.method, setup.allocator) if i == 0 else rebuilt(cfg, setup)
+            todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in done[job.budget] for q in s.questions)]
+            torch.manual_seed(int(cfg.seed))
+            with Engine(setup.model, method, allocator, job.budget, backend=cfg.model.attn_implementation) as engine:
+                for sample in progress(cfg, todo, len(setup.samples), f"{cfg.method.name} b={job.cfg.budget}"):
+                    for record in run_sample(engine, setup.tok, sample, setup.opts, done[job.budget]):
+                        job.store.append(record)
+        return
+    stores = {job.budget: job.store for job in jobs}
+    todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in ids for ids in done.values() for q in s.questions)]
+    torch.manual_seed(int(cfg.seed))
+    with SweepEngine(setup.model, setup.method, setup.allocator, list(stores), cfg.model.attn_implementation) as eng:
+        desc = f"{cfg.method.name} b={','.join(str(j.cfg.budget) for j in jobs)} (shared prefill)"
+        for sample in progress(cfg, todo, len(setup.samples), desc):
+            for b, record in sweep_sample(eng, setup.tok, sample, setup.opts, done):
+                stores[b].append(record)
+
+
+def rebuilt(cfg: DictConfig, setup: Setup) -> tuple[Method, Allocator]:
+    """A fresh method and allocator for the next budget of a sweep without a shared prefill (no state carried)."""
+    method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
+    method.prepare(setup.model)
+    return method, allocator
 
 
 def progress(cfg: DictConfig, todo: list[Sample], total: int, desc: str) -> tqdm:
@@ -159,13 +219,18 @@ def progress(cfg: DictConfig, todo: list[Sample], total: int, desc: str) -> tqdm
                 initial=total - len(todo), total=total)
 
 
-def finish(cfg: DictConfig, store: RunStore, budget: float, setup: Setup) -> dict[str, Any]:
+def finish(job: Job, setup: Setup) -> dict[str, Any]:
     """Aggregate the run's records over exactly the requested samples, write metrics.json, print the table."""
     wanted = {s.id for s in setup.samples}  # a different limit re-aggregates over exactly the requested samples
-    records = [r for r in store.records() if r["sample_id"] in wanted]
-    metrics = aggregate(records, store.cfg, budget, store.hash, setup.device)
-    store.write_metrics(metrics)
-    print(format_table(metrics, cfg.run_dir))
+    preds = job.store.predictions()
+    if preds.n_duplicates:
+        warnings.warn(f"{job.store.predictions_path}: {preds.n_duplicates} question(s) answered twice (a line "
+                      "repeated by hand or by an older kvbench); each counts once, its last complete line",
+                      stacklevel=2)
+    records = [r for r in preds.records if r["sample_id"] in wanted]
+    metrics = aggregate(records, job.store.cfg, job.budget, job.store.hash, setup.device, preds.n_duplicates)
+    job.store.write_metrics(metrics)
+    print(format_table(metrics, job.cfg.run_dir))
     return metrics
 
 
@@ -173,19 +238,9 @@ def run_options(cfg: DictConfig, model: Any) -> RunOptions:
     """Prompting, decoding and scoring options from the task and model configs (optional task keys documented in
     ``conf/task/longbench/*.yaml``: chat_template auto|never, tokenize, truncation, postprocess, eos_strings,
     min_new_tokens; model keys chat_special_tokens, chat_template_kwargs)."""
-    task, mcfg = cfg.task, cfg.model
+    task, mcfg = cfg.task, cfg.model  # the options were checked by kvbench.validate.check_task_options
     chat_policy = task.get("chat_template", "auto")
-    if chat_policy not in ("auto", "never"):
-        raise UsageError(f"task.chat_template={chat_policy!r}; choose auto (follow model.chat_template) or never")
-    if task.get("truncation", "context") not in TRUNCATIONS:
-        raise UsageError(f"task.truncation={task.truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
-    if task.get("tokenize", "separate") not in ("separate", "joint"):
-        raise UsageError(f"task.tokenize={task.tokenize!r}; choose separate or joint")
     steps = list(task.get("postprocess", ["strip"]))
-    if any(s not in POSTPROCESS for s in steps):
-        raise UsageError(f"task.postprocess={steps}; steps must be among {', '.join(POSTPROCESS)}")
-    if int(task.get("min_new_tokens", 0)) not in (0, 1):
-        raise UsageError("task.min_new_tokens must be 0 or 1 (end-of-sequence suppressed on the first token)")
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     return RunOptions(
         protocol=cfg.protocol, max_new_tokens=int(task.max_new_tokens), stop=list(task.stop),
@@ -206,13 +261,30 @@ def build(node: DictConfig, what: str) -> Any:
         raise UsageError(f"invalid {what} configuration ({node.get('name', '?')}): {err.__cause__ or err}") from err
 
 
+@functools.cache
+def build_info() -> dict[str, Any]:
+    """kvbench's version and the git commit of the checkout it runs from (None outside a git checkout)."""
+    root = Path(kvbench.__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"version": kvbench.__version__, "git_commit": commit, "git_dirty": None if dirty is None else bool(dirty)}
+
+
 def _mean(values: list[Any]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.fmean(vals) if vals else None
 
 
 def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float, cfg_hash: str,
-              device: torch.device) -> dict[str, Any]:
+              device: torch.device, n_duplicates: int = 0) -> dict[str, Any]:
     """Run-level metrics: scores x100 (mean over questions, also per context length and, when questions carry
     ``meta["category"]``, per category), sizes, times, memory."""
     names = list(records[0]["scores"]) if records else []
@@ -233,6 +305,7 @@ def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float,
         "compression_ratio": compression_ratio(budget) if budget <= 1 else 1 - (sizes["kept_fraction"] or 1.0),
         "achieved_compression_ratio": 1 - (sizes["kept_fraction"] or 1.0),
         "n_samples": len({r["sample_id"] for r in records}), "n_questions": len(records),
+        "n_duplicates": n_duplicates,
         "score": score,
         "score_by_length": {k: {m: 100 * statistics.fmean(r["scores"][m] for r in rs) for m in names}
                             for k, rs in sorted(by_length.items(), key=lambda kv: (len(kv[0]), kv[0]))},
@@ -246,6 +319,7 @@ def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float,
         **{k: _mean([r.get(k) for r in records]) for k in TIMING_KEYS},
         "config_hash": cfg_hash,
         "env": {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device)},
+        "kvbench": build_info(),
     }
 
 

@@ -16,7 +16,9 @@ separate run of that budget holds (replayed exactly: earlier layers compressed, 
 The only engine internal this relies on is ``Engine._compress_layer(module, queries, layer, scale)``, the per-layer
 compression the engine runs right after a layer's prefill attention; ``SweepEngine`` runs it once per budget.
 
-Fallback, run budget after budget through ``kvbench.runner.run``, with a log line: block-wise prefill
+This module is engine-level only: the runner (``kvbench.runner``, the one execution path, where a single budget
+is a sweep of one) drives it; it imports nothing of the runner. Fallback, budget after budget over the one loaded
+model, with a log line: block-wise prefill
 (``prefill_chunk``), where later blocks attend over the compressed cache, and methods with
 ``Method.shares_prefill = False`` (compression that changes the prefill itself or needs other layers' state).
 """
@@ -24,34 +26,29 @@ Fallback, run budget after budget through ``kvbench.runner.run``, with a log lin
 from __future__ import annotations
 
 import copy
-import sys
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from kvbench import runner
-from kvbench.budget import Allocator, check_budget
+from kvbench.budget import Allocator
 from kvbench.engine import Engine, KVStore, LayerContext, LayerKV
-from kvbench.errors import UsageError
-from kvbench.loggers import log_run
 from kvbench.method import Method
 from kvbench.pipeline import (
     RunOptions,
     ask_questions,
     context_prompt,
     prefill_stats,
+    prompt_hash,
     question_prompt,
     question_record,
     timed_prefill,
 )
-from kvbench.results import RunStore
 from kvbench.tasks.base import Sample
+from kvbench.validate import check_budgets
 
 
 @dataclass
@@ -146,25 +143,26 @@ class SweepEngine(Engine):
 
 def sweep_sample(engine: SweepEngine, tok: PreTrainedTokenizerBase, sample: Sample, opts: RunOptions,
                  done: dict[float, set[str]]) -> Iterator[tuple[float, dict[str, Any]]]:
-    """(budget, record) for every question of ``sample`` that a budget has not done yet; one prefill per prompt."""
+    """(budget, record) for every question of ``sample`` that a budget has not done yet, each as soon as it is
+    scored; one prefill per prompt."""
     todo = {b: [q for q in sample.questions if f"{sample.id}/{q.id}" not in ids] for b, ids in done.items()}
     if opts.protocol == "query_agnostic":
-        groups: dict[str, list[float]] = defaultdict(list)  # the context is encoded with the first question to do
-        for b, qs in todo.items():
-            if qs:
-                groups[qs[0].id].append(b)
-        for budgets in groups.values():
-            ctx = context_prompt(tok, sample, todo[budgets[0]], opts)
-            for b, _, stats in shared_prefill(engine, ctx, {"context": (0, len(ctx))}, budgets):
-                for record in ask_questions(engine, tok, sample, todo[b], opts, {**stats, "context_tokens": len(ctx)}):
-                    yield b, record
+        budgets = [b for b, qs in todo.items() if qs]
+        if not budgets:
+            return
+        ctx = context_prompt(tok, sample, opts)  # the same context for every budget, resumed or not
+        for b, _, stats in shared_prefill(engine, ctx, {"context": (0, len(ctx))}, budgets):
+            for record in ask_questions(engine, tok, sample, todo[b], opts, {**stats, "context_tokens": len(ctx)},
+                                        ctx):
+                yield b, record
         return
     for q in sample.questions:
         budgets = [b for b, qs in todo.items() if any(x.id == q.id for x in qs)]
         if budgets:
             ids, spans, extra = question_prompt(tok, sample, q, opts)
             for b, logits, stats in shared_prefill(engine, ids, spans, budgets):
-                yield b, question_record(engine, tok, sample, q, logits, opts, {**stats, **extra})
+                yield b, question_record(engine, tok, sample, q, logits, opts,
+                                         {**stats, **extra, "prompt_hash": prompt_hash(ids)})
 
 
 def shared_prefill(engine: SweepEngine, ids: list[int], spans: dict[str, tuple[int, int]], budgets: list[float]
@@ -180,84 +178,29 @@ def shared_prefill(engine: SweepEngine, ids: list[int], spans: dict[str, tuple[i
 
 
 def budget_configs(cfg: DictConfig) -> dict[float, DictConfig]:
-    """One configuration per budget of ``budget=[...]``, each exactly the config of a run with that one budget."""
-    budgets = [check_budget(b) for b in cfg.budget]
-    if not budgets:
-        raise UsageError("budget=[] names no budget; give one or more, e.g. budget=[0.1,0.2,0.5]")
-    if len(set(budgets)) < len(budgets):
-        raise UsageError(f"budget={list(cfg.budget)} names a budget twice")
+    """One configuration per budget of ``budget=<b>`` or ``budget=[...]``, each exactly the config of a run with
+    that one budget (a single budget is a sweep of one)."""
+    raw = list(cfg.budget) if OmegaConf.is_list(cfg.budget) else [cfg.budget]
     out = {}
-    for raw, b in zip(cfg.budget, budgets, strict=True):
+    for value, b in zip(raw, check_budgets(raw), strict=True):
         one = copy.deepcopy(cfg)
         with open_dict(one):
-            one.budget = raw  # as typed (0.1, 128): the run directory and config hash of `budget=<raw>` alone
+            one.budget = value  # as typed (0.1, 128): the run directory and config hash of `budget=<raw>` alone
         out[b] = one
     return out
 
 
 # Flags under which a method or allocator changes the prefill or keeps per-budget state outside the cache; the
 # engine's cross-layer allocation, cascading re-trims, decode-time eviction and episodic caches set them.
-METHOD_FLAGS = ("cascading", "decode_evict", "episodic")
-ALLOCATOR_FLAGS = ("cross_layer",)
-
-
 def fallback_reason(cfg: DictConfig, method: Method, allocator: Allocator) -> str | None:
-    """Why this sweep cannot share its prefill (None if it can)."""
+    """Why this sweep cannot share its prefill (None if it can); read from the classes' declared flags."""
     if cfg.get("prefill_chunk"):
         return "block-wise prefill (prefill_chunk) attends over the compressed cache of earlier blocks"
-    flags = [f for f in METHOD_FLAGS if getattr(method, f, False)]
+    flags = [f for f, on in (("cascading", method.cascading), ("decode_evict", method.decode_evict),
+                             ("episodic", method.episodic)) if on]
     if not method.shares_prefill or flags:
         return f"method {cfg.method.name} does not share its prefill ({', '.join(flags) or 'shares_prefill = False'})"
-    flags = [f for f in ALLOCATOR_FLAGS if getattr(allocator, f, False)]
-    if not allocator.shares_prefill or flags:
+    if not allocator.shares_prefill or allocator.cross_layer:
         return (f"allocator {cfg.allocator.name} plans across layers "
-                f"({', '.join(flags) or 'shares_prefill = False'})")
+                f"({'cross_layer' if allocator.cross_layer else 'shares_prefill = False'})")
     return None
-
-
-def run_sweep(cfg: DictConfig) -> dict[float, dict[str, Any]]:
-    """Run every budget of ``budget=[...]`` into its normal run directory; returns {budget: metrics}.
-
-    Finished budgets are returned as they are, the others resume from their own predictions.jsonl; where the
-    prefill cannot be shared (``fallback_reason``) the budgets run one after another through ``runner.run``.
-    """
-    configs = budget_configs(cfg)
-    reason = fallback_reason(cfg, runner.build(cfg.method, "method"), runner.build(cfg.allocator, "allocator"))
-    if reason:
-        print(f"[kvbench] budget sweep without a shared prefill: {reason}; running the budgets one after another",
-              file=sys.stderr)
-        return {b: runner.run(one) for b, one in configs.items()}
-    results, jobs = {}, {}
-    try:
-        for b, one in configs.items():
-            store, _, finished = runner.prepare(one)
-            if finished is None:
-                jobs[b] = (one, store)
-            else:
-                results[b] = finished
-        if jobs:
-            with runner.failure_marked(*(one for one, _ in jobs.values())):
-                results.update(_run_shared(cfg, jobs))
-    finally:
-        for _, store in jobs.values():
-            store.unlock()
-    for b, one in configs.items():
-        log_run(one, results[b])
-    return {b: results[b] for b in configs}
-
-
-def _run_shared(cfg: DictConfig, jobs: dict[float, tuple[DictConfig, RunStore]]) -> dict[float, dict[str, Any]]:
-    """The budgets still to do, one prefill per prompt; each budget's records go to its own run directory."""
-    setup = runner.load(next(iter(jobs.values()))[0])
-    for _, store in jobs.values():
-        store.open(setup.method.inputs())
-    done = {b: store.done_ids() for b, (_, store) in jobs.items()}
-    todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in ids for ids in done.values() for q in s.questions)]
-    torch.manual_seed(int(cfg.seed))
-    budgets = list(jobs)
-    with SweepEngine(setup.model, setup.method, setup.allocator, budgets, cfg.model.attn_implementation) as engine:
-        desc = f"{cfg.method.name} b={','.join(map(str, budgets))} (shared prefill)"
-        for sample in runner.progress(cfg, todo, len(setup.samples), desc):
-            for b, record in sweep_sample(engine, setup.tok, sample, setup.opts, done):
-                jobs[b][1].append(record)
-    return {b: runner.finish(one, store, b, setup) for b, (one, store) in jobs.items()}

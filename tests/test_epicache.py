@@ -167,6 +167,7 @@ def test_epicache_runs_on_the_embedded_default(tmp_path):
         cfg = compose("config", overrides=["method=epicache", "budget=0.2", "limit=1", "progress=false", *SMALL])
     assert cfg.protocol == "query_agnostic" and cfg.task.name == "synth_multikey_dense"
     with open_dict(cfg):
+        cfg.paths.results = str(tmp_path)  # a run directory lies inside the results root (kvbench.validate)
         cfg.run_dir = str(tmp_path / cfg.run_id)
     metrics = run(cfg)
     assert metrics["n_questions"] == 1 and 0.15 <= metrics["kept_fraction"] <= 0.3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from kvbench.errors import UsageError
@@ -67,6 +68,7 @@ def wandb_logger(project: str | None, mode: str | None):  # noqa: ANN201
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    warnings.formatwarning = lambda message, *args, **kwargs: f"kvbench.report: warning: {message}\n"
     try:
         if argv and argv[0] == "status":
             from kvbench.report.status import main as status

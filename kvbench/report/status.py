@@ -10,6 +10,10 @@ States of a run directory (``kvbench.results`` layout):
   or interrupted; rerunning resumes.
 * ``started``: only ``config.yaml``: the run claimed its directory and no question finished yet, and nothing holds
   it now (killed while loading or before its first answer).
+* ``corrupt``: a run file cannot be read (``error`` names the file, the line and the fix); listed with a warning,
+  and the scan goes on with the other runs.
+
+Status only reads: it never repairs or locks a run directory.
 
 With a sweep (a Hydra multirun directory holding ``multirun.yaml``), every job of the sweep's grid is listed. A job
 whose run directory does not exist is ``started`` when Hydra created its job directory (still loading, or it failed
@@ -19,8 +23,8 @@ before claiming its run directory: an invalid option, a model that could not be 
 
 from __future__ import annotations
 
-import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,38 +32,52 @@ import pandas as pd
 import yaml
 
 from kvbench.errors import UsageError
-from kvbench.results import ERROR_FILE, RunStore
+from kvbench.results import ASIDE, ERROR_FILE, LOCK_FILE, RunStore, read_config
+from kvbench.runfiles import CorruptRunError, read_json, read_predictions
 
-STATES = ("finished", "running", "partial", "failed", "started", "pending")
+STATES = ("finished", "running", "partial", "failed", "started", "corrupt", "pending")
 COLUMNS = ["run_id", "state", "n_predictions", "n_questions", "error", "updated", "run_dir"]
 
 
 def _run_state(run_dir: Path) -> dict[str, Any]:
     files = {p.name: p for p in run_dir.iterdir() if p.is_file()}
-    preds = files.get("predictions.jsonl")
-    n_pred = preds.read_bytes().count(b"\n") if preds else 0
-    row: dict[str, Any] = {"n_predictions": n_pred, "n_questions": None, "error": None}
+    row: dict[str, Any] = {"n_predictions": 0, "n_questions": None, "error": None}
+    newest = max(p.stat().st_mtime for p in files.values())
+    row["updated"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(newest))
+    try:
+        row.update(_state(run_dir, files))
+    except CorruptRunError as err:
+        warnings.warn(f"{run_dir}: {err}", stacklevel=2)
+        row.update(state="corrupt", error=str(err)[:300])
+    return row
+
+
+def _state(run_dir: Path, files: dict[str, Path]) -> dict[str, Any]:
+    """State, predictions and error of one run directory (raises CorruptRunError for an unreadable file)."""
+    read_config(run_dir / "config.yaml")
+    row: dict[str, Any] = {"n_predictions": len(read_predictions(run_dir / "predictions.jsonl").by_id)}
     holder = RunStore(run_dir, {}).holder() if "metrics.json" not in files else None
     if "metrics.json" in files:
-        row.update(state="finished", n_questions=json.loads(files["metrics.json"].read_text()).get("n_questions"))
+        row.update(state="finished", n_questions=RunStore(run_dir, {}).load_metrics().get("n_questions"))
     elif holder is not None:
         row.update(state="running", error=f"written by {holder}")
     elif ERROR_FILE in files:
-        err = json.loads(files[ERROR_FILE].read_text())
+        err = read_json(files[ERROR_FILE], fix="delete error.json (the run resumes when rerun)")
+        err = err if isinstance(err, dict) else {"type": "unknown", "message": str(err)}
         row.update(state="failed", error=f"{err.get('type')}: {err.get('message', '')}"[:300])
     else:
-        row["state"] = "partial" if n_pred else "started"
-    newest = max(p.stat().st_mtime for p in files.values())
-    row["updated"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(newest))
+        row["state"] = "partial" if row["n_predictions"] else "started"
     return row
 
 
 def _is_run_config(path: Path) -> bool:
-    if ".hydra" in path.parts or "wandb" in path.parts:
+    if ".hydra" in path.parts or "wandb" in path.parts or ASIDE in path.parts:
         return False
+    if (path.parent / LOCK_FILE).exists():  # a directory a run claimed, even if its config.yaml is unreadable
+        return True
     try:
         return "config_hash" in (yaml.safe_load(path.read_text()) or {})
-    except (yaml.YAMLError, OSError):
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, TypeError):
         return False
 
 
@@ -149,7 +167,8 @@ def _run_ids(compose: Any, job: list[str]) -> list[str | None]:
 def format_status(df: pd.DataFrame, show_all: bool = False) -> str:
     """A count per state and a table of the runs that are not finished (all runs with ``show_all``)."""
     counts = df["state"].value_counts()
-    head = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in STATES if s != "pending" or "job" in df)
+    shown_states = [s for s in STATES if (s != "pending" or "job" in df) and (s != "corrupt" or counts.get(s, 0))]
+    head = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in shown_states)
     shown = df if show_all else df[df["state"] != "finished"]
     if shown.empty:
         return f"{head}\n"
@@ -159,7 +178,7 @@ def format_status(df: pd.DataFrame, show_all: bool = False) -> str:
 
 
 def main(root: str, sweep: str | None = None, show_all: bool = False) -> int:
-    """Print the status; the exit status is 1 when a run failed, else 0."""
+    """Print the status; the exit status is 1 when a run failed or is corrupt, else 0."""
     df = scan(root, sweep)
     print(format_status(df, show_all), end="")
-    return int((df["state"] == "failed").any())
+    return int(df["state"].isin(["failed", "corrupt"]).any())

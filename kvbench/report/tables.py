@@ -18,11 +18,11 @@ import pandas as pd
 from kvbench.errors import UsageError
 from kvbench.report.stats import N_RESAMPLES, SEED, bootstrap_ci
 from kvbench.report.style import method_order, sort_key
+from kvbench.schema import EFFICIENCY_KEYS
 
 CONFIG_KEYS = ["task", "model", "method", "allocator", "protocol", "budget"]
-#: Efficiency columns of metrics.json averaged over seeds in the summary (present ones only).
-EFFICIENCY = ["kept_fraction", "kv_bytes_full", "kv_bytes_kept", "peak_kv_bytes", "peak_mem_bytes", "prefill_s",
-              "compress_s", "question_s", "decode_s_per_token"]
+#: Efficiency columns of metrics.json averaged over seeds in the summary (present ones only), from the schema.
+EFFICIENCY = list(EFFICIENCY_KEYS)
 REFERENCE = "fullkv"
 AVG, PCT = "Avg.", "% of full"
 
