@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from kvbench.var.calibrate import calibrate, dumps, record
@@ -33,8 +34,10 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=900)
     ap.add_argument("--top-p", type=float, default=0.96)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (tiny models: 1 is fastest)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     spec = OmegaConf.create({"pretrained": args.pretrained or f"embedded:{args.model}", "vae": args.vae,
                              "depth": args.depth})
     var, vae = load_model(spec, args.device)

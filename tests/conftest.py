@@ -137,6 +137,12 @@ def is_episodic(name: str) -> bool:
     return getattr(get_class(method_config(name).method._target_), "episodic", False)
 
 
+def is_var(name: str) -> bool:
+    """Methods of visual autoregressive models (HACK): they run on kvbench.var (tests/test_var_*.py), not here."""
+    return getattr(get_class(method_config(name).method._target_), "family", "text") == "var"
+
+
+METHODS = tuple(m for m in METHODS if not is_var(m))  # the text engine's methods
 PREFILL_METHODS = tuple(m for m in METHODS if not is_episodic(m))  # compressed by Engine.forward(compress=True)
 
 
