@@ -54,9 +54,11 @@ def ssim(images: Tensor, ref: Tensor) -> list[float]:
             for a, b in zip(to_numpy(images), to_numpy(ref), strict=True)]
 
 
-def fidelity_metrics(names: list[str], generated_dir: Path, reference: str | None) -> dict[str, Any]:
+def fidelity_metrics(names: list[str], generated_dir: Path | None, reference: str | None,
+                     check_only: bool = False) -> dict[str, Any]:
     """FID / IS / precision-recall of the PNGs in ``generated_dir`` with torch-fidelity (``reference``: a folder of
-    real images or a statistics file torch-fidelity reads). One clear message when anything is missing."""
+    real images or a statistics file torch-fidelity reads). One clear message when anything is missing;
+    ``check_only`` stops after checking the package and the reference."""
     try:
         import torch_fidelity
     except ImportError as err:
@@ -65,7 +67,9 @@ def fidelity_metrics(names: list[str], generated_dir: Path, reference: str | Non
                          "from task.metrics to run the offline metrics only.") from err
     if reference is None or not Path(reference).exists():
         raise UsageError(f"task metrics {names} need real-image references: set task.fid_reference to a folder of "
-                         "ImageNet 256x256 validation images or a statistics file (got {reference!r})")
+                         f"ImageNet 256x256 validation images or a statistics file (got {reference!r})")
+    if check_only:
+        return {}
     try:
         res = torch_fidelity.calculate_metrics(input1=str(generated_dir), input2=str(reference), cuda=torch.cuda.
                                                is_available(), fid="fid" in names, isc="inception_score" in names,

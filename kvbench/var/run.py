@@ -94,9 +94,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = run_dir(cfg)
     if (out_dir / "metrics.json").exists() and not cfg.get("overwrite", False):
         return json.loads((out_dir / "metrics.json").read_text())
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     device = device_of(cfg)
@@ -104,6 +101,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task = VarTask.from_cfg(cfg.task, var.cfg.num_classes)
     method = instantiate(cfg.method)
     scorer = var_method(method, var.cfg.depth, var.cfg.num_heads)
+    wanted = [m for m in task.metrics if m in DISTRIBUTION]
+    if wanted:  # fail before generating anything when the packages are missing
+        fidelity_metrics(wanted, None, task.fid_reference, check_only=True)
+    if out_dir.exists():  # every input checked: only now is an old run replaced
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
     labels = torch.tensor(task.classes, device=device)
     batches, t0 = [], time.perf_counter()
     for s in task.seeds:
@@ -121,7 +124,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                "compression_ratio": compression_ratio(float(cfg.budget), sum(sizes)),
                **summarise(batches, task, sizes), "inputs": method.inputs(),
                "wall_s": round(time.perf_counter() - t0, 3), "device": str(device)}
-    wanted = [m for m in task.metrics if m in DISTRIBUTION]
     if wanted:
         metrics["fidelity"] = fidelity_metrics(wanted, out_dir / "images", task.fid_reference)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
