@@ -113,7 +113,7 @@ def init_var(var: VAR, g: torch.Generator) -> None:
             out.bias.data.zero_()
     var.head_nm.ada_lin[1].weight.data *= 0.1
     var.head_nm.ada_lin[1].bias.data.zero_()
-    var.head.weight.data = torch.randn(var.head.weight.shape, generator=g) * 0.35  # peaked code logits
+    var.head.weight.data = torch.randn(var.head.weight.shape, generator=g) * 1.0  # peaked code logits
     var.head.bias.data.zero_()
     var.word_embed.weight.data = torch.randn(C, var.cfg.z_channels, generator=g) * 0.5
     var.word_embed.weight.data[:GEO] = 0.0  # content only

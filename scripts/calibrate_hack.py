@@ -50,7 +50,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(dumps(data))
     for b, row in enumerate(data["labels_gap"]):
-        print(f"block {b}: " + "  ".join(f"{lab[:4]} {s:.3g}" for lab, s in zip(row, data["statistic"][b], strict=True)))
+        cells = zip(row, data["statistic"][b], strict=True)
+        print(f"block {b}: " + "  ".join(f"{lab[:4]} {s:.3g}" for lab, s in cells))
     print(f"wrote {out}")
 
 

@@ -22,7 +22,7 @@ from kvbench.var.compress import ScaleContext, VarMethod
 def recent_first(ctx: ScaleContext, scores: Tensor, window: int) -> Tensor:
     """Scores with the ``window`` most recent tokens above every other (the text methods' window, kept first)."""
     recent = ctx.positions >= ctx.current[1] - window
-    scores = scores.float()
+    scores = scores.double()
     return scores + recent * (scores.max() - scores.min() + 1.0)
 
 
@@ -43,7 +43,7 @@ class VarStreaming(VarMethod):
         self.n_sink = n_sink
 
     def score(self, ctx: ScaleContext) -> Tensor:
-        pos = ctx.positions.float()
+        pos = ctx.positions.double()
         return torch.where(ctx.positions < self.n_sink, pos + 1e9, pos)
 
 
@@ -64,8 +64,8 @@ class VarH2O(VarMethod):
 
 class VarSnapKV(VarMethod):
     """SnapKV-style window scoring: the current scale's attention, ``mean`` or ``sum`` over its queries, the
-    ``window`` most recent tokens kept first. Deviation: no 1-D pooling (``kernel``/``pooling``): neighbours in VAR's flattened multi-scale
-    raster are not neighbours in the image."""
+    ``window`` most recent tokens kept first. Deviation: no 1-D pooling (``kernel``/``pooling``): neighbours in
+    VAR's flattened multi-scale raster are not neighbours in the image."""
 
     def __init__(self, window: int, reduce: str) -> None:
         self.window, self.reduce = window, reduce

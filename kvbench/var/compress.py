@@ -91,8 +91,8 @@ class ScaleContext:
         return torch.where(self.valid, torch.bucketize(self.positions, starts, right=True), -1)
 
     def masked(self, scores: Tensor) -> Tensor:
-        """Scores with padding at -inf."""
-        return scores.float().masked_fill(~self.valid, float("-inf"))
+        """Scores in float64 (lexicographic scores add large offsets to attention masses) with padding at -inf."""
+        return scores.double().masked_fill(~self.valid, float("-inf"))
 
 
 class VarMethod(ABC):

@@ -17,9 +17,10 @@ formula below that they leave open is a named parameter, documented as our choic
 3. **Contextual heads** keep the condition tokens (``keep_condition``) and then the top keys by attention mass
    from the current scale's queries (column sums of A).
 4. **Structural heads** keep the most recent scale whole, then older scales newest first (the oldest scales are
-   evicted first); within the scale where the budget runs out, the keys with the most attention from the current
-   scale, i.e. the spatially aligned positions of a diagonal head [R]. The score is
-   ``scale_index (q + 1) + mass`` (lexicographic: the column sums are <= q).
+   evicted first); within the scale where the budget runs out, a spatially spread subset (``spread``: coarse
+   lattice points first, so that every region keeps an aligned key for the next scale's queries), then the keys
+   with the most attention from the current scale, i.e. the aligned positions of a diagonal head [R]. The score
+   is lexicographic in (scale index, lattice level, mass): column sums are <= q.
 5. Applied after every scale step (``kvbench.var.compress``).
 """
 
@@ -56,6 +57,7 @@ class HackParams:
         split: ``gap`` or the fraction of heads labelled contextual.
         budget_ratio: B_contextual / B_structural (> 0).
         keep_condition: contextual heads keep the condition tokens first.
+        spread: structural heads rank the tokens of a scale by ``lattice_level`` before attention mass.
     """
 
     name: str = "hack"
@@ -64,6 +66,7 @@ class HackParams:
     split: Any = "gap"
     budget_ratio: float = 0.5
     keep_condition: bool = True
+    spread: bool = True
 
     def check(self) -> None:
         if not self.budget_ratio > 0:
@@ -92,6 +95,23 @@ def labels_from(statistic: Tensor, split: Any) -> Tensor:
     out = torch.ones(len(logs), dtype=torch.bool)
     out[order[:n_struct]] = False
     return out.view(statistic.shape)
+
+
+LATTICE_LEVELS = 8  # enough for scales up to 256 tokens a side
+
+
+def lattice_level(ctx: ScaleContext) -> Tensor:
+    """(R, n) for a token at row i, column j of its scale: the largest k <= LATTICE_LEVELS with 2^k dividing both
+    i and j (the scale's origin has the top level), so that any prefix of this order is spread over the image."""
+    scales = ctx.token_scale().clamp_min(0)
+    starts = torch.tensor([ctx.spans[f"scale_{i}"][0] for i in range(len(ctx.patch_nums))], device=scales.device)
+    sides = torch.tensor(ctx.patch_nums, device=scales.device)
+    local = ctx.positions.clamp_min(0) - starts[scales]
+    both = (local // sides[scales]) | (local % sides[scales])  # bitwise or of row and column
+    level = torch.zeros_like(both)
+    for k in range(1, LATTICE_LEVELS + 1):
+        level += (both % (1 << k) == 0).long()
+    return level.double()
 
 
 def calibration_path(params: HackParams) -> Path:
@@ -139,13 +159,18 @@ class HackScorer(VarMethod):
         return self.labels[ctx.block_idx].to(ctx.keys.device).repeat(ctx.n_streams)
 
     def score(self, ctx: ScaleContext) -> Tensor:
-        mass = ctx.mass()  # (R, n)
+        mass = ctx.mass().double()  # (R, n)
         contextual = mass.clone()
         if self.params.keep_condition:
             start, end = ctx.spans["condition"]
             contextual[(ctx.positions >= start) & (ctx.positions < end)] = math.inf
-        structural = ctx.token_scale().float() * (ctx.queries.shape[1] + 1) + mass
-        return torch.where(self.head_labels(ctx)[:, None], contextual, structural)
+        return torch.where(self.head_labels(ctx)[:, None], contextual, self.structural(ctx, mass))
+
+    def structural(self, ctx: ScaleContext, mass: Tensor) -> Tensor:
+        """Newer scales first; within a scale coarse lattice points first (``spread``), then attention mass."""
+        unit, mass = ctx.queries.shape[1] + 1.0, mass.double()  # column sums are <= q; float64 keeps their ties
+        within = mass + lattice_level(ctx) * unit if self.params.spread else mass
+        return ctx.token_scale().double() * unit * (LATTICE_LEVELS + 1) + within
 
     def counts(self, ctxs: list[ScaleContext], keep: int) -> list[Tensor]:
         out = []
