@@ -105,3 +105,20 @@ def test_cache_holds_and_counts_both_cfg_streams() -> None:
                                                          for i in range(len(SMALL_PN))]
     spans = cache.spans
     assert spans["condition"] == (0, 1) and spans["scale_1"] == (1, 5) and spans["scale_5"] == (total - 64, total)
+
+
+def test_ragged_rows_attend_exactly_like_each_row_alone() -> None:
+    """After per-head eviction rows hold different lengths: padded SDPA with a mask equals per-row attention."""
+    from kvbench.engine.store import LayerKV
+    from kvbench.var.cache import VarKVCache
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(4, 9, 8, generator=g), torch.randn(4, 9, 8, generator=g)
+    layer = LayerKV.from_dense(k, v, torch.arange(9))
+    keep = [torch.tensor([0, 3, 8]), torch.arange(9), torch.tensor([2]), torch.tensor([1, 2, 4, 5, 7])]
+    layer.select(keep)
+    q = torch.randn(4, 5, 8, generator=g)
+    out = VarKVCache._attention(layer, q, scale=0.7)
+    for r, idx in enumerate(keep):
+        att = torch.softmax(q[r] @ k[r, idx].T * 0.7, dim=-1)
+        assert torch.allclose(out[r], att @ v[r, idx], atol=1e-6)
