@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
 
 from kvbench.budget import tokens_per_head
 from kvbench.engine import Engine
@@ -24,6 +25,13 @@ from kvbench.models import load_model, pick_device
 from kvbench.pipeline import sync_time
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def text_methods() -> list[str]:
+    """Every conf/method option of the text engine (``family: var`` methods such as HACK run on kvbench.var)."""
+    targets = {f.stem: OmegaConf.load(f).get("_target_") for f in sorted((CONF / "method").glob("*.yaml"))}
+    return [name for name, target in targets.items()  # variants (no _target_) extend a text method's file
+            if target is None or getattr(get_class(target), "family", "text") != "var"]
 
 
 def compressed_prefill(eng: Engine, ids: torch.Tensor) -> torch.Tensor:
@@ -60,7 +68,7 @@ def measure(model: torch.nn.Module, method_name: str, budget: float, ids: torch.
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="kvbench-tiny", help="a conf/model option")
-    p.add_argument("--methods", nargs="*", default=sorted(f.stem for f in (CONF / "method").glob("*.yaml")))
+    p.add_argument("--methods", nargs="*", default=text_methods())
     p.add_argument("--lengths", nargs="*", type=int, default=[2048])
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--decode", type=int, default=16, help="decode steps timed per run")
