@@ -18,8 +18,9 @@ hand so that each block has the two head kinds HACK distinguishes, plus one unfo
 * one head keeps the seeded random init (``random``); the calibration decides what it is.
 
 Head roles (block: heads 0..3): block 0 = prev, vertical, random, diag; block 1 = vertical, prev, random, diag.
-The VQVAE (ch 32, ch_mult (1, 1, 1), one residual block per level, 64 codes of 8 channels) is seeded random: its
-images are smooth textures determined by the tokens, not natural images. Scales (1, 2, 3, 4, 6, 8): 130 tokens,
+The VQVAE (ch 32, ch_mult (1, 1, 1), one residual block per level, 64 codes of 8 channels) has a seeded random
+encoder and codebook and a written-down smooth decoder (``write_decoder``): images are blurred colour renderings
+of the latent f_hat, not natural images. Scales (1, 2, 3, 4, 6, 8): 130 tokens,
 32 x 32 pixels, 10 classes (+ the null class).
 """
 
@@ -145,7 +146,42 @@ def make() -> tuple[VAR, object]:
         for h, role in enumerate(roles):
             write_head(var, b, h, role, g)
     vae.quantize.embedding.weight.data = torch.randn(64, 8, generator=g)
+    write_decoder(vae, g)
     return var, vae
+
+
+def centre_tap(conv: torch.nn.Conv2d, channels: int, kernel: torch.Tensor | None = None) -> None:
+    """Identity (or a depthwise ``kernel``) on the first ``channels`` channels, zero elsewhere."""
+    conv.weight.data.zero_()
+    conv.bias.data.zero_()
+    for c in range(channels):
+        if kernel is None:
+            conv.weight.data[c, c, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = 1.0
+        else:
+            conv.weight.data[c, c] = kernel
+
+
+def write_decoder(vae, g: torch.Generator) -> None:
+    """A smooth decoder: residual branches off (identity blocks), blurred nearest upsampling, and a random 1x1
+    mix of the latent channels into RGB after the last GroupNorm; Phi and post_quant_conv are identities. Images
+    are then blurred renderings of f_hat, so close latents give close pixels."""
+    dec, blur = vae.decoder, torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    z = vae.cfg.z_channels
+    centre_tap(dec.conv_in, z)
+    for block in [dec.mid.block_1, dec.mid.block_2] + [b for level in dec.up for b in level.block]:
+        block.conv2.weight.data.zero_()
+        block.conv2.bias.data.zero_()
+    for attn in [dec.mid.attn_1] + [a for level in dec.up for a in level.attn]:
+        attn.proj_out.weight.data.zero_()
+        attn.proj_out.bias.data.zero_()
+    for level in dec.up[1:]:
+        centre_tap(level.upsample.conv, dec.conv_in.out_channels, blur)
+    dec.conv_out.weight.data.zero_()
+    dec.conv_out.bias.data.zero_()
+    dec.conv_out.weight.data[:, :z, 1, 1] = torch.randn(3, z, generator=g) * 0.35
+    centre_tap(vae.post_quant_conv, z)
+    for phi in vae.quantize.quant_resi.qresi_ls:
+        centre_tap(phi, z)
 
 
 def main() -> None:
