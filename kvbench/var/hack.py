@@ -17,10 +17,11 @@ formula below that they leave open is a named parameter, documented as our choic
 3. **Contextual heads** keep the condition tokens (``keep_condition``) and then the top keys by attention mass
    from the current scale's queries (column sums of A).
 4. **Structural heads** keep the most recent scale whole, then older scales newest first (the oldest scales are
-   evicted first); within the scale where the budget runs out, a spatially spread subset (``spread``: coarse
-   lattice points first, so that every region keeps an aligned key for the next scale's queries), then the keys
-   with the most attention from the current scale, i.e. the aligned positions of a diagonal head [R]. The score
-   is lexicographic in (scale index, lattice level, mass): column sums are <= q.
+   evicted first); within the scale where the budget runs out, the keys with the most attention from the current
+   scale, i.e. the aligned positions of a diagonal head [R]; with ``spread`` coarse lattice points first (a
+   spatially spread subset, so that every region keeps a key for the next scale's queries; worse on
+   kvbench-tiny-var, docs/var.md). The score is lexicographic in (scale index, [lattice level,] mass): column sums
+   are <= q.
 5. Applied after every scale step (``kvbench.var.compress``).
 """
 
@@ -66,7 +67,7 @@ class HackParams:
     split: Any = "gap"
     budget_ratio: float = 0.5
     keep_condition: bool = True
-    spread: bool = True
+    spread: bool = False
 
     def check(self) -> None:
         if not self.budget_ratio > 0:
