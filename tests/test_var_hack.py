@@ -191,3 +191,38 @@ def test_bad_inputs_are_one_clear_error(model, tmp_path) -> None:
         var_method(PyramidKV(), 2, 4)
     with pytest.raises(UsageError, match="visual autoregressive"):
         HACK().score(None)
+
+
+def test_the_shipped_model_is_what_the_build_script_writes(tmp_path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_tiny_var", ASSETS.parents[1] / "scripts" / "build_tiny_var.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    var, vae = build.make()
+    from kvbench.var.load import save_embedded
+
+    save_embedded(var, vae, tmp_path, {"name": build.NAME, "head_roles": [list(r) for r in build.ROLES],
+                                       "built_by": "scripts/build_tiny_var.py"})
+    shipped = ASSETS / "kvbench-tiny-var"
+    assert (tmp_path / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads((shipped / "config.json").read_text())
+    assert (shipped / "model.safetensors").stat().st_size < 2_000_000
+
+
+def test_calibration_script_writes_the_file_the_method_loads(tmp_path, monkeypatch, model) -> None:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("calibrate_hack", ASSETS.parents[1] / "scripts" / "calibrate_hack.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "cal.json"
+    monkeypatch.setattr(sys, "argv", ["calibrate_hack.py", "--classes", "1", "2", "--seeds", "5", "--out", str(out)])
+    script.main()
+    data = json.loads(out.read_text())
+    assert data["method"] == "hack" and data["settings"]["seeds"] == [5] and len(data["weights_sha256"]) == 64
+    scorer = HackScorer.from_params(HackParams(calibration=str(out)), 2, 4)
+    assert torch.equal(scorer.labels, hack(model).labels), "the same two vertical heads"
+    assert HACK(calibration=str(out)).inputs()["hack_calibration"] == __import__("hashlib").sha256(
+        out.read_bytes()).hexdigest()

@@ -48,6 +48,8 @@ def test_fullkv_run_is_identical_to_its_reference(tmp_path) -> None:
     (("task.metrics=[fid]",), "torch-fidelity"),
     (("task.classes=[10]",), "classes must be in"),
     (("method=pyramidkv",), "no VAR version"),
+    (("budget=[0.1,0.3]",), "one positive number"),
+    (("budget=-1",), "one positive number"),
 ])
 def test_bad_inputs_are_one_clear_error(tmp_path, overrides, message) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -42,6 +42,13 @@ def check_model(spec: Any) -> None:
                          "model.attn_implementation=sdpa")
 
 
+def check_budget(budget: Any) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+        raise UsageError(f"budget={budget!r}: the VAR runner takes one positive number (<= 1: fraction of the "
+                         "tokens seen, > 1: tokens per head); run several with -m budget=0.1,0.3")
+    return float(budget)
+
+
 def device_of(cfg: DictConfig) -> torch.device:
     name = str(cfg.get("device", "auto"))
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
@@ -91,6 +98,7 @@ def save_images(folder: Path, images: torch.Tensor, seed: int, classes: tuple[in
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     check_model(cfg.model)
+    budget = check_budget(cfg.budget)
     out_dir = run_dir(cfg)
     if (out_dir / "metrics.json").exists() and not cfg.get("overwrite", False):
         return json.loads((out_dir / "metrics.json").read_text())
@@ -112,16 +120,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for s in task.seeds:
         seed = int(s) + 100_000 * int(cfg.seed)
         ref = generate(var, vae, labels, seed, **task.sampling())
-        out = generate(var, vae, labels, seed, method=scorer, budget=float(cfg.budget), **task.sampling())
+        out = generate(var, vae, labels, seed, method=scorer, budget=budget, **task.sampling())
         batches.append(compare(out, ref))
         if task.save_images:
             save_grid(out_dir / f"grid_seed{s}.png", ref.image, out.image)
             save_images(out_dir / "images", out.image, s, task.classes)
     sizes = [p * p for p in var.cfg.patch_nums]
     metrics = {"run": {"task": task.name, "model": str(cfg.model.name), "method": str(cfg.method.name),
-                       "budget": float(cfg.budget), "seed": int(cfg.seed), "family": "var",
+                       "budget": budget, "seed": int(cfg.seed), "family": "var",
                        "not_used": "allocator, protocol (VAR methods decide their own per-row counts)"},
-               "compression_ratio": compression_ratio(float(cfg.budget), sum(sizes)),
+               "compression_ratio": compression_ratio(budget, sum(sizes)),
                **summarise(batches, task, sizes), "inputs": method.inputs(),
                "wall_s": round(time.perf_counter() - t0, 3), "device": str(device)}
     if wanted:
