@@ -8,8 +8,9 @@ from torch import Tensor
 
 def proportional(weights: Tensor, caps: Tensor, total: int) -> Tensor:
     """Non-negative integers a_i <= caps_i with sum = min(total, sum caps), a_i ~ weights_i (water-filling: items
-    at their cap give their share to the others), rounded by largest remainder (ties: lower index first)."""
-    caps = caps.long()
+    at their cap give their share to the others), rounded by largest remainder (ties: lower index first).
+    Computed on the CPU (a few numbers), returned on ``caps``' device."""
+    device, caps, weights = caps.device, caps.long().cpu(), weights.cpu()
     total = int(min(total, int(caps.sum())))
     w = weights.double().clamp_min(0)
     share = torch.zeros_like(w)
@@ -32,4 +33,4 @@ def proportional(weights: Tensor, caps: Tensor, total: int) -> Tensor:
     frac[out >= caps] = -1.0
     order = torch.argsort(-frac, stable=True)
     out[order[:rest]] += 1
-    return out
+    return out.to(device)

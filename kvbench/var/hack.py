@@ -176,8 +176,7 @@ class HackScorer(VarMethod):
     def counts(self, ctxs: list[ScaleContext], keep: int) -> list[Tensor]:
         out = []
         for ctx in ctxs:
-            weights = torch.where(self.labels[ctx.block_idx], self.params.budget_ratio, 1.0)  # (H,)
+            weights = torch.where(self.labels[ctx.block_idx], self.params.budget_ratio, 1.0)  # (H,) on the CPU
             caps = ctx.lens.view(ctx.n_streams, ctx.n_heads)
-            per = [proportional(weights, caps[s], ctx.n_heads * keep) for s in range(ctx.n_streams)]
-            out.append(torch.cat(per).to(ctx.lens.device))
+            out.append(torch.cat([proportional(weights, caps[s], ctx.n_heads * keep) for s in range(ctx.n_streams)]))
         return out
