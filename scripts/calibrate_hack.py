@@ -2,6 +2,7 @@
 ``method=hack`` loads:
 
     python scripts/calibrate_hack.py                          # kvbench-tiny-var -> kvbench/assets/kvbench-tiny-var/
+    python scripts/calibrate_hack.py --out /tmp/c.json --figure heads.png   # and every head's attention map
     python scripts/calibrate_hack.py --model var-d30 --pretrained /ckpt/var_d30.pth --vae /ckpt/vae_ch160v4096z32.pth \
         --depth 30 --out /ckpt/hack/var-d30.json              # then method.calibration=/ckpt/hack/var-d30.json
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from kvbench.var.calibrate import calibrate, dumps, record
+from kvbench.var.cache import scale_spans
+from kvbench.var.calibrate import VarianceProbe, calibrate, draw, dumps, record
 from kvbench.var.hack import CALIBRATION_FILE
 from kvbench.var.load import ASSETS, load_model
 
@@ -36,13 +38,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (tiny models: 1 is fastest)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--figure", default=None, help="also draw every head's last-step attention map to this PNG")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = OmegaConf.create({"pretrained": args.pretrained or f"embedded:{args.model}", "vae": args.vae,
                              "depth": args.depth})
     var, vae = load_model(spec, args.device)
     sampling = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
-    stat = calibrate(var, vae, args.classes, args.seeds, args.min_step, sampling)
+    probe = VarianceProbe(args.min_step)
+    stat = calibrate(var, vae, args.classes, args.seeds, args.min_step, sampling, probe)
     settings = {"classes": args.classes, "seeds": args.seeds, "min_step": args.min_step, **sampling,
                 "statistic": "var_j(n * mean_i A_ij), current-scale queries, full cache, mean over streams"}
     data = record(args.model, var, stat, settings)
@@ -53,6 +57,9 @@ def main() -> None:
         cells = zip(row, data["statistic"][b], strict=True)
         print(f"block {b}: " + "  ".join(f"{lab[:4]} {s:.3g}" for lab, s in cells))
     print(f"wrote {out}")
+    if args.figure:
+        draw(probe.maps, data, scale_spans(var.cfg.patch_nums), args.figure)
+        print(f"wrote {args.figure}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ class VarianceProbe(VarMethod):
 
     min_step: int
     rows: dict[int, list[Tensor]] = field(default_factory=dict)
+    maps: dict[int, Tensor] = field(default_factory=dict)  # block -> (H, q, n) last step, stream 0, first image
 
     def counts(self, ctxs: list[ScaleContext], keep: int) -> list[Tensor]:
         return [ctx.lens for ctx in ctxs]
@@ -31,6 +32,8 @@ class VarianceProbe(VarMethod):
     def score(self, ctx: ScaleContext) -> Tensor:
         if ctx.step >= self.min_step:
             self.rows.setdefault(ctx.block_idx, []).append(head_statistic(ctx))
+        if ctx.step == len(ctx.patch_nums) - 1 and ctx.block_idx not in self.maps:
+            self.maps[ctx.block_idx] = ctx.attention()[: ctx.n_heads].cpu()
         return ctx.mass()
 
     def statistic(self) -> Tensor:
@@ -47,11 +50,11 @@ def weights_digest(var: VAR) -> str:
 
 
 def calibrate(var: VAR, vae: VQVAE, classes: list[int], seeds: list[int], min_step: int,
-              sampling: dict[str, Any]) -> Tensor:
+              sampling: dict[str, Any], probe: VarianceProbe | None = None) -> Tensor:
     """(blocks, H) statistics averaged over classes x seeds (one image per pair, batch of all classes per seed)."""
     if not 0 <= min_step < len(var.cfg.patch_nums):
         raise ValueError(f"min_step must be in [0, {len(var.cfg.patch_nums)})")
-    probe = VarianceProbe(min_step)
+    probe = probe or VarianceProbe(min_step)
     labels = torch.tensor(classes, device=next(var.parameters()).device)
     for seed in seeds:
         generate(var, vae, labels, seed=seed, method=probe, budget=1.0, decode=False, **sampling)
@@ -68,3 +71,31 @@ def record(model: str, var: VAR, statistic: Tensor, settings: dict[str, Any]) ->
 
 def dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=1) + "\n"
+
+
+def draw(maps: dict[int, Tensor], data: dict[str, Any], spans: dict[str, tuple[int, int]], path: str) -> None:
+    """One panel per (block, head): the last step's attention (queries x keys, first image, conditional stream),
+    scale boundaries dotted, titled with the label and the statistic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks, heads = len(maps), maps[0].shape[0]
+    fig, axes = plt.subplots(blocks, heads, figsize=(2.6 * heads, 2.4 * blocks), squeeze=False)
+    bounds = [end for name, (_, end) in spans.items() if name.startswith("scale_")][:-1]
+    for b in range(blocks):
+        for h in range(heads):
+            ax = axes[b][h]
+            ax.imshow(maps[b][h].numpy() ** 0.5, aspect="auto", cmap="magma", interpolation="nearest")
+            for x in bounds:
+                ax.axvline(x - 0.5, color="white", lw=0.4, ls=":")
+            ax.set_title(f"block {b} head {h}: {data['labels_gap'][b][h]}\nstatistic {data['statistic'][b][h]:.3g}",
+                         fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[-1][0].set_xlabel("keys (all cached scales)", fontsize=8)
+    axes[-1][0].set_ylabel("last-scale queries", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

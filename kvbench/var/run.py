@@ -78,6 +78,7 @@ def summarise(batches: list[dict[str, Any]], task: VarTask, sizes: list[int]) ->
             "peak_kv_bytes": mean("peak_kv_bytes"), "final_kv_bytes": mean("final_kv_bytes"),
             "full_peak_kv_bytes": mean("full_peak_kv_bytes"), "full_final_kv_bytes": mean("full_final_kv_bytes"),
             "attention_ms_by_scale": (att * 1e3).round(4).tolist(),
+            "attention_time_ratio": float(att.sum() / full_att.sum()),  # reference and method interleaved per seed
             "full_attention_ms_by_scale": (full_att * 1e3).round(4).tolist(),
             "batches": batches}
 
@@ -153,4 +154,5 @@ def report(metrics: dict[str, Any]) -> str:
         f" final {metrics['final_kv_bytes'] / mib:.3f} MiB (full {metrics['full_final_kv_bytes'] / mib:.3f}),"
         " both CFG streams",
         f"attention  {sum(metrics['attention_ms_by_scale']):.1f} ms per batch "
-        f"(full {sum(metrics['full_attention_ms_by_scale']):.1f} ms)"])
+        f"(full {sum(metrics['full_attention_ms_by_scale']):.1f} ms, ratio {metrics['attention_time_ratio']:.2f};"
+        " runs interleaved)"])
