@@ -49,6 +49,9 @@ def test_fullkv_run_is_identical_to_its_reference(tmp_path) -> None:
     (("task.classes=[10]",), "classes must be in"),
     (("method=pyramidkv",), "no VAR version"),
     (("budget=[0.1,0.3]",), "one positive number"),
+    (("model.pretrained=/nonexistent/var_d16.pth", "model.vae=/nonexistent/vae.pth", "model.depth=16"), "not found"),
+    (("model.pretrained=/nonexistent/var_d16.pth",), "model.vae"),
+    (("model.dtype=bfloat16",), "float32"),
     (("budget=-1",), "one positive number"),
 ])
 def test_bad_inputs_are_one_clear_error(tmp_path, overrides, message) -> None:
