@@ -128,7 +128,7 @@ def load_calibration(params: HackParams) -> dict[str, Any]:
     path = calibration_path(params)
     if not path.is_file():
         raise UsageError(f"hack: no head calibration for model {params.model!r} at {path}; write one with "
-                         f"python scripts/calibrate_hack.py model={params.model} (or set method.calibration=PATH)")
+                         f"python scripts/calibrate_hack.py --model {params.model} (or set method.calibration=PATH)")
     data = json.loads(path.read_text())
     if data.get("version") != VERSION or data.get("method") != "hack":
         raise UsageError(f"hack: {path} is not a version-{VERSION} HACK calibration; rewrite it with calibrate_hack.py")

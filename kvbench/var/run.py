@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,12 @@ from PIL import Image
 from kvbench.budget import compression_ratio
 from kvbench.errors import UsageError
 from kvbench.var.baselines import var_method
+from kvbench.var.compress import VarMethod
 from kvbench.var.generate import Generation, generate
 from kvbench.var.load import load_model
 from kvbench.var.metrics import DISTRIBUTION, fidelity_metrics, psnr, ssim, token_agreement
+from kvbench.var.model import VAR
+from kvbench.var.quant import VQVAE
 from kvbench.var.task import VarTask
 
 
@@ -97,12 +101,22 @@ def save_images(folder: Path, images: torch.Tensor, seed: int, classes: tuple[in
         Image.fromarray(arr).save(folder / f"seed{seed}_class{c}.png")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    check_model(cfg.model)
+@dataclass
+class Setup:
+    """Everything a run needs, checked before its directory is touched."""
+
+    var: VAR
+    vae: VQVAE
+    task: VarTask
+    method: Any
+    scorer: VarMethod
+    budget: float
+    device: torch.device
+    distribution: list[str]
+
+
+def setup(cfg: DictConfig) -> Setup:
     budget = check_budget(cfg.budget)
-    out_dir = run_dir(cfg)
-    if (out_dir / "metrics.json").exists() and not cfg.get("overwrite", False):
-        return json.loads((out_dir / "metrics.json").read_text())
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     device = device_of(cfg)
@@ -113,28 +127,43 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     wanted = [m for m in task.metrics if m in DISTRIBUTION]
     if wanted:  # fail before generating anything when the packages are missing
         fidelity_metrics(wanted, None, task.fid_reference, check_only=True)
+    return Setup(var, vae, task, method, scorer, budget, device, wanted)
+
+
+def generate_all(s: Setup, run_seed: int, out_dir: Path) -> list[dict[str, Any]]:
+    """Per task seed: the reference and the method's batch with the same sampling seed, compared (and saved)."""
+    labels, batches = torch.tensor(s.task.classes, device=s.device), []
+    for k in s.task.seeds:
+        seed = int(k) + 100_000 * run_seed
+        ref = generate(s.var, s.vae, labels, seed, **s.task.sampling())
+        out = generate(s.var, s.vae, labels, seed, method=s.scorer, budget=s.budget, **s.task.sampling())
+        batches.append(compare(out, ref))
+        if s.task.save_images:
+            save_grid(out_dir / f"grid_seed{k}.png", ref.image, out.image)
+            save_images(out_dir / "images", out.image, k, s.task.classes)
+    return batches
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    check_model(cfg.model)
+    out_dir = run_dir(cfg)
+    if (out_dir / "metrics.json").exists() and not cfg.get("overwrite", False):
+        return json.loads((out_dir / "metrics.json").read_text())
+    s = setup(cfg)
     if out_dir.exists():  # every input checked: only now is an old run replaced
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    labels = torch.tensor(task.classes, device=device)
-    batches, t0 = [], time.perf_counter()
-    for s in task.seeds:
-        seed = int(s) + 100_000 * int(cfg.seed)
-        ref = generate(var, vae, labels, seed, **task.sampling())
-        out = generate(var, vae, labels, seed, method=scorer, budget=budget, **task.sampling())
-        batches.append(compare(out, ref))
-        if task.save_images:
-            save_grid(out_dir / f"grid_seed{s}.png", ref.image, out.image)
-            save_images(out_dir / "images", out.image, s, task.classes)
-    sizes = [p * p for p in var.cfg.patch_nums]
-    metrics = {"run": {"task": task.name, "model": str(cfg.model.name), "method": str(cfg.method.name),
-                       "budget": budget, "seed": int(cfg.seed), "family": "var",
+    t0 = time.perf_counter()
+    batches = generate_all(s, int(cfg.seed), out_dir)
+    sizes = [p * p for p in s.var.cfg.patch_nums]
+    metrics = {"run": {"task": s.task.name, "model": str(cfg.model.name), "method": str(cfg.method.name),
+                       "budget": s.budget, "seed": int(cfg.seed), "family": "var",
                        "not_used": "allocator, protocol (VAR methods decide their own per-row counts)"},
-               "compression_ratio": compression_ratio(budget, sum(sizes)),
-               **summarise(batches, task, sizes), "inputs": method.inputs(),
-               "wall_s": round(time.perf_counter() - t0, 3), "device": str(device)}
-    if wanted:
-        metrics["fidelity"] = fidelity_metrics(wanted, out_dir / "images", task.fid_reference)
+               "compression_ratio": compression_ratio(s.budget, sum(sizes)),
+               **summarise(batches, s.task, sizes), "inputs": s.method.inputs(),
+               "wall_s": round(time.perf_counter() - t0, 3), "device": str(s.device)}
+    if s.distribution:
+        metrics["fidelity"] = fidelity_metrics(s.distribution, out_dir / "images", s.task.fid_reference)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
