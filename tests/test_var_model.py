@@ -122,3 +122,38 @@ def test_ragged_rows_attend_exactly_like_each_row_alone() -> None:
     for r, idx in enumerate(keep):
         att = torch.softmax(q[r] @ k[r, idx].T * 0.7, dim=-1)
         assert torch.allclose(out[r], att @ v[r, idx], atol=1e-6)
+
+
+def test_bit_identical_to_the_authors_code_when_available(tmp_path, monkeypatch) -> None:
+    """With ``KVBENCH_VAR_REFERENCE`` = a checkout of FoundationVision/VAR (checked at 78b9539): their model and ours
+    on the same random weights, strict loads both ways, give the same image bit for bit. Skipped otherwise."""
+    import os
+    import sys
+
+    ref_dir = os.environ.get("KVBENCH_VAR_REFERENCE")
+    if not ref_dir:
+        pytest.skip("set KVBENCH_VAR_REFERENCE to a FoundationVision/VAR checkout to compare with the authors' code")
+    (tmp_path / "dist.py").write_text("def get_device():\n    return 'cpu'\n\n\ndef initialized():\n    return False\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(ref_dir)
+    from models import build_vae_var  # the authors' package, from their checkout
+
+    nn = torch.nn  # build_vae_var disables reset_parameters of these classes globally: restored at teardown
+    for clz in (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d,
+                nn.ConvTranspose2d):
+        monkeypatch.setattr(clz, "reset_parameters", clz.reset_parameters)
+
+    vae_ref, var_ref = build_vae_var(device="cpu", patch_nums=SMALL_PN, V=64, Cvae=8, ch=32, depth=2,
+                                     flash_if_available=False, fused_if_available=False)
+    g = torch.Generator().manual_seed(0)
+    for p in list(var_ref.parameters()) + list(vae_ref.parameters()):
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+    var, vae = small()
+    var.load_state_dict(var_ref.state_dict(), strict=True)
+    vae.load_state_dict(vae_ref.state_dict(), strict=True)
+    var_ref.load_state_dict(var.state_dict(), strict=True)
+    labels = torch.tensor([3, 7])
+    theirs = var_ref.eval().autoregressive_infer_cfg(B=2, label_B=labels, g_seed=5, cfg=1.5, top_k=20, top_p=0.9)
+    ours = generate(var, vae, labels, seed=5, cfg=1.5, top_k=20, top_p=0.9)
+    assert torch.equal(theirs, ours.image)
+    sys.modules.pop("models", None)
