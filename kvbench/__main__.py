@@ -22,6 +22,13 @@ def main(cfg: DictConfig) -> Any:
 
     warnings.formatwarning = one_line_warning
     try:
+        if cfg.model.get("family") == "var":  # next-scale image generation: kvbench.var checks its own keys
+            from kvbench.var.run import report
+            from kvbench.var.run import run as run_var
+
+            var_metrics = run_var(cfg)
+            print(report(var_metrics))
+            return var_metrics["score"]
         check_config(cfg)  # every top-level key, before torch, transformers or any data is loaded
         from kvbench.runner import run
 

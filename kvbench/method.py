@@ -60,6 +60,10 @@ class Method(ABC):
         raise NotImplementedError(f"{type(self).__name__} sets layer_store='quantized' but has no quant_spec()")
 
     episodic: ClassVar[bool] = False  # several caches per context, questions routed (kvbench.episodic, EpiCache)
+    # The model family the method runs on: "text" (the text engine, every LLM family; VLMs reuse it) or "var"
+    # (next-scale image generators, kvbench.var). ``python -m kvbench`` routes by the model's family and refuses
+    # a method of another family before anything is claimed.
+    family: ClassVar[str] = "text"
 
     def prepare(self, model: object) -> None:
         """Called by the runner once the model is loaded, before the run directory is claimed: a method with

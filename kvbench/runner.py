@@ -67,6 +67,10 @@ def run(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT) -> dict
 
     ``model_caps``: what the engine supports for this model family (the per-family adapter declares it).
     """
+    if cfg.model.get("family") == "var":  # next-scale image generation: its own runner over the same engine store
+        from kvbench.var.run import run as run_var
+
+        return run_var(cfg)
     check_config(cfg)
     configs = budget_configs(cfg)
     results = execute(cfg, configs, model_caps)
@@ -133,6 +137,9 @@ def prepare(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT) -> 
     """Build and check the method and allocator, load the samples (and the tokenizer a task is built with) and
     identify the data and model files; nothing is claimed and no model weights are loaded."""
     method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
+    if method.family != "text":
+        raise UsageError(f"method={cfg.method.name} runs on {method.family} models (e.g. model=kvbench-tiny-var), "
+                         f"not on {cfg.model.name}")
     check_compatible(method, allocator, str(cfg.protocol), cfg.get("prefill_chunk"), model_caps)
     gguf_sha = cfg.model.gguf.sha256 if str(cfg.model.pretrained).startswith(GGUF_PREFIX) else None
     source = None if gguf_sha else resolve_source(str(cfg.model.pretrained))  # a missing local path fails here

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
 
 from kvbench.budget import tokens_per_head
 from kvbench.engine import Engine
@@ -30,10 +31,17 @@ from kvbench.pipeline import sync_time
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
+def text_methods() -> list[str]:
+    """Every conf/method option of the text engine (``family: var`` methods such as HACK run on kvbench.var)."""
+    targets = {f.stem: OmegaConf.load(f).get("_target_") for f in sorted((CONF / "method").glob("*.yaml"))}
+    return [name for name, target in targets.items()  # variants (no _target_) extend a text method's file
+            if target is None or get_class(target).family != "var"]
+
+
 def compressed_prefill(eng: Engine, ids: torch.Tensor) -> torch.Tensor:
     """The method's prefill. Episodic methods (EpiCache) build one episode's cache: block-wise prefill with the
     last 256 prompt tokens as the probe and uniform layer budgets (a run builds one cache per episode)."""
-    if not getattr(eng.method, "episodic", False):
+    if not eng.method.episodic:
         return eng.forward(ids, compress=True)
     eng.layer_keep = [tokens_per_head(eng.budget, ids.numel())] * eng.n_layers
     probe = ids[-min(256, ids.numel()) :]
@@ -76,7 +84,7 @@ COLUMNS = [("prefill ms", "prefill_ms", ".1f"), ("compress ms", "compress_ms", "
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="kvbench-tiny", help="a conf/model option")
-    p.add_argument("--methods", nargs="*", default=sorted(f.stem for f in (CONF / "method").glob("*.yaml")))
+    p.add_argument("--methods", nargs="*", default=text_methods())
     p.add_argument("--lengths", nargs="*", type=int, default=[2048])
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--decode", type=int, default=16, help="decode steps timed per run")

@@ -134,9 +134,15 @@ def load_method(name: str, overrides: tuple[str, ...] = ()):
 
 def is_episodic(name: str) -> bool:
     """Methods that build several caches per context with probes (EpiCache) instead of compressing in prefill."""
-    return getattr(get_class(method_config(name).method._target_), "episodic", False)
+    return get_class(method_config(name).method._target_).episodic
 
 
+def is_var(name: str) -> bool:
+    """Methods of visual autoregressive models (HACK): they run on kvbench.var (tests/test_var_*.py), not here."""
+    return get_class(method_config(name).method._target_).family == "var"
+
+
+METHODS = tuple(m for m in METHODS if not is_var(m))  # the text engine's methods
 PREFILL_METHODS = tuple(m for m in METHODS if not is_episodic(m))  # compressed by Engine.forward(compress=True)
 
 

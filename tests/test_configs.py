@@ -66,6 +66,11 @@ def test_every_task_composes_and_loads(name: str) -> None:
 
     cfg = composed(f"task={name}", "paths.data=/nonexistent/kvbench-data")
     assert cfg.task.name == name
+    if cfg.task.get("family") == "var":  # image generation (kvbench.var): classes and seeds, no samples
+        from kvbench.var.task import VarTask
+
+        assert VarTask.from_cfg(cfg.task, num_classes=1000).seeds
+        return
     tok = load_tokenizer(cfg.model) if needs_tokenizer(cfg.task) else None
     try:
         samples = load_samples(cfg.task, limit=2, tokenizer=tok)

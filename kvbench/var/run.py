@@ -1,0 +1,187 @@
+"""``run(cfg)``: one VAR run (model x task x method x budget x seed) -> a run directory with ``metrics.json``.
+
+Every seed of the task generates one batch (one image per class) twice with the same sampling seed: with the full
+cache (the reference) and with the method at the budget, on the same runner, and compares them. The run directory
+is ``<results>/<task>/<model>/<method>/budget=<b>/seed=<s>`` (VAR methods decide their own per-row counts, so the
+text runner's ``allocator`` and ``protocol`` are not part of it; ``metrics.json`` says so).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from kvbench.budget import compression_ratio
+from kvbench.errors import UsageError
+from kvbench.var.baselines import var_method
+from kvbench.var.compress import VarMethod
+from kvbench.var.generate import Generation, generate
+from kvbench.var.load import load_model
+from kvbench.var.metrics import DISTRIBUTION, fidelity_metrics, psnr, ssim, token_agreement
+from kvbench.var.model import VAR
+from kvbench.var.quant import VQVAE
+from kvbench.var.task import VarTask
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(str(cfg.paths.results)) / str(cfg.task.name) / str(cfg.model.name) / str(cfg.method.name) / \
+        f"budget={cfg.budget}" / f"seed={cfg.seed}"
+
+
+def check_model(spec: Any) -> None:
+    if spec.get("family") != "var":
+        raise UsageError(f"model {spec.name!r} is not a VAR model (family: var); e.g. model=kvbench-tiny-var")
+    if str(spec.dtype) != "float32" or str(spec.attn_implementation) != "sdpa":
+        raise UsageError("the VAR runner runs float32 with sdpa attention: set model.dtype=float32 "
+                         "model.attn_implementation=sdpa")
+
+
+def check_budget(budget: Any) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+        raise UsageError(f"budget={budget!r}: the VAR runner takes one positive number (<= 1: fraction of the "
+                         "tokens seen, > 1: tokens per head); run several with -m budget=0.1,0.3")
+    return float(budget)
+
+
+def device_of(cfg: DictConfig) -> torch.device:
+    name = str(cfg.get("device", "auto"))
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def compare(out: Generation, ref: Generation) -> dict[str, Any]:
+    """Agreement of one batch with its reference."""
+    return {"token_agreement": token_agreement(out.tokens, ref.tokens).tolist(),
+            "psnr": psnr(out.image, ref.image), "ssim": ssim(out.image, ref.image),
+            "peak_kv_bytes": out.cache.peak_bytes, "final_kv_bytes": out.cache.nbytes(),
+            "full_peak_kv_bytes": ref.cache.peak_bytes, "full_final_kv_bytes": ref.cache.nbytes(),
+            "attention_s": [r.attention_s for r in out.cache.records],
+            "full_attention_s": [r.attention_s for r in ref.cache.records],
+            "entries_after": [r.entries_after for r in out.cache.records]}
+
+
+def summarise(batches: list[dict[str, Any]], task: VarTask, sizes: list[int]) -> dict[str, Any]:
+    agree = np.array([b["token_agreement"] for b in batches]).mean(0)  # (S,)
+    ps, ss = sum((b["psnr"] for b in batches), []), sum((b["ssim"] for b in batches), [])
+    mean = lambda key: float(np.mean([b[key] for b in batches]))  # noqa: E731
+    att = np.array([b["attention_s"] for b in batches]).mean(0)
+    full_att = np.array([b["full_attention_s"] for b in batches]).mean(0)
+    return {"score": {"token_agreement": float((agree * np.array(sizes)).sum() / sum(sizes)),
+                      "psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))},
+            "token_agreement_by_scale": agree.round(6).tolist(),
+            "identical_images": int(sum(p == 100.0 for p in ps)), "images": len(ps),
+            "peak_kv_bytes": mean("peak_kv_bytes"), "final_kv_bytes": mean("final_kv_bytes"),
+            "full_peak_kv_bytes": mean("full_peak_kv_bytes"), "full_final_kv_bytes": mean("full_final_kv_bytes"),
+            "attention_ms_by_scale": (att * 1e3).round(4).tolist(),
+            "attention_time_ratio": float(att.sum() / full_att.sum()),  # reference and method interleaved per seed
+            "full_attention_ms_by_scale": (full_att * 1e3).round(4).tolist(),
+            "batches": batches}
+
+
+def save_grid(path: Path, ref: torch.Tensor, out: torch.Tensor, zoom: int = 4) -> None:
+    """PNG: the reference images in the top row, the method's below (nearest-neighbour zoom)."""
+    rows = [torch.cat(list(x.clamp(0, 1)), dim=2) for x in (ref, out)]  # each (3, H, B W)
+    grid = torch.cat(rows, dim=1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(path)
+
+
+def save_images(folder: Path, images: torch.Tensor, seed: int, classes: tuple[int, ...]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for img, c in zip(images, classes, strict=True):
+        arr = img.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        Image.fromarray(arr).save(folder / f"seed{seed}_class{c}.png")
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, checked before its directory is touched."""
+
+    var: VAR
+    vae: VQVAE
+    task: VarTask
+    method: Any
+    scorer: VarMethod
+    budget: float
+    device: torch.device
+    distribution: list[str]
+
+
+def setup(cfg: DictConfig) -> Setup:
+    budget = check_budget(cfg.budget)
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))
+    device = device_of(cfg)
+    var, vae = load_model(cfg.model, device)
+    task = VarTask.from_cfg(cfg.task, var.cfg.num_classes)
+    method = instantiate(cfg.method)
+    scorer = var_method(method, var.cfg.depth, var.cfg.num_heads)
+    wanted = [m for m in task.metrics if m in DISTRIBUTION]
+    if wanted:  # fail before generating anything when the packages are missing
+        fidelity_metrics(wanted, None, task.fid_reference, check_only=True)
+    return Setup(var, vae, task, method, scorer, budget, device, wanted)
+
+
+def generate_all(s: Setup, run_seed: int, out_dir: Path) -> list[dict[str, Any]]:
+    """Per task seed: the reference and the method's batch with the same sampling seed, compared (and saved)."""
+    labels, batches = torch.tensor(s.task.classes, device=s.device), []
+    for k in s.task.seeds:
+        seed = int(k) + 100_000 * run_seed
+        ref = generate(s.var, s.vae, labels, seed, **s.task.sampling())
+        out = generate(s.var, s.vae, labels, seed, method=s.scorer, budget=s.budget, **s.task.sampling())
+        batches.append(compare(out, ref))
+        if s.task.save_images:
+            save_grid(out_dir / f"grid_seed{k}.png", ref.image, out.image)
+            save_images(out_dir / "images", out.image, k, s.task.classes)
+    return batches
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    check_model(cfg.model)
+    out_dir = run_dir(cfg)
+    if (out_dir / "metrics.json").exists() and not cfg.get("overwrite", False):
+        return json.loads((out_dir / "metrics.json").read_text())
+    s = setup(cfg)
+    if out_dir.exists():  # every input checked: only now is an old run replaced
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    batches = generate_all(s, int(cfg.seed), out_dir)
+    sizes = [p * p for p in s.var.cfg.patch_nums]
+    metrics = {"run": {"task": s.task.name, "model": str(cfg.model.name), "method": str(cfg.method.name),
+                       "budget": s.budget, "seed": int(cfg.seed), "family": "var",
+                       "not_used": "allocator, protocol (VAR methods decide their own per-row counts)"},
+               "compression_ratio": compression_ratio(s.budget, sum(sizes)),
+               **summarise(batches, s.task, sizes), "inputs": s.method.inputs(),
+               "wall_s": round(time.perf_counter() - t0, 3), "device": str(s.device)}
+    if s.distribution:
+        metrics["fidelity"] = fidelity_metrics(s.distribution, out_dir / "images", s.task.fid_reference)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
+
+
+def report(metrics: dict[str, Any]) -> str:
+    """The short table printed by ``python -m kvbench.var``."""
+    r, s = metrics["run"], metrics["score"]
+    mib = 2**20
+    return "\n".join([
+        f"run        {r['task']} | {r['model']} | {r['method']} | budget {r['budget']} | seed {r['seed']}",
+        f"agreement  tokens {100 * s['token_agreement']:.1f} %  (by scale: "
+        + " ".join(f"{100 * a:.0f}" for a in metrics["token_agreement_by_scale"]) + ")",
+        f"images     PSNR {s['psnr']:.2f} dB  SSIM {s['ssim']:.4f}  ({metrics['identical_images']}/"
+        f"{metrics['images']} identical to the full cache)",
+        f"KV bytes   peak {metrics['peak_kv_bytes'] / mib:.3f} MiB (full {metrics['full_peak_kv_bytes'] / mib:.3f}),"
+        f" final {metrics['final_kv_bytes'] / mib:.3f} MiB (full {metrics['full_final_kv_bytes'] / mib:.3f}),"
+        " both CFG streams",
+        f"attention  {sum(metrics['attention_ms_by_scale']):.1f} ms per batch "
+        f"(full {sum(metrics['full_attention_ms_by_scale']):.1f} ms, ratio {metrics['attention_time_ratio']:.2f};"
+        " runs interleaved)"])
