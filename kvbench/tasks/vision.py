@@ -144,3 +144,77 @@ def write_video(path: str | os.PathLike, frames: Sequence[Any], fps: int = 4) ->
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# ---------------------------------------------------------------- Qwen2-VL inputs without torchvision
+def patchify_video(frames: Sequence[Any], patch: int = 14, merge: int = 2, temporal: int = 2,
+                   mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)
+                   ) -> tuple[Any, Any]:
+    """Frames -> ``(pixel_values_videos [gt*gh*gw, C*temporal*patch*patch], video_grid_thw [[gt, gh, gw]])``, the
+    flat layout of the Qwen2-VL video processor (frames rescaled to [0, 1] and normalised; the last frame is
+    repeated to a multiple of ``temporal``; sides must be multiples of ``patch * merge``)."""
+    import torch
+
+    arr = np.stack([np.asarray(load_image(f), dtype=np.float32) / 255.0 for f in frames])  # [T, H, W, C]
+    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    if len(arr) % temporal:
+        arr = np.concatenate([arr, np.repeat(arr[-1:], temporal - len(arr) % temporal, axis=0)])
+    v = torch.from_numpy(arr).permute(0, 3, 1, 2)  # [T, C, H, W]
+    t, c, h, w = v.shape
+    if h % (patch * merge) or w % (patch * merge):
+        raise UsageError(f"video frames of {w}x{h} pixels: sides must be multiples of {patch * merge}")
+    gt, gh, gw = t // temporal, h // patch, w // patch
+    v = v.reshape(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    v = v.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # gt, gh/m, gw/m, m, m, C, temporal, p, p
+    return v.reshape(gt * gh * gw, c * temporal * patch * patch), torch.tensor([[gt, gh, gw]])
+
+
+def qwen_vl_inputs(text: str, images: Sequence[Any], frames: Sequence[Any], tokenizer: Any, image_processor: Any,
+                   merge: int = 2) -> dict[str, Any]:
+    """Model inputs for a prompt with :data:`~kvbench.tasks.base.IMAGE` / ``VIDEO`` placeholders: each expanded
+    to ``<|vision_start|>`` + one pad token per merged patch + ``<|vision_end|>``, as Qwen2-VL's processor does."""
+    from kvbench.tasks.base import IMAGE, VIDEO
+
+    out: dict[str, Any] = {}
+    pieces = text.split(IMAGE)
+    if len(pieces) - 1 != len(images):
+        raise UsageError(f"the prompt has {len(pieces) - 1} image placeholders for {len(images)} images")
+    if images:
+        enc = image_processor(images=[load_image(i) for i in images], return_tensors="pt")
+        out["pixel_values"], out["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
+        counts = [int(g.prod()) // merge**2 for g in enc["image_grid_thw"]]
+        text = pieces[0] + "".join(f"<|vision_start|>{'<|image_pad|>' * n}<|vision_end|>" + rest
+                                   for n, rest in zip(counts, pieces[1:], strict=True))
+    if (VIDEO in text) != bool(len(frames)):
+        raise UsageError("a prompt needs exactly one video placeholder when the sample has frames")
+    if len(frames):
+        pv, thw = patchify_video(frames, image_processor.patch_size, merge, image_processor.temporal_patch_size,
+                                 image_processor.image_mean, image_processor.image_std)
+        out["pixel_values_videos"], out["video_grid_thw"] = pv, thw
+        text = text.replace(VIDEO, f"<|vision_start|>{'<|video_pad|>' * (int(thw.prod()) // merge**2)}<|vision_end|>")
+    enc = tokenizer(text, return_tensors="pt")
+    ids = enc["input_ids"]
+    image_id, video_id = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+    out.update(input_ids=ids, attention_mask=enc["attention_mask"],
+               mm_token_type_ids=(ids == image_id).long() + 2 * (ids == video_id).long())
+    return out
+
+
+def load_vl(path: str | os.PathLike) -> tuple[Any, tuple[Any, Any]]:
+    """``(model, (tokenizer, image_processor))`` of a local Qwen2-VL-family directory (PIL image processor)."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype="float32").eval()
+    return model, (AutoTokenizer.from_pretrained(str(path)), AutoImageProcessor.from_pretrained(str(path)))
+
+
+def generate_answer(model: Any, processor: tuple[Any, Any], sample: Any, question: Any, max_new_tokens: int = 8
+                    ) -> str:
+    """Plain transformers greedy ``generate()`` (full cache) on ``context + question`` of a sample."""
+    import torch
+
+    tok, ip = processor
+    inputs = qwen_vl_inputs(sample.context + question.text, sample.images, sample.frames, tok, ip)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
