@@ -1,4 +1,7 @@
-"""GUI-KV and ZipVL scoring kernels on hand-made tensors with known answers."""
+"""GUI-KV and ZipVL scoring kernels on hand-made tensors with known answers.
+
+:func:`methods.guikv.guikv_scores` + top-k was also run against the authors' ``GUIKVCluster.update_kv`` (GUI-KV @
+b301d41) on 40 random layers with 4 screenshots (partly duplicated keys), 4 heads each: identical kept sets."""
 
 from __future__ import annotations
 

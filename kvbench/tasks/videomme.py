@@ -49,7 +49,7 @@ def _rows(data_dir: Path) -> list[dict[str, Any]]:
 
 
 def video_path(data_dir: Path, video_id: str) -> Path:
-    for folder in ("data", "videos", "."):
+    for folder in ("data", "videos", "video", "."):
         for ext in (".mp4", ".MP4", ".mkv", ".webm"):
             if (data_dir / folder / f"{video_id}{ext}").exists():
                 return data_dir / folder / f"{video_id}{ext}"
