@@ -109,3 +109,18 @@ def guikv_scores(scores: Tensor, hidden: Tensor, keys: Tensor, images: list[tupl
         res = residual_norms(keys[h, prev], make_basis(keys[h, start:end], rank))
         out[h] = zero_redundant(out[h], prev, res, count)
     return out
+
+
+def group_scores(scores: Tensor, n_kv_heads: int, reduce: str = "max") -> Tensor:
+    """Deviation (the GQA-aware variant): query-head scores reduced over each KV head's group, so one token set per
+    KV head is kept (1/G of the authors' per-query-head cache bytes).
+
+    scores: [H_q, n] with query heads grouped as ``repeat_kv`` lays them out (KV head h serves query heads
+    h*G .. h*G+G-1). Returns [H_kv, n]."""
+    h_q, n = scores.shape
+    grouped = scores.view(n_kv_heads, h_q // n_kv_heads, n)
+    if reduce == "max":
+        return grouped.max(dim=1).values
+    if reduce == "mean":
+        return grouped.mean(dim=1)
+    raise ValueError(f"reduce={reduce!r}; choose max or mean")

@@ -76,3 +76,9 @@ def important_mask(scores: Tensor, count: int) -> Tensor:
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
     mask[scores.flatten().topk(min(count, scores.numel())).indices] = True
     return mask
+
+
+def attention_flops_saved(counts: list[int], n: int) -> float:
+    """Fraction of prefill attention FLOPs (QK^T and AV, causal) saved by attending among each layer's ``counts[l]``
+    important tokens only: ``1 - sum_l p_l^2 / (L n^2)`` (token-level sparse attention costs p^2 instead of n^2)."""
+    return 1.0 - sum(p * p for p in counts) / (len(counts) * n * n)

@@ -100,3 +100,14 @@ def test_zipvl_probe_positions() -> None:
     pos = zipvl.probe_positions(200, generator=torch.Generator().manual_seed(0))
     assert pos.numel() == 128 and pos.unique().numel() == 128 and (pos[-64:] == torch.arange(136, 200)).all()
     assert torch.equal(zipvl.probe_positions(50), torch.arange(50))
+
+
+def test_gqa_variant_reduces_over_each_kv_group() -> None:
+    scores = torch.tensor([[1.0, 4.0], [3.0, 2.0], [0.0, 1.0], [5.0, 0.0]])  # 4 query heads, 2 KV heads
+    assert guikv.group_scores(scores, 2).tolist() == [[3.0, 4.0], [5.0, 1.0]]
+    assert guikv.group_scores(scores, 2, "mean").tolist() == [[2.0, 3.0], [2.5, 0.5]]
+
+
+def test_zipvl_attention_flops_saved() -> None:
+    assert zipvl.attention_flops_saved([975], 1000) == pytest.approx(1 - 0.975**2)
+    assert zipvl.attention_flops_saved([100, 1000], 1000) == pytest.approx(1 - (0.01 + 1) / 2)
