@@ -109,3 +109,63 @@ def test_evicting_the_screenshots_breaks_the_answers(vl) -> None:  # noqa: ANN00
 def test_full_cache_accuracy_on_the_default_tasks(vl) -> None:  # noqa: ANN001
     assert accuracy(vl, synth_gui.make_samples()) >= 90
     assert accuracy(vl, synth_video.make_samples()) >= 90
+
+
+def image_spans(ids: torch.Tensor, image_id: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of every run of image tokens."""
+    idx = (ids == image_id).nonzero().flatten().tolist()
+    starts = [i for k, i in enumerate(idx) if k == 0 or idx[k - 1] != i - 1]
+    ends = [i + 1 for k, i in enumerate(idx) if k == len(idx) - 1 or idx[k + 1] != i + 1]
+    return list(zip(starts, ends, strict=True))
+
+
+def guikv_keep(attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, images: list, n: int, budget: float
+               ) -> torch.Tensor:
+    """GUI-KV's selection from one layer's prefill tensors (window 8, avg-pool 5, saliency, QR redundancy), one
+    token set per KV head by the max over its query heads (the GQA-aware variant): [H_kv, cap] kept indices."""
+    from methods import guikv
+
+    cap = int(budget * n)
+    w = min(guikv.WINDOW, cap - 2)
+    scores = torch.nn.functional.avg_pool1d(attn[:, -w:, : n - w].sum(1)[None], 5, 1, 2)[0]  # [H_q, n - w]
+    group = attn.shape[0] // keys.shape[0]
+    s = guikv.guikv_scores(scores, hidden, keys.repeat_interleave(group, 0), images, cap / n)
+    top = guikv.group_scores(s, keys.shape[0]).topk(cap - w, dim=-1).indices.sort(-1).values
+    return torch.cat([top, torch.arange(n - w, n).expand(keys.shape[0], w)], dim=-1)
+
+
+def evicted_answer(vl, sample, q, budget: float) -> str:  # noqa: ANN001
+    """Prefill with the full cache (eager attention, as the prefill itself uses full K/V), evict every layer with
+    GUI-KV's kernels, then decode with explicit 3-D positions ``prompt_len + step + rope_deltas``."""
+    from transformers import DynamicCache
+
+    model, (tok, ip) = vl
+    inputs = qwen_vl_inputs(sample.context + q.text, sample.images, sample.frames, tok, ip)
+    ids = inputs["input_ids"][0]
+    n, images, cache = ids.numel(), image_spans(ids, model.config.image_token_id), DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(**inputs, cache=cache, use_cache=True, output_attentions=True, output_hidden_states=True)
+        for layer, kv in enumerate(cache.layers):
+            hidden = model.model.language_model.layers[layer].input_layernorm(out.hidden_states[layer][0])
+            keep = guikv_keep(out.attentions[layer][0].float(), kv.keys[0], hidden, images, n, budget)
+            index = keep[None, :, :, None].expand(1, -1, -1, kv.keys.shape[-1])
+            kv.keys, kv.values = kv.keys.gather(2, index), kv.values.gather(2, index)
+        tokens = [int(out.logits[0, -1].argmax())]
+        for step in range(2):
+            pos = (torch.tensor([[n + step]]) + model.model.rope_deltas).view(1, 1, 1).expand(3, 1, 1)
+            logits = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, position_ids=pos).logits
+            tokens.append(int(logits[0, -1].argmax()))
+    return tok.decode(tokens).split(".")[0].strip()
+
+
+@pytest.mark.slow
+def test_guikv_kernels_keep_what_the_default_needs(vl) -> None:  # noqa: ANN001
+    """At budget 0.1 GUI-KV's selection (these kernels on the model's own tensors) keeps the answers that
+    StreamingLLM's loses (a reference harness outside the engine: full-cache prefill, then eviction)."""
+    vl[0].set_attn_implementation("eager")
+    try:
+        samples = synth_gui.make_samples(n_samples=3)
+        got = [evicted_answer(vl, s, q, 0.1) == q.answers[0] for s in samples for q in s.questions]
+    finally:
+        vl[0].set_attn_implementation("sdpa")
+    assert sum(got) / len(got) >= 0.9
