@@ -271,6 +271,9 @@ def build_model(seed: int = 0):  # noqa: ANN201
     return model
 
 
+VISION_TOKENS = ("image_token", "video_token", "vision_start_token", "vision_end_token")
+
+
 def build_tokenizer():  # noqa: ANN201
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -308,6 +311,7 @@ def save(out: Path, seed: int) -> Path:
     tok.save_pretrained(out)
     tcfg = json.loads((out / "tokenizer_config.json").read_text())
     tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tcfg["extra_special_tokens"] = {k: tcfg.pop(k) for k in VISION_TOKENS}  # a dict: what transformers 4.x reads
     (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, sort_keys=True) + "\n")
     image_processor().save_pretrained(out)
     (out / "README.md").write_text(MODEL_CARD.format(seed=seed))

@@ -194,10 +194,19 @@ def qwen_vl_inputs(text: str, images: Sequence[Any], frames: Sequence[Any], toke
         text = text.replace(VIDEO, f"<|vision_start|>{'<|video_pad|>' * (int(thw.prod()) // merge**2)}<|vision_end|>")
     enc = tokenizer(text, return_tensors="pt")
     ids = enc["input_ids"]
-    image_id, video_id = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
-    out.update(input_ids=ids, attention_mask=enc["attention_mask"],
-               mm_token_type_ids=(ids == image_id).long() + 2 * (ids == video_id).long())
+    out.update(input_ids=ids, attention_mask=enc["attention_mask"])
+    if token_types_required():
+        image_id, video_id = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+        out["mm_token_type_ids"] = (ids == image_id).long() + 2 * (ids == video_id).long()
     return out
+
+
+def token_types_required() -> bool:
+    """transformers 5 Qwen-VL models take (and need) ``mm_token_type_ids`` (0 text, 1 image, 2 video); 4.x has no
+    such input and refuses it."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
 
 
 def load_vl(path: str | os.PathLike) -> tuple[Any, tuple[Any, Any]]:
