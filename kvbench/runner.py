@@ -143,8 +143,15 @@ def prepare(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT) -> 
     check_compatible(method, allocator, str(cfg.protocol), cfg.get("prefill_chunk"), model_caps)
     gguf_sha = cfg.model.gguf.sha256 if str(cfg.model.pretrained).startswith(GGUF_PREFIX) else None
     source = None if gguf_sha else resolve_source(str(cfg.model.pretrained))  # a missing local path fails here
+    if cfg.model.get("family", "text") != "text":
+        raise UsageError(f"model={cfg.model.name} is a {cfg.model.family!r} model; the engine's vision-language "
+                         "inputs (images and frames through the model adapter, 3-D M-RoPE positions) are not wired "
+                         "yet, so it cannot run here (the VLM tasks' scorers and kvbench-tiny-vl are in place)")
     tok = load_tokenizer(cfg.model) if needs_tokenizer(cfg.task) else None  # tasks built in the model's tokens
     samples = load_samples(cfg.task, cfg.limit, tokenizer=tok)
+    if any(s.images or s.frames for s in samples):
+        raise UsageError(f"task={cfg.task.name} gives images or video frames, which the text model "
+                         f"{cfg.model.name} cannot see (they would be dropped silently); use a vision-language model")
     return Setup(method, allocator, samples, tok, data_identity(samples),
                  {"gguf_sha256": gguf_sha} if gguf_sha else model_identity(source, cfg.model.get("revision")))
 
