@@ -45,17 +45,20 @@ def start(root: Path, args: tuple[str, ...], **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def wait_for(pred: Path, ready, timeout: float = 240) -> bool:
+def wait_for(pred: Path, ready, proc: subprocess.Popen, timeout: float = 240) -> bool:
+    """Poll ``predictions.jsonl`` until ``ready(number of complete lines)``; False if the process ends first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if ready(len(complete_lines(pred))):
             return True
+        if proc.poll() is not None:
+            return False
         time.sleep(0.02)
     return False
 
 
 def key(r: dict) -> tuple:
-    return r["prediction"], r["scores"], r["prompt_hash"], r["kept_entries"], r.get("episode")
+    return r["prediction"], r["scores"], r.get("prompt_hash"), r["kept_entries"], r.get("episode")
 
 
 def killed_and_resumed(tmp_path: Path, args: tuple[str, ...], per_context: int, targets: list[int]) -> None:
@@ -69,7 +72,7 @@ def killed_and_resumed(tmp_path: Path, args: tuple[str, ...], per_context: int, 
     for target in targets:
         assert target % per_context, "kill mid-context"
         proc = start(root, args)
-        reached = wait_for(pred, lambda n, t=target: n >= t)
+        reached = wait_for(pred, lambda n, t=target: n >= t and n % per_context, proc)  # on disk mid-context
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         got = complete_lines(pred)
@@ -101,7 +104,7 @@ def test_sigint_is_one_line_and_leaves_a_resumable_run(tmp_path) -> None:
     cfg = config(root, *args)
     pred = Path(cfg.run_dir) / "predictions.jsonl"
     proc = start(root, args)
-    assert wait_for(pred, lambda n: n >= 1)
+    assert wait_for(pred, lambda n: n >= 1, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
