@@ -15,18 +15,10 @@ import torch
 from torch import Tensor
 
 from kvbench.errors import UsageError
+from kvbench.validate import check_budget  # noqa: F401  (the one budget check, torch-free; re-exported here)
 
 if TYPE_CHECKING:  # the engine's context imports nothing from here, but keep the dependency one-way at run time
     from kvbench.engine.context import LayerContext
-
-
-def check_budget(budget: object) -> float:
-    """One clear message for a non-numeric or non-positive budget."""
-    if isinstance(budget, bool) or not isinstance(budget, int | float):
-        raise UsageError(f"budget must be a number (a fraction <= 1 or tokens per head > 1), got {budget!r}")
-    if not budget > 0 or math.isinf(budget):
-        raise UsageError(f"budget must be > 0 (a fraction <= 1 or tokens per head > 1), got {budget!r}")
-    return float(budget)
 
 
 def tokens_per_head(budget: float, n: int) -> int:
