@@ -1,0 +1,85 @@
+"""Figures of one run directory and tables over a results root (``python -m kvbench.serve.report <root>``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def cdf(ax: Any, values: list[float], label: str) -> None:
+    v = np.sort(np.asarray(values, dtype=float))
+    if len(v):
+        ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
+
+
+def run_figures(out: Path, runs: dict[str, Any], main: str) -> None:
+    """latency.png: TTFT and TBT distributions of the system and its baselines; memory.png: KV bytes over time."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, res in runs.items():
+        cdf(a, [r["ttft"] for r in res.requests], name)
+        tpot = [r["tpot"] for r in res.requests if r["tpot"] is not None]
+        cdf(b, tpot, name)
+    a.set(xlabel="TTFT (s)", ylabel="share of requests", xscale="log", title="time to first token")
+    b.set(xlabel="TPOT (s)", xscale="log", title="time per output token")
+    for ax in (a, b):
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    a.legend()
+    fig.suptitle(f"{main}: {out.parent.parent.parent.parent.name} | {out.parent.parent.parent.name}")
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, res in runs.items():
+        if res.iterations:
+            t = [row[0] for row in res.iterations]
+            ax.plot(t, [row[4] / 2**30 for row in res.iterations], label=name, lw=0.8)
+    ax.set(xlabel="time (s)", ylabel="KV held (GiB)", title="device KV memory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=110)
+    plt.close(fig)
+
+
+COLUMNS = ("throughput_tok_s", "ttft_s_p50", "ttft_s_p99", "tbt_s_p99", "tpot_s_mean", "slo_attainment",
+           "preemptions", "swap_bytes", "copy_calls", "max_batch")
+
+
+def load_serve(root: str | Path) -> pd.DataFrame:
+    """One row per (run directory, system or baseline) under ``root``."""
+    rows = []
+    for f in sorted(Path(root).rglob("metrics.json")):
+        m = json.loads(f.read_text())
+        if "baseline_over_system" not in m:
+            continue
+        for name, x in {m["system"]: m["metrics"], **m["baselines"]}.items():
+            rows.append({"run": m["system"], "system": name, "workload": m["workload"], "hardware": m["hardware"],
+                         "arch": m["arch"], "kv": m["kv"]["tag"], "seed": m["seed"],
+                         **{c: x.get(c) for c in COLUMNS}})
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str]) -> None:
+    root = Path(argv[0] if argv else "results")
+    df = load_serve(root / "serve" if (root / "serve").exists() else root)
+    if df.empty:
+        print(f"no kvbench.serve runs under {root}")
+        return
+    out = root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "serve.csv", index=False)
+    (out / "serve.md").write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    print(df.to_markdown(index=False, floatfmt=".4g"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
