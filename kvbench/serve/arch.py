@@ -10,7 +10,7 @@ from kvbench.errors import UsageError
 
 @dataclass(frozen=True)
 class Arch:
-    """A decoder (optionally MoE, optionally with a vision encoder) by its dimensions; bytes per element ``dtype_bytes``.
+    """A decoder (optionally MoE, optionally with a vision encoder) by its dimensions (``dtype_bytes`` per value).
 
     Parameter counts are derived from the dimensions (untied embeddings, gated MLP), as Vidur does.
     """

@@ -93,6 +93,8 @@ class Replica:
         self.host_copies: OrderedDict[int, tuple[int, float]] = OrderedDict()  # conv -> (tokens, bytes), LRU
         self.seqs: dict[int, Seq] = {}
         self.done: list[Seq] = []
+        self.rejected: list[Request] = []
+        self.capacity_units = space.capacity // space.unit_bytes
         self.served: dict[int, float] = {}  # client -> VTC counter
         self.n = Counters()
         self.log: list[tuple] = []  # one row per iteration: the deterministic trace
@@ -105,6 +107,14 @@ class Replica:
 
     # -- arrivals ---------------------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
+        """A new request; one that could never fit, even alone, is rejected with its later turns (as vLLM
+        ignores prompts longer than its KV capacity)."""
+        if self.space.units_for(req.prompt + req.output) + self.reserve_units() > self.capacity_units:
+            r: Request | None = req
+            while r is not None:
+                self.rejected.append(r)
+                r = r.next
+            return
         s = Seq(req, pending=req.prompt)
         self.seqs[req.id] = s
         self.served.setdefault(self.client(s), 0.0)

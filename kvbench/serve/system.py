@@ -77,9 +77,10 @@ def drive(env: simpy.Environment, replica: Replica, requests: list[Request]) -> 
     env.process(arrivals())
 
 
-def check_conservation(requests: list[Request], finished: list[Any]) -> None:
-    """Every request (every turn) finished exactly once with exactly its output tokens."""
-    want = {r.id: r.output for r in all_turns(requests)}
+def check_conservation(requests: list[Request], finished: list[Any], rejected: list[Request] = ()) -> None:
+    """Every request (every turn) finished exactly once with exactly its output tokens, or was rejected."""
+    out = {r.id for r in rejected}
+    want = {r.id: r.output for r in all_turns(requests) if r.id not in out}
     got = {s.req.id: len(s.token_times) for s in finished}
     if len(finished) != len(got) or got != want:
         missing = sorted(set(want) - set(got))[:5]
@@ -87,9 +88,9 @@ def check_conservation(requests: list[Request], finished: list[Any]) -> None:
 
 
 def replica_result(rep: Replica, requests: list[Request], ctx: SimContext, **extra: Any) -> SimResult:
-    check_conservation(requests, rep.done)
+    check_conservation(requests, rep.done, rep.rejected)
     n = rep.n
-    metrics = summarize(rep.done, ctx.slo) | {
+    metrics = summarize(rep.done, ctx.slo) | {"rejected": len(rep.rejected),
         "preemptions": n.preemptions, "swap_out": n.swap_out, "swap_in": n.swap_in, "swap_bytes": n.swap_bytes,
         "copy_calls": n.copy_calls, "swap_stall_s": n.swap_stall_s, "copy_busy_s": n.copy_busy_s,
         "recomputed_tokens": n.recomputed_tokens, "reused_tokens": n.reused_tokens, "iterations": n.iterations,

@@ -82,7 +82,8 @@ def read_trace(path: str | Path) -> list[tuple[float, int, int]]:
     try:
         return [(float(r["arrived_at"]), int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])) for r in rows]
     except KeyError as err:
-        raise UsageError(f"trace {p} lacks column {err}; needs arrived_at, num_prefill_tokens, num_decode_tokens")
+        need = "arrived_at, num_prefill_tokens, num_decode_tokens"
+        raise UsageError(f"trace {p} lacks column {err}; needs {need}") from None
 
 
 def image_ids(rng: np.random.Generator, spec: Any, n: int) -> list[tuple[int, ...]]:
