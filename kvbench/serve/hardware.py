@@ -51,14 +51,14 @@ def load_calibration(path: str | Path) -> dict[str, float]:
 
 
 def hardware_from_cfg(node: Any, calibrate: Any = None) -> Hardware:
-    """Build a profile; ``calibrate(path)`` (re)measures a missing calibration file (the cpu profile)."""
+    """Build a profile; ``calibrate(path, rounds)`` measures a missing calibration file (the cpu profile)."""
     if node.get("calibration"):
         path = Path(node.calibration)
         if not path.exists():
             if calibrate is None:
                 raise UsageError(f"hardware {node.name!r}: calibration file {path} is missing; run "
                                  "`python scripts/calibrate_serve.py` to measure it")
-            calibrate(path)
+            calibrate(path, int(node.get("rounds", 3)))
         values = {**load_calibration(path), **dict(node.get("overrides") or {})}
         values["name"] = node.name
     else:

@@ -50,10 +50,10 @@ def run_dir(cfg: DictConfig, kv: KVPolicy) -> Path:
     return Path(cfg.paths.results, "serve", *map(str, parts))
 
 
-def calibrate_file(path: Path) -> None:
+def calibrate_file(path: Path, rounds: int) -> None:
     from kvbench.serve.calibrate import write_calibration  # loads torch and the embedded model
 
-    write_calibration(path)
+    write_calibration(path, rounds)
 
 
 def sha256(path: str | Path) -> str:
