@@ -38,7 +38,8 @@ def main() -> None:
     hw = data["hardware"]
     print(f"wrote {args.out}: fixed {1e3 * hw['fixed_s']:.2f} ms/iteration, GEMM {hw['gemm_flops'] / 1e9:.1f} "
           f"GFLOP/s, prefill attention {hw['attn_flops'] / 1e9:.1f} GFLOP/s, decode KV read "
-          f"{hw['attn_bw'] / 1e9:.2f} GB/s, copy {1e6 * hw['copy_call_s']:.1f} us/call + {hw['pcie_bw'] / 1e9:.1f} GB/s")
+          f"{hw['attn_bw'] / 1e9:.2f} GB/s, copy {1e6 * hw['copy_call_s']:.1f} us/call + "
+          f"{hw['pcie_bw'] / 1e9:.1f} GB/s")
     for name, rows in data["validation"].items():
         err = relative_errors(rows)
         print(f"\n{name}: mean |error| TTFT {100 * err['ttft']:.1f} %, TPOT {100 * err['tpot']:.1f} %\n")
