@@ -272,10 +272,15 @@ class Replica:
         self.env.process(job())
 
     def host_room(self, nbytes: float) -> bool:
-        """Make room in host memory (dropping least recently used conversation copies); False if impossible."""
+        """Make room in host memory by dropping copies that are only a saving: least recently used conversation
+        histories first, then the still-valid copies of sequences running on the device. False if impossible."""
         while self.host_used + nbytes > self.host_bytes and self.host_copies:
             _, (_, b) = self.host_copies.popitem(last=False)
             self.host_used -= b
+        for s in self.in_state("running")[::-1]:  # lowest-ranked first
+            if self.host_used + nbytes <= self.host_bytes:
+                break
+            self.drop_host(s)
         return self.host_used + nbytes <= self.host_bytes
 
     def drop_host(self, s: Seq) -> None:
