@@ -81,6 +81,9 @@ class Counters:
     max_batch: int = 0
     iterations: int = 0
     busy_s: float = 0.0
+    decode_s: float = 0.0  # time in decode iterations
+    decode_tokens: int = 0
+    frag_sum: float = 0.0  # sum over iterations of 1 - (bytes of held tokens) / (bytes allocated)
 
 
 class Replica:
@@ -155,6 +158,12 @@ class Replica:
         self.n.iterations += 1
         self.n.max_batch = max(self.n.max_batch, batch.n_seqs)
         used = self.space.used
+        if batch.decode:
+            self.n.decode_s += t
+            self.n.decode_tokens += len(batch.decode)
+        if used:
+            held = sum(s.cached for s in self.seqs.values() if s.state in ("running", "out", "in"))
+            self.n.frag_sum += 1 - held * self.cost.arch.kv_bytes_per_token / used
         self.n.peak_kv_bytes = max(self.n.peak_kv_bytes, used)
         self.n.min_free_bytes = min(self.n.min_free_bytes, self.space.capacity - used)
         self.log.append((round(self.env.now, 9), len(batch.prefill), len(batch.decode), batch.tokens, used,

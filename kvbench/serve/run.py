@@ -77,7 +77,7 @@ def simulate_all(system: System, cfg: DictConfig, ctx: SimContext) -> dict[str, 
 
 
 RATIO_KEYS = ("ttft_s_p95", "ttft_s_p99", "tbt_s_p99", "tbt_s_p99.9", "tpot_s_mean", "throughput_tok_s",
-              "slo_attainment", "swap_bytes", "copy_calls", "peak_kv_bytes")
+              "decode_tok_s", "slo_attainment", "swap_bytes", "copy_calls", "peak_kv_bytes", "fragmentation")
 
 
 def ratios(runs: dict[str, SimResult], main: str) -> dict[str, dict[str, float]]:
@@ -130,7 +130,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                "arch": cfg.arch.name, "seed": int(cfg.seed), "kv": {"kept": kv.kept, "compress_frac": kv.compress_frac,
                                                                    "tag": kv.tag, "source": kv.source,
                                                                    "score": kv.score},
-               "metrics": runs[system.name].metrics,
+               "metrics": runs[system.name].metrics, "real_cpu": system.measurements(ctx),
                "baselines": {n: r.metrics for n, r in runs.items() if n != system.name},
                "baseline_over_system": ratios(runs, system.name),
                "trace_digest": {n: r.digest for n, r in runs.items()}, "config_hash": store.hash}

@@ -65,6 +65,10 @@ class System:
     def baselines(self) -> dict[str, System]:
         return {}
 
+    def measurements(self, ctx: SimContext) -> dict[str, Any]:
+        """Real measurements of the system's mechanism on this machine (stored as ``real_cpu``)."""
+        return {}
+
 
 def drive(env: simpy.Environment, replica: Replica, requests: list[Request]) -> None:
     """Submit every first request at its arrival time (later turns follow their previous turn)."""
@@ -94,6 +98,8 @@ def replica_result(rep: Replica, requests: list[Request], ctx: SimContext, **ext
         "preemptions": n.preemptions, "swap_out": n.swap_out, "swap_in": n.swap_in, "swap_bytes": n.swap_bytes,
         "copy_calls": n.copy_calls, "swap_stall_s": n.swap_stall_s, "copy_busy_s": n.copy_busy_s,
         "recomputed_tokens": n.recomputed_tokens, "reused_tokens": n.reused_tokens, "iterations": n.iterations,
-        "max_batch": n.max_batch, "peak_kv_bytes": n.peak_kv_bytes, "kv_capacity_bytes": rep.space.capacity,
+        "max_batch": n.max_batch, "peak_kv_bytes": n.peak_kv_bytes,
+        "decode_tok_s": n.decode_tokens / n.decode_s if n.decode_s else None,
+        "fragmentation": n.frag_sum / n.iterations if n.iterations else None, "kv_capacity_bytes": rep.space.capacity,
         "min_free_kv_bytes": n.min_free_bytes, "busy_s": n.busy_s, **extra}
     return SimResult(metrics, request_rows(rep.done), rep.log, rep.trace_digest())
