@@ -106,6 +106,7 @@ class Replica:
         self.stall = 0.0
         self.extra_s = 0.0  # system-specific time added to the current iteration (e.g. page mapping)
         self.iteration = 0
+        self.handoff: Any = None  # prefill-only instance: called with each sequence after its first token
         env.process(self.loop())
 
     # -- arrivals ---------------------------------------------------------------------------------------------
@@ -200,6 +201,13 @@ class Replica:
             if s.state == "swapped":
                 if not self.swap_in(s):
                     break
+                n_running += 1
+                continue
+            if s.pending == 0:  # arrived prefilled (disaggregated decode): joins the decode batch
+                if not self.space.fits(s.sid, s.cached + 1, self.reserve_units()):
+                    break
+                self.space.grow(s.sid, s.cached + 1)
+                s.state = "running"
                 n_running += 1
                 continue
             hist = self.reusable(s)
@@ -390,6 +398,18 @@ class Replica:
                 s.first_token = now
             if s.generated >= s.req.output:
                 self.complete(s)
+            elif self.handoff is not None and s.generated == 1:
+                self.space.release(s.sid)
+                s.state = "moved"
+                del self.seqs[s.sid]
+                self.handoff(s)
+
+    def submit_prefilled(self, s: Seq) -> None:
+        """A sequence prefilled elsewhere (its KV arrived): decoded here from its second token on."""
+        self.seqs[s.req.id] = Seq(s.req, cached=s.cached, generated=s.generated, token_times=list(s.token_times),
+                                  first_token=s.first_token)
+        self.served.setdefault(self.client(s), 0.0)
+        self.kick()
 
     def complete(self, s: Seq) -> None:
         self.done.append(s)

@@ -44,9 +44,24 @@ def run_figures(out: Path, runs: dict[str, Any], main: str) -> None:
             t = [row[0] for row in res.iterations]
             ax.plot(t, [row[4] / 2**30 for row in res.iterations], label=name, lw=0.8)
     ax.set(xlabel="time (s)", ylabel="KV held (GiB)", title="device KV memory")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=110)
+    plt.close(fig)
+    if "slo_vs_rate" in runs[main].metrics:
+        slo_figure(out / "slo_vs_rate.png", runs[main].metrics["slo_vs_rate"])
+
+
+def slo_figure(path: Path, table: dict[str, dict[str, float | None]]) -> None:
+    rates = sorted(table, key=float)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name in table[rates[0]]:
+        ax.plot([float(r) for r in rates], [table[r][name] for r in rates], marker="o", label=name)
+    ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment", ylim=(0, 1.05), title="SLO attainment vs rate")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
