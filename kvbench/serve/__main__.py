@@ -34,9 +34,10 @@ def main(cfg: DictConfig) -> Any:
 
 def summary_line(m: dict[str, Any]) -> str:
     x = m["metrics"]
+    shown = [(k, x[k]) for k in ("throughput_tok_s", "ttft_s_p99", "tbt_s_p99", "slo_attainment", "hit_ratio",
+                                 "tokens_per_s") if isinstance(x.get(k), (int, float))]
     parts = [f"{m['system']} | {m['workload']} | {m['hardware']} | {m['arch']} | kv={m['kv']['tag']}",
-             f"throughput {x.get('throughput_tok_s') or 0:.1f} tok/s, TTFT p99 {x.get('ttft_s_p99') or 0:.3f} s, "
-             f"TBT p99 {x.get('tbt_s_p99') or 0:.4f} s"]
+             ", ".join(f"{k} {v:.4g}" for k, v in shown), f"run dir: {m['run_dir']}"]
     for name, r in m["baseline_over_system"].items():
         parts.append(f"vs {name}: " + ", ".join(f"{k} x{v:.2f}" for k, v in list(r.items())[:4]))
     return "\n".join(parts)

@@ -77,7 +77,8 @@ def simulate_all(system: System, cfg: DictConfig, ctx: SimContext) -> dict[str, 
 
 
 RATIO_KEYS = ("ttft_s_p95", "ttft_s_p99", "tbt_s_p99", "tbt_s_p99.9", "tpot_s_mean", "throughput_tok_s",
-              "decode_tok_s", "slo_attainment", "swap_bytes", "copy_calls", "peak_kv_bytes", "fragmentation")
+              "decode_tok_s", "slo_attainment", "swap_bytes", "copy_calls", "peak_kv_bytes", "fragmentation",
+              "hit_ratio", "tokens_per_s", "bytes_to_device")
 
 
 def ratios(runs: dict[str, SimResult], main: str) -> dict[str, dict[str, float]]:
@@ -133,7 +134,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                "metrics": runs[system.name].metrics, "real_cpu": system.measurements(ctx),
                "baselines": {n: r.metrics for n, r in runs.items() if n != system.name},
                "baseline_over_system": ratios(runs, system.name),
-               "trace_digest": {n: r.digest for n, r in runs.items()}, "config_hash": store.hash}
+               "trace_digest": {n: r.digest for n, r in runs.items()}, "config_hash": store.hash, "run_dir": str(out)}
     write_outputs(out, runs)
     if cfg.get("figures", True):
         from kvbench.serve.report import run_figures
