@@ -22,6 +22,7 @@ class KVPolicy:
     kept: float = 1.0
     compress_frac: float = 0.0
     tag: str = "full"
+    label: str = "full cache"  # method and budget, for figures
     score: dict[str, float] | None = None  # the run's accuracy (main metric first)
     source: str | None = None
 
@@ -39,8 +40,10 @@ def read_run(path: str | Path, compression_time: bool = True) -> KVPolicy:
     else:
         raise UsageError(f"{mfile} has neither kv_bytes_kept/kv_bytes_full nor kept_fraction")
     frac = (m.get("compress_s") or 0.0) / m["prefill_s"] if compression_time and m.get("prefill_s") else 0.0
-    tag = f"{m.get('method', 'method')}-{m.get('allocator', '')}-b{m.get('budget')}".replace("--", "-")
+    parts = (m.get("task"), m.get("method"), m.get("allocator"), m.get("protocol"), f"b{m.get('budget')}")
+    tag = "-".join(str(p).replace("/", "_") for p in parts if p is not None)
     return KVPolicy(kept=float(min(max(kept, 0.0), 1.0)), compress_frac=float(frac), tag=tag,
+                    label=f"{m.get('method')} {m.get('budget')}",
                     score=m.get("score"), source=str(run))
 
 

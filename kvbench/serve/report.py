@@ -83,6 +83,34 @@ def load_serve(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def kv_table(root: str | Path) -> pd.DataFrame:
+    """Accuracy (from the kvbench run fed as ``kv.source``) next to serving figures, one row per simulation."""
+    rows = []
+    for f in sorted(Path(root).rglob("metrics.json")):
+        m = json.loads(f.read_text())
+        if "baseline_over_system" not in m:
+            continue
+        kv, x = m["kv"], m["metrics"]
+        score = next(iter((kv.get("score") or {}).values()), None)
+        rows.append({"system": m["system"], "workload": m["workload"], "hardware": m["hardware"], "arch": m["arch"],
+                     "kv": kv["tag"], "label": kv.get("label", kv["tag"]), "kept": kv["kept"], "score": score,
+                     **{c: x.get(c) for c in ("throughput_tok_s", "ttft_s_p99", "tbt_s_p99", "max_batch")}})
+    return pd.DataFrame(rows)
+
+
+def kv_figure(df: pd.DataFrame, path: Path) -> None:
+    """Score against throughput and P99 TTFT, one point per KV policy (the full cache included)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, col in zip(axes, ("throughput_tok_s", "ttft_s_p99"), strict=True):
+        for _, r in df.iterrows():
+            ax.scatter(r[col], r["score"] if r["score"] is not None else np.nan)
+            ax.annotate(f"{r['label']} ({r['kept']:.2f})", (r[col], r["score"] or 0), fontsize=7)
+        ax.set(xlabel=col, ylabel="score (kvbench run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str]) -> None:
     root = Path(argv[0] if argv else "results")
     df = load_serve(root / "serve" if (root / "serve").exists() else root)
@@ -94,6 +122,12 @@ def main(argv: list[str]) -> None:
     df.to_csv(out / "serve.csv", index=False)
     (out / "serve.md").write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n")
     print(df.to_markdown(index=False, floatfmt=".4g"))
+    kv = kv_table(root / "serve" if (root / "serve").exists() else root)
+    if kv["score"].notna().any():
+        kv.to_csv(out / "serve_kv.csv", index=False)
+        (out / "serve_kv.md").write_text(kv.to_markdown(index=False, floatfmt=".4g") + "\n")
+        kv_figure(kv[kv["score"].notna()], out / "serve_kv.png")
+        print(kv.to_markdown(index=False, floatfmt=".4g"))
 
 
 if __name__ == "__main__":

@@ -127,10 +127,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     store.open(inputs)
     system: System = instantiate(cfg.system)
     runs = simulate_all(system, cfg, ctx)
+    kv_info = {"kept": kv.kept, "compress_frac": kv.compress_frac, "tag": kv.tag, "label": kv.label,
+               "source": kv.source, "score": kv.score}
     metrics = {"system": system.name, "workload": cfg.workload.name, "hardware": cfg.hardware.name,
-               "arch": cfg.arch.name, "seed": int(cfg.seed), "kv": {"kept": kv.kept, "compress_frac": kv.compress_frac,
-                                                                   "tag": kv.tag, "source": kv.source,
-                                                                   "score": kv.score},
+               "arch": cfg.arch.name, "seed": int(cfg.seed), "kv": kv_info,
                "metrics": runs[system.name].metrics, "real_cpu": system.measurements(ctx),
                "baselines": {n: r.metrics for n, r in runs.items() if n != system.name},
                "baseline_over_system": ratios(runs, system.name),
