@@ -14,13 +14,13 @@ from kvbench.serve.run import run
 
 
 def test_copy_cost_fit_separates_per_call_cost_from_bandwidth() -> None:
-    fit = measure(block_bytes=32768, n_blocks=256, groups=(1, 16), repeats=3)
+    fit = measure(block_bytes=32768, n_blocks=256, groups=(1, 16), repeats=5)
     assert fit.call_s > 0 and fit.bw > 1e8
     scattered = [r for r in fit.rows if r[0] == 256][0]
     grouped = [r for r in fit.rows if r[0] == 16 and r[1] == scattered[1]][0]
     assert grouped[2] < scattered[2], "16 calls of 16 blocks are faster than 256 single-block calls"
-    for calls, nbytes, t in fit.rows:
-        assert fit.predict(calls, nbytes) == pytest.approx(t, rel=0.6)
+    for calls, nbytes, t in fit.rows:  # two parameters for four measurements: within a factor 2 on a busy machine
+        assert 0.5 < fit.predict(calls, nbytes) / t < 2, fit.rows
 
 
 @pytest.mark.slow

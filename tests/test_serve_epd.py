@@ -38,8 +38,7 @@ def test_intra_request_parallelism_and_the_mm_cache() -> None:
 
 
 def test_epd_meets_slos_where_aggregated_serving_does_not_at_high_image_counts() -> None:
-    cfg, ctx = ctx_for("system=epd", "workload.n_requests=60", "workload.images.per_request=16",
-                       "workload.arrival.rate=3", "slo.ttft_s=1.5")
+    cfg, ctx = ctx_for("system=epd", "workload.n_requests=60")  # 16 images per request, 3 req/s, TTFT SLO 1.5 s
     reqs = build_requests(cfg.workload, 0, ctx.arch.tokens_per_image)
     epd = EPD()
     ours = epd.simulate(reqs, ctx).metrics

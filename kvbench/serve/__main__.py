@@ -38,8 +38,8 @@ def summary_line(m: dict[str, Any]) -> str:
                                  "tokens_per_s") if isinstance(x.get(k), (int, float))]
     parts = [f"{m['system']} | {m['workload']} | {m['hardware']} | {m['arch']} | kv={m['kv']['tag']}",
              ", ".join(f"{k} {v:.4g}" for k, v in shown), f"run dir: {m['run_dir']}"]
-    for name, r in m["baseline_over_system"].items():
-        parts.append(f"vs {name}: " + ", ".join(f"{k} x{v:.2f}" for k, v in list(r.items())[:4]))
+    for name, r in m["baseline_over_system"].items():  # baseline / system of the system's headline metrics
+        parts.append(f"{name} / {m['system']}: " + ", ".join(f"{k} x{r[k]:.2f}" for k in m["headline"] if k in r))
     return "\n".join(parts)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import simpy
 
@@ -94,6 +94,7 @@ def least_loaded(reps: list[Replica]) -> Replica:
 @dataclass
 class EPD(System):
     name: str = "epd"
+    headline: ClassVar[tuple[str, ...]] = ("slo_attainment", "ttft_s_p99", "tpot_s_mean")
     gpus: int = 8
     pools: list[int] | None = None  # [E, P, D]; null: the allocator decides
     mm_cache: bool = True

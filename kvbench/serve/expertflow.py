@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import simpy
@@ -128,6 +128,7 @@ def schedule_by_route(usage: np.ndarray, batch: int) -> list[list[int]]:
 @dataclass
 class ExpertFlow(System):
     name: str = "expertflow"
+    headline: ClassVar[tuple[str, ...]] = ("hit_ratio", "tokens_per_s", "bytes_to_device", "distinct_experts_per_layer")
     capacity: int = 4  # experts per layer held on the device
     batch: int = 8
     policy: str = "predictive"  # predictive | lru | lfu

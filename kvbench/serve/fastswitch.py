@@ -20,7 +20,7 @@ the group size is fixed rather than adapted to free memory.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from kvbench.serve.memory import BlockGroups
 from kvbench.serve.system import SimContext, System
@@ -30,6 +30,7 @@ from kvbench.serve.vllm import VLLM
 @dataclass
 class FastSwitch(VLLM):
     name: str = "fastswitch"
+    headline: ClassVar[tuple[str, ...]] = ("ttft_s_p95", "ttft_s_p99", "tbt_s_p99.9", "copy_calls", "swap_stall_s")
     group_blocks: int = 8
     async_swap: bool = True
     reuse_kv: bool = True

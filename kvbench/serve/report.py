@@ -22,8 +22,29 @@ def cdf(ax: Any, values: list[float], label: str) -> None:
         ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
 
 
-def run_figures(out: Path, runs: dict[str, Any], main: str) -> None:
-    """latency.png: TTFT and TBT distributions of the system and its baselines; memory.png: KV bytes over time."""
+def comparison_figure(path: Path, runs: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """One bar panel per headline metric: the system and each baseline."""
+    keys = tuple(k for k in keys if any(isinstance(r.metrics.get(k), (int, float)) for r in runs.values()))
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), squeeze=False)
+    names = list(runs)
+    for ax, k in zip(axes[0], keys, strict=True):
+        ax.bar(range(len(names)), [runs[n].metrics.get(k) or 0 for n in names], color=[f"C{i}" for i in
+                                                                                     range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(k, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_figures(out: Path, runs: dict[str, Any], main: str, headline: tuple[str, ...] = ()) -> None:
+    """latency.png: TTFT and TPOT distributions of the system and its baselines; memory.png: KV bytes over time;
+    comparison.png: the system's headline metrics against its baselines."""
+    comparison_figure(out / "comparison.png", runs, headline)
+    if not any(res.requests for res in runs.values()):
+        return
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, res in runs.items():
         cdf(a, [r["ttft"] for r in res.requests], name)

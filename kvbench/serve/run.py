@@ -63,7 +63,8 @@ def sha256(path: str | Path) -> str:
 def context(cfg: DictConfig, kv: KVPolicy, out_dir: Path) -> SimContext:
     arch = arch_from_cfg(cfg.arch)
     hw = hardware_from_cfg(cfg.hardware, calibrate=calibrate_file)
-    slo = dict(cfg.slo) if cfg.get("slo") else None
+    slo_node = cfg.workload.get("slo") or cfg.get("slo")  # a workload may carry its own SLO
+    slo = dict(slo_node) if slo_node else None
     return SimContext(arch, hw, server_config(cfg.server, kv), cfg.workload, int(cfg.seed), slo, out_dir)
 
 
@@ -134,12 +135,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                "metrics": runs[system.name].metrics, "real_cpu": system.measurements(ctx),
                "baselines": {n: r.metrics for n, r in runs.items() if n != system.name},
                "baseline_over_system": ratios(runs, system.name),
-               "trace_digest": {n: r.digest for n, r in runs.items()}, "config_hash": store.hash, "run_dir": str(out)}
+               "trace_digest": {n: r.digest for n, r in runs.items()}, "config_hash": store.hash, "run_dir": str(out),
+               "headline": list(system.headline)}
     write_outputs(out, runs)
     if cfg.get("figures", True):
         from kvbench.serve.report import run_figures
 
-        run_figures(out, runs, system.name)
+        run_figures(out, runs, system.name, system.headline)
     store.write_metrics(metrics)
     store.unlock()
     return metrics

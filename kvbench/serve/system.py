@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import simpy
 
@@ -58,6 +58,7 @@ class System:
     ``name`` names the run directory and the system in tables (a variant is the same class with another name)."""
 
     name: str = "system"
+    headline: ClassVar[tuple[str, ...]] = ("throughput_tok_s", "ttft_s_p99", "tbt_s_p99")  # comparison.png
 
     def simulate(self, requests: list[Request], ctx: SimContext) -> SimResult:
         raise NotImplementedError

@@ -18,7 +18,7 @@ slot) is not modelled; mapping and unmapping are both counted as mapping time.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import simpy
 
@@ -52,6 +52,7 @@ class MappingReplica(Replica):
 @dataclass
 class VAttention(VLLM):
     name: str = "vattention"
+    headline: ClassVar[tuple[str, ...]] = ("decode_tok_s", "fragmentation", "max_batch", "makespan_s")
     page_kb: int = 2048
     overlap_mapping: bool = True
 
