@@ -152,9 +152,11 @@ def test_run_writes_a_deterministic_run_directory(tmp_path: Path) -> None:
 
 def test_cli_runs_and_rejects_bad_input(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "kvbench.serve", f"paths.results={tmp_path}", f"paths.logs={tmp_path}/logs"]
-    ok = subprocess.run([*cmd, *SMALL], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    ok = subprocess.run([*cmd[:3], "-m", *cmd[3:], "system=vllm,fastswitch", "workload.n_requests=10", "figures=false"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert ok.returncode == 0, ok.stderr
-    assert "vllm | sharegpt | a100-80gb" in ok.stdout
+    assert "vllm | sharegpt | a100-80gb" in ok.stdout and "fastswitch | multiturn | a10-24gb" in ok.stdout
+    assert len(list((tmp_path / "serve").rglob("metrics.json"))) == 2  # one run directory per job
     bad = subprocess.run([*cmd, "system=nope"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and "unknown system 'nope'; available:" in bad.stderr
     bad = subprocess.run([*cmd, "server.preemption=kill"], capture_output=True, text=True, cwd=ROOT, timeout=60)
