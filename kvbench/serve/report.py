@@ -120,13 +120,18 @@ def kv_table(root: str | Path) -> pd.DataFrame:
 
 
 def kv_figure(df: pd.DataFrame, path: Path) -> None:
-    """Score against throughput and P99 TTFT, one point per KV policy (the full cache included)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    """Score against throughput and P99 TTFT, one point per KV policy (a method at a budget; the full cache is
+    ``fullkv``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    markers = "osD^v<>P*X"
     for ax, col in zip(axes, ("throughput_tok_s", "ttft_s_p99"), strict=True):
-        for _, r in df.iterrows():
-            ax.scatter(r[col], r["score"] if r["score"] is not None else np.nan)
-            ax.annotate(f"{r['label']} ({r['kept']:.2f})", (r[col], r["score"] or 0), fontsize=7)
-        ax.set(xlabel=col, ylabel="score (kvbench run)")
+        for i, (_, r) in enumerate(df.iterrows()):
+            ax.scatter(r[col], r["score"], marker=markers[i % len(markers)], s=40, alpha=0.8,
+                       label=f"{r['label']} (kept {r['kept']:.2f})")
+        ax.set(xlabel=col, ylabel="score of the kvbench run")
+    axes[1].set_xscale("log")
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
