@@ -161,3 +161,32 @@ def test_cli_runs_and_rejects_bad_input(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "unknown system 'nope'; available:" in bad.stderr
     bad = subprocess.run([*cmd, "server.preemption=kill"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and "server.preemption='kill'" in bad.stderr
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / "serve" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", options("system"))
+def test_every_system_option_instantiates_with_its_name(name: str) -> None:
+    from hydra.utils import instantiate
+
+    from kvbench.serve.system import System
+
+    system = instantiate(serve_cfg(f"system={name}").system)
+    assert isinstance(system, System) and system.name == name
+    assert type(system).__doc__ and all(isinstance(b, System) for b in system.baselines().values())
+
+
+@pytest.mark.parametrize("name", [n for n in options("workload") if n != "trace"])  # trace needs a file
+def test_every_workload_option_builds_requests(name: str) -> None:
+    cfg = serve_cfg(f"workload={name}")
+    reqs = build_requests(cfg.workload, 0, 640)
+    assert reqs and cfg.workload.name == name and all(r.prompt > 0 and r.output > 0 for r in reqs)
+
+
+@pytest.mark.parametrize("name", [n for n in options("hardware") if n != "cpu"])  # cpu: test_serve_calibration
+def test_every_gpu_profile_and_arch_builds(name: str) -> None:
+    for arch in options("arch"):
+        cfg, ctx = ctx_for(f"hardware={name}", f"arch={arch}")
+        assert ctx.hw.name == name and ctx.arch.name == arch and ctx.hw.gemm_flops > 1e12
