@@ -46,3 +46,16 @@ def test_epd_meets_slos_where_aggregated_serving_does_not_at_high_image_counts()
     assert ours["slo_attainment"] > agg["slo_attainment"] + 0.2, (ours["slo_attainment"], agg["slo_attainment"])
     assert ours["peak_mem_bytes"]["E"] * 5 < agg["peak_mem_bytes"]["A"]  # encoders hold no LLM weights or KV
     assert sum(ours["pools"].values()) == 8
+
+
+def test_role_switching_moves_idle_encoders_to_prefill_after_a_workload_change() -> None:
+    cfg, ctx = ctx_for("system=epd", "workload=multimodal_shift", "workload.n_requests=240")
+    reqs = build_requests(cfg.workload, 0, ctx.arch.tokens_per_image)
+    assert len(reqs[0].images) == 16 and len(reqs[-1].images) == 0 and reqs[-1].prompt >= 10000
+    epd = EPD(role_switch=True, initial_window_s=20.0)
+    ours = epd.simulate(reqs, ctx).metrics
+    static = epd.baselines()["epd_static"].simulate(reqs, ctx).metrics
+    assert ours["pools"] == static["pools"] == static["pools_at_end"]  # the same start, sized for images
+    assert ours["role_switches"] > 0
+    assert ours["pools_at_end"]["E"] < ours["pools"]["E"] and ours["pools_at_end"]["P"] > ours["pools"]["P"]
+    assert ours["slo_attainment"] > static["slo_attainment"] and ours["ttft_s_p99"] < static["ttft_s_p99"]

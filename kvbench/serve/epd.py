@@ -79,7 +79,10 @@ class Cluster:
     env: simpy.Environment
     prefill: list[Replica]
     decode: list[Replica]
-    encoders: simpy.Resource | None = None
+    encoders: simpy.Store | None = None  # one item per idle encoder GPU
+    n_enc: int = 0
+    retired: list[Replica] = field(default_factory=list)  # instances that switched roles (their work counts)
+    switches: int = 0
     cache: set[int] = field(default_factory=set)
     images_in_flight: int = 0
     images_peak: int = 0
@@ -102,6 +105,10 @@ class EPD(System):
     encoder_act_bytes: float = 1.0e8  # activations held per image while it is encoded (our estimate)
     rates: list[float] = field(default_factory=list)  # also report SLO attainment at these request rates
     mode: str = "epd"  # epd | aggregated | pd
+    role_switch: bool = False  # re-allocate pools at run time (EPD only)
+    monitor_s: float = 10.0  # role switching: allocator period and window
+    switch_s: float = 5.0  # role switching: time for a GPU to change role (reload weights; our estimate)
+    initial_window_s: float | None = None  # pools: null -> size from the requests of this first window only
 
     # -- demands and pools --------------------------------------------------------------------------------------
     def demands(self, requests: list[Request], ctx: SimContext) -> dict[str, float]:
@@ -121,6 +128,9 @@ class EPD(System):
     def sizes(self, requests: list[Request], ctx: SimContext) -> dict[str, int]:
         if self.mode == "aggregated":
             return {"A": self.gpus}
+        if self.initial_window_s is not None and self.mode == "epd" and self.pools is None:
+            first = [r for r in requests if r.arrival <= requests[0].arrival + self.initial_window_s] or requests[:1]
+            return allocate(self.demands(first, ctx), self.gpus)  # what is known when the server starts
         if self.pools is not None and self.mode == "epd":
             if len(self.pools) != 3 or sum(self.pools) != self.gpus or min(self.pools) < 1:
                 raise UsageError(f"system.pools={self.pools}: three pool sizes >= 1 summing to gpus={self.gpus}")
@@ -149,7 +159,9 @@ class EPD(System):
         cl = Cluster(env, [self.replica(env, ctx, enc, max_images) for _ in range(sizes["P"])],
                      [self.replica(env, ctx, False) for _ in range(sizes["D"])])
         if self.mode == "epd":
-            cl.encoders = simpy.Resource(env, capacity=sizes["E"])
+            cl.encoders = simpy.Store(env)
+            cl.encoders.items.extend(range(sizes["E"]))
+            cl.n_enc = sizes["E"]
         for p in cl.prefill:
             p.handoff = lambda s, cl=cl: env.process(self.move_kv(cl, ctx, s))
         return cl
@@ -159,12 +171,12 @@ class EPD(System):
         least_loaded(cl.decode).submit_prefilled(s)
 
     def encode_job(self, cl: Cluster, ctx: SimContext, images: int) -> Any:
-        with cl.encoders.request() as slot:
-            yield slot
-            cl.images_in_flight += images
-            cl.images_peak = max(cl.images_peak, cl.images_in_flight)
-            yield cl.env.timeout(encode_s(ctx, images))
-            cl.images_in_flight -= images
+        gpu = yield cl.encoders.get()
+        cl.images_in_flight += images
+        cl.images_peak = max(cl.images_peak, cl.images_in_flight)
+        yield cl.env.timeout(encode_s(ctx, images))
+        cl.images_in_flight -= images
+        yield cl.encoders.put(gpu)
 
     def admit(self, cl: Cluster, ctx: SimContext, r: Request) -> Any:
         """EPD: encode (split across encoders, cached images skipped), move the image tokens, then prefill."""
@@ -172,7 +184,7 @@ class EPD(System):
             todo = [i for i in r.images if not (self.mm_cache and i in cl.cache)]
             cl.images_seen += len(r.images)
             cl.cache_hits += len(r.images) - len(todo)
-            parts = min(cl.encoders.capacity, len(todo)) if self.intra_request else min(len(todo), 1)
+            parts = min(cl.n_enc, len(todo)) if self.intra_request else min(len(todo), 1)
             chunks = [todo[k::parts] for k in range(parts)] if parts else []
             yield simpy.AllOf(cl.env, [cl.env.process(self.encode_job(cl, ctx, len(c))) for c in chunks])
             cl.cache.update(todo)
@@ -191,9 +203,12 @@ class EPD(System):
                 env.process(self.admit(cl, ctx, r))
 
         env.process(arrivals())
+        if self.role_switch and self.mode == "epd":
+            env.process(self.monitor(cl, ctx, requests))
         env.run()
-        done = [s for rep in cl.prefill + cl.decode for s in rep.done]
-        check_conservation(requests, done, [q for rep in cl.prefill + cl.decode for q in rep.rejected])
+        reps = cl.prefill + cl.decode + cl.retired
+        done = [s for rep in reps for s in rep.done]
+        check_conservation(requests, done, [q for rep in reps for q in rep.rejected])
         return sizes, done, cl
 
     def peak_memory(self, ctx: SimContext, cl: Cluster) -> dict[str, float]:
@@ -207,13 +222,14 @@ class EPD(System):
             img = max(r.images_peak for r in cl.prefill)
             return {"P": enc_w + llm_w + img * self.encoder_act_bytes + max(r.n.peak_kv_bytes for r in cl.prefill),
                     **out}
-        per_encoder = cl.images_peak / max(cl.encoders.capacity, 1)
+        per_encoder = cl.images_peak / max(cl.n_enc, 1)
         return {"E": enc_w + per_encoder * self.encoder_act_bytes,
                 "P": llm_w + max(r.n.peak_kv_bytes for r in cl.prefill), **out}
 
     def simulate(self, requests: list[Request], ctx: SimContext) -> SimResult:
         sizes, done, cl = self.run_once(copy.deepcopy(requests), ctx)
-        m = summarize(done, ctx.slo) | {"pools": sizes, "peak_mem_bytes": self.peak_memory(ctx, cl),
+        m = summarize(done, ctx.slo) | {"pools": sizes, "pools_at_end": self.current(cl) if cl.encoders else sizes,
+                                         "role_switches": cl.switches, "peak_mem_bytes": self.peak_memory(ctx, cl),
                                          "mm_cache_hits": cl.cache_hits, "images": cl.images_seen}
         if self.rates:
             m["slo_vs_rate"] = {str(rate): self.at_rate(rate, ctx) for rate in self.rates}
@@ -232,5 +248,49 @@ class EPD(System):
     def baselines(self) -> dict[str, System]:
         if self.mode != "epd":
             return {}
-        return {"aggregated": replace(self, name="aggregated", mode="aggregated", rates=[]),
-                "pd": replace(self, name="pd", mode="pd", rates=[])}
+        out: dict[str, System] = {"aggregated": replace(self, name="aggregated", mode="aggregated", rates=[]),
+                                  "pd": replace(self, name="pd", mode="pd", rates=[])}
+        if self.role_switch:
+            out["epd_static"] = replace(self, name="epd_static", role_switch=False, rates=[])
+        return out
+
+    # -- role switching -----------------------------------------------------------------------------------------
+    def current(self, cl: Cluster) -> dict[str, int]:
+        return {"E": cl.n_enc, "P": len(cl.prefill), "D": len(cl.decode)}
+
+    def monitor(self, cl: Cluster, ctx: SimContext, requests: list[Request]) -> Any:
+        """Every ``monitor_s``: re-run the allocator on the requests of the last window and move one GPU from a
+        pool above its target to one below (drain it, ``switch_s`` to reload, join the other pool)."""
+        last = requests[-1].arrival
+        while cl.env.now <= last:
+            yield cl.env.timeout(self.monitor_s)
+            window = [r for r in requests if cl.env.now - self.monitor_s < r.arrival <= cl.env.now]
+            if not window:
+                continue
+            target, now = allocate(self.demands(window, ctx), self.gpus), self.current(cl)
+            src = next((k for k in "EPD" if now[k] > target[k]), None)
+            dst = next((k for k in "EPD" if now[k] < target[k]), None)
+            if src and dst:
+                yield from self.switch(cl, ctx, src, dst)
+
+    def switch(self, cl: Cluster, ctx: SimContext, src: str, dst: str) -> Any:
+        if src == "E":
+            cl.n_enc -= 1
+            yield cl.encoders.get()  # the next encoder to become idle leaves the pool
+        else:
+            pool = cl.prefill if src == "P" else cl.decode
+            rep = pool.pop()  # no new work is routed to it; it finishes what it holds
+            cl.retired.append(rep)
+            while rep.seqs:
+                yield cl.env.timeout(self.monitor_s / 10)
+        yield cl.env.timeout(self.switch_s)
+        cl.switches += 1
+        if dst == "E":
+            cl.n_enc += 1
+            yield cl.encoders.put(object())
+        elif dst == "P":
+            rep = self.replica(cl.env, ctx, False)
+            rep.handoff = lambda s: cl.env.process(self.move_kv(cl, ctx, s))
+            cl.prefill.append(rep)
+        else:
+            cl.decode.append(self.replica(cl.env, ctx, False))

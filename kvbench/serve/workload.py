@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from kvbench.errors import UsageError
 
@@ -108,10 +109,19 @@ def single_turn(cfg: Any, rng: np.random.Generator, tokens_per_image: int) -> li
         rows = read_trace(cfg.arrival.path)[: cfg.get("n_requests") or None]
         return [Request(i, t, p, max(o, 1)) for i, (t, p, o) in enumerate(rows)]
     n = cfg.n_requests
-    times, (inp, out) = arrivals(rng, cfg.arrival, n), lengths(rng, cfg.lengths, n)
-    imgs = image_ids(rng, cfg.images, n) if cfg.get("images") else [()] * n
-    return [Request(i, float(times[i]), int(inp[i]) + len(imgs[i]) * tokens_per_image, int(out[i]), images=imgs[i])
-            for i in range(n)]
+    times = arrivals(rng, cfg.arrival, n)
+    phases = list(cfg.get("phases") or [{}])  # a workload change: equal shares of the requests, in order
+    out: list[Request] = []
+    for k, phase in enumerate(phases):
+        spec = OmegaConf.merge(cfg, phase)
+        ids = range(k * n // len(phases), (k + 1) * n // len(phases))
+        inp, outs = lengths(rng, spec.lengths, len(ids))
+        imgs = image_ids(rng, spec.images, len(ids)) if spec.get("images") else [()] * len(ids)
+        if k and spec.get("images"):  # image ids stay distinct across phases
+            imgs = [tuple(i + 10**6 * k for i in im) for im in imgs]
+        out += [Request(i, float(times[i]), int(inp[j]) + len(imgs[j]) * tokens_per_image, int(outs[j]),
+                        images=imgs[j]) for j, i in enumerate(ids)]
+    return out
 
 
 def conversations(cfg: Any, rng: np.random.Generator) -> list[Request]:
