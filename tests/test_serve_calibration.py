@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from serve_helpers import serve_cfg
 
+from kvbench.errors import UsageError
 from kvbench.serve.calibrate import relative_errors, write_calibration
 from kvbench.serve.copybench import measure
 from kvbench.serve.run import run
@@ -52,3 +53,26 @@ def test_cpu_profile_is_fitted_and_runs_the_embedded_workload(tmp_path: Path) ->
     assert err < 0.3, f"one quick round: the fit is off by {100 * err:.0f} % on average"
     assert m["arch"] == "kvbench-tiny" and m["metrics"]["max_batch"] == 1
     assert m["metrics"]["n_requests"] == 3
+
+
+def test_gpu_operator_benchmarks_write_a_calibration_a_profile_reads(tmp_path: Path) -> None:
+    """The GPU calibration's code on CPU with small shapes: measured rates replace the profile's assumptions."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "a100.json"
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "scripts/calibrate_serve_gpu.py", "--device", "cpu", "--small", "--arch",
+                        "kvbench-tiny", "--out", str(out)], capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0, r.stderr
+    data = __import__("json").loads(out.read_text())
+    assert data["measured"]["gemm_flops"] > 1e8 and data["measured"]["copy_call_s"] > 0
+    cfg = serve_cfg("hardware=a100-80gb", f"+hardware.calibration={out}")
+    from kvbench.serve.hardware import hardware_from_cfg
+
+    hw = hardware_from_cfg(cfg.hardware)
+    assert hw.name == "a100-80gb" and hw.gemm_flops == data["measured"]["gemm_flops"]
+    assert hw.fixed_s == 0.004  # not measurable without an engine: the profile's
+    missing = serve_cfg("hardware=a100-80gb", f"+hardware.calibration={tmp_path / 'none.json'}")
+    with pytest.raises(UsageError, match="calibrate_serve_gpu.py"):
+        hardware_from_cfg(missing.hardware, calibrate=lambda *a: None)

@@ -2,10 +2,10 @@
 
 A pool of KV blocks (one 16-token block of one layer's K is ``16 * kv_heads * head_dim * dtype`` bytes) is copied
 to a second buffer either block by block from scattered ids (one copy call per block, vLLM's swap) or in
-contiguous groups of ``g`` blocks (FastSwitch's block groups); each time is the fastest of ``repeats``.
-Fitting ``t = calls * c + bytes / bw`` over all
-measurements gives the per-call cost ``c`` and the bandwidth ``bw`` that the cost model uses for swaps. On CPU this
-is host memcpy through ``Tensor.copy_``; on a GPU the same code with pinned host memory measures PCIe.
+contiguous groups of ``g`` blocks (FastSwitch's block groups); each time is the fastest of ``repeats``. Fitting
+``t = calls * c + bytes / bw`` over all measurements gives the per-call cost ``c`` and the bandwidth ``bw`` that
+the cost model uses for swaps. On CPU this is host memcpy through ``Tensor.copy_``; on a GPU the same code copies
+device blocks into pinned host memory, i.e. measures PCIe.
 """
 
 from __future__ import annotations

@@ -55,9 +55,10 @@ def hardware_from_cfg(node: Any, calibrate: Any = None) -> Hardware:
     if node.get("calibration"):
         path = Path(node.calibration)
         if not path.exists():
-            if calibrate is None:
+            if calibrate is None or not node.get("measure_if_missing"):
+                script = "calibrate_serve.py" if node.get("measure_if_missing") else "calibrate_serve_gpu.py"
                 raise UsageError(f"hardware {node.name!r}: calibration file {path} is missing; run "
-                                 "`python scripts/calibrate_serve.py` to measure it")
+                                 f"`python scripts/{script}` to measure it")
             calibrate(path, int(node.get("rounds", 3)))
         values = {**load_calibration(path), **dict(node.get("overrides") or {})}
         values["name"] = node.name
