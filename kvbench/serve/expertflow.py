@@ -28,7 +28,7 @@ import simpy
 
 from kvbench.errors import UsageError
 from kvbench.serve.cost import Batch, CostModel
-from kvbench.serve.moe import Trace, record, tiny_moe, zipf_prompts
+from kvbench.serve.moe import Trace, pretrained_moe, record, tiny_moe, zipf_prompts
 from kvbench.serve.system import SimContext, SimResult, System
 
 
@@ -141,10 +141,10 @@ class ExpertFlow(System):
         if not a.experts:
             raise UsageError(f"system=expertflow needs an MoE arch (experts > 0), got {a.name}")
         key = (w.family, w.get("layers") or a.layers, a.experts, a.topk, w.vocab, w.hidden, w.prompt, w.output,
-               ctx.workload.n_requests, ctx.seed)
+               ctx.workload.n_requests, ctx.seed, w.get("pretrained"))
         if key not in TRACES:
-            family, layers, experts, topk, vocab, hidden, prompt, output, n, seed = key
-            model = tiny_moe(family, layers, experts, topk, vocab, hidden, seed)
+            family, layers, experts, topk, vocab, hidden, prompt, output, n, seed, path = key
+            model = pretrained_moe(path) if path else tiny_moe(family, layers, experts, topk, vocab, hidden, seed)
             full = record(model, zipf_prompts(2 * n, prompt, vocab, seed), output)
             TRACES[key] = (Trace(full.ids[:n], full.experts[:n]), Trace(full.ids[n:], full.experts[n:]))
         return TRACES[key]

@@ -7,7 +7,8 @@ vocabulary, so tokens repeat as in text. A trace is ``ids (R, T)`` (the input to
 ``experts (R, T, L, k)`` (the experts every MoE layer chose for it), ``T = prompt + new_tokens - 1``.
 
 Random routers route by what they are given (token and context), not by meaning: real ExpertFlow traces need
-real checkpoints on a GPU node (``family`` + ``pretrained`` would be the place); the mechanisms are the same.
+real checkpoints on a GPU node (``workload.moe.pretrained=<hub id or dir>``, :func:`pretrained_moe`; not run
+here); the hooks and everything after them are the same.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ def tiny_moe(family: str, layers: int, experts: int, topk: int, vocab: int = 512
     cfg_cls, model_cls, kw = extra[family]
     torch.manual_seed(seed)
     return model_cls(cfg_cls(**base, **kw, num_experts_per_tok=topk)).eval()
+
+
+def pretrained_moe(path: str, device: str = "auto") -> torch.nn.Module:
+    """A real MoE checkpoint (hub id or local directory; on a GPU node), bf16 on CUDA when present. Not run here."""
+    from transformers import AutoModelForCausalLM
+
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
 
 
 def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -79,6 +89,7 @@ def record(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> Tr
 @torch.no_grad()
 def _record(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> Trace:
     rows: list[list[torch.Tensor]] = [[] for _ in routers(model)]
+    prompts = prompts.to(next(model.parameters()).device)
     hooks = [m.register_forward_hook(lambda mod, args, out, i=i: rows[i].append(out[2].detach().clone()))
              for i, m in enumerate(routers(model))]
     try:
@@ -88,10 +99,11 @@ def _record(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> T
         for h in hooks:
             h.remove()
     r, p = prompts.shape
+    prompts = prompts.cpu()
     per_layer = []
     for steps in rows:  # steps[0]: (R * P, k) prefill; steps[1:]: (R, k) per decode step
         pre = steps[0].view(r, p, -1)
         per_layer.append(torch.cat([pre, *[s.view(r, 1, -1) for s in steps[1:]]], 1))  # (R, T, k)
     experts = torch.stack(per_layer, 2).sort(-1).values  # (R, T, L, k)
     ids = out[:, : experts.shape[1]]  # the input token of every step
-    return Trace(ids.numpy(), experts.numpy())
+    return Trace(ids.cpu().numpy(), experts.cpu().numpy())
