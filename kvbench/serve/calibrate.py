@@ -68,7 +68,7 @@ def timed_request(eng: Any, n: int, out: int, seed: int) -> tuple[float, float]:
     return ttft, (time.perf_counter() - t1) / max(out - 1, 1)
 
 
-def measure_round(eng: Any, seed: int, decode_tokens: int = 16,
+def measure_round(eng: Any, seed: int, decode_tokens: int = 32,
                   lengths: tuple[int, ...] = PREFILL_LENGTHS) -> list[tuple[Batch, float]]:
     """One pass over the prefill lengths (alternating order) and the decode steps after each."""
     order = lengths if seed % 2 == 0 else lengths[::-1]
@@ -80,12 +80,13 @@ def measure_round(eng: Any, seed: int, decode_tokens: int = 16,
     return rows
 
 
-def mean_by_batch(rows: list[tuple[Batch, float]]) -> list[tuple[Batch, float]]:
-    """Mean seconds per distinct batch (means, not medians: the simulator predicts sums of iterations)."""
+def median_by_batch(rows: list[tuple[Batch, float]]) -> list[tuple[Batch, float]]:
+    """Median seconds per distinct batch over the rounds (the validation runs are summarised the same way, so a
+    burst of load on the shared machine moves neither)."""
     groups: dict[str, tuple[Batch, list[float]]] = {}
     for b, t in rows:
         groups.setdefault(repr(b), (b, []))[1].append(t)
-    return [(b, statistics.fmean(ts)) for b, ts in groups.values()]
+    return [(b, statistics.median(ts)) for b, ts in groups.values()]
 
 
 def fit(samples: list[tuple[Batch, float]], base: dict[str, float]) -> dict[str, float]:
@@ -141,7 +142,7 @@ def calibrate(rounds: int = 3) -> dict[str, Any]:
             raw += measure_round(eng, r)
             for name, rs in reqs.items():
                 real[name].append(run_real(rs, eng, seed=1000 * r))
-    samples = mean_by_batch(raw)
+    samples = median_by_batch(raw)
     hw = {**base, **fit(samples, base)}
     cost = CostModel(TINY, Hardware(**hw))
     rows = [{"prefill": b.prefill, "decode": b.decode, "measured_s": t, "fitted_s": cost.iteration_s(b)}
@@ -193,12 +194,12 @@ def predict(requests: list[Any], hw: Hardware) -> dict[int, dict[str, Any]]:
 
 
 def compare(requests: list[Any], rounds: list[list[Measured]], hw: Hardware) -> list[dict[str, float]]:
-    """Measured (mean over rounds) vs predicted TTFT and TPOT of each request."""
+    """Measured (median over rounds) vs predicted TTFT and TPOT of each request."""
     pred = predict(requests, hw)
     rows = []
     for i, r in enumerate(requests):
-        ttft = statistics.fmean(m[i].ttft_s for m in rounds)
-        tpot = statistics.fmean(m[i].tpot_s for m in rounds)
+        ttft = statistics.median(m[i].ttft_s for m in rounds)
+        tpot = statistics.median(m[i].tpot_s for m in rounds)
         rows.append({"prompt": r.prompt, "output": r.output, "ttft_measured_s": ttft,
                      "ttft_predicted_s": pred[r.id]["ttft"], "tpot_measured_s": tpot,
                      "tpot_predicted_s": pred[r.id]["tpot"]})

@@ -3,7 +3,8 @@
 A pool of KV blocks (one 16-token block of one layer's K is ``16 * kv_heads * head_dim * dtype`` bytes) is copied
 to a second buffer either block by block from scattered ids (one copy call per block, vLLM's swap) or in
 contiguous groups of ``g`` blocks (FastSwitch's block groups); each time is the fastest of ``repeats``. Fitting
-``t = calls * c + bytes / bw`` over all measurements gives the per-call cost ``c`` and the bandwidth ``bw`` that
+``t = calls * c + bytes / bw`` over the measurements (the same bytes each time, so the caches play the same part)
+gives the per-call cost ``c`` and the bandwidth ``bw`` that
 the cost model uses for swaps. On CPU this is host memcpy through ``Tensor.copy_``; on a GPU the same code copies
 device blocks into pinned host memory, i.e. measures PCIe.
 """
@@ -70,12 +71,11 @@ def _measure(block_bytes: int, n_blocks: int, groups: tuple[int, ...], repeats: 
     copy_blocks(src, dst, list(range(n_blocks)), n_blocks)  # warm-up
     rng = np.random.default_rng(seed)
     rows = []
-    for count in (n_blocks // 4, n_blocks):
-        for g in groups:  # interleaved: every group size at both sizes
-            starts = rng.choice(4 * n_blocks // g, count // g, replace=False) * g
-            ids = [int(s) + k for s in starts for k in range(g)]
-            calls, t = time_copy(src, dst, ids, g, repeats)
-            rows.append((calls, count * block_bytes, t))
+    for g in groups:  # the same bytes in every measurement (one cache regime), only the number of calls varies
+        starts = rng.choice(4 * n_blocks // g, n_blocks // g, replace=False) * g
+        ids = [int(s) + k for s in starts for k in range(g)]
+        calls, t = time_copy(src, dst, ids, g, repeats)
+        rows.append((calls, n_blocks * block_bytes, t))
     a = np.array([[c, b] for c, b, _ in rows], dtype=float)
     y = np.array([t for *_, t in rows])
     w = 1 / y  # relative errors
