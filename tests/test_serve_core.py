@@ -148,6 +148,12 @@ def test_run_writes_a_deterministic_run_directory(tmp_path: Path) -> None:
         run(serve_cfg(*SMALL, "server.max_seqs=8", f"paths.results={tmp_path}"))
     again = run(serve_cfg(*SMALL, f"paths.results={tmp_path}", "overwrite=true"))
     assert again["trace_digest"] == m["trace_digest"]
+    assert m["metrics"]["server"]["block_tokens"] == 16  # the replica's effective settings are recorded
+    from kvbench.serve.report import main as report
+
+    report([str(tmp_path)])
+    table = (tmp_path / "report" / "serve.md").read_text()
+    assert "| vllm" in table and "sharegpt" in table
 
 
 def test_cli_runs_and_rejects_bad_input(tmp_path: Path) -> None:

@@ -148,9 +148,10 @@ class EPD(System):
         space = PagedBlocks(int(kv // block), ctx.server.block_tokens, a.kv_bytes_per_token)
         cost = CostModel(a, hw, hw.paged_attn_factor)
         server = replace(ctx.server, max_seqs=ctx.max_seqs())
+        host = server.swap_gb * 2**30
         if encoder:
-            return EncodingReplica(env, cost, space, server, 0.0, ctx=ctx)
-        return Replica(env, cost, space, server, 0.0)
+            return EncodingReplica(env, cost, space, server, host, ctx=ctx)
+        return Replica(env, cost, space, server, host)
 
     def build(self, env: simpy.Environment, ctx: SimContext, sizes: dict[str, int], max_images: int) -> Cluster:
         if self.mode == "aggregated":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import simpy
@@ -102,5 +102,5 @@ def replica_result(rep: Replica, requests: list[Request], ctx: SimContext, **ext
         "max_batch": n.max_batch, "peak_kv_bytes": n.peak_kv_bytes,
         "decode_tok_s": n.decode_tokens / n.decode_s if n.decode_s else None,
         "fragmentation": n.frag_sum / n.iterations if n.iterations else None, "kv_capacity_bytes": rep.space.capacity,
-        "min_free_kv_bytes": n.min_free_bytes, "busy_s": n.busy_s, **extra}
+        "min_free_kv_bytes": n.min_free_bytes, "busy_s": n.busy_s, "server": asdict(rep.cfg), **extra}
     return SimResult(metrics, request_rows(rep.done), rep.log, rep.trace_digest())

@@ -66,7 +66,10 @@ class VAttention(VLLM):
         return CostModel(ctx.arch, ctx.hw, kernel_factor=1.0)
 
     def replica(self, env: simpy.Environment, ctx: SimContext) -> Replica:
-        server = replace(self.server(ctx), preemption="recompute")
+        server = self.server(ctx)
+        if server.preemption != "recompute":
+            raise UsageError("vAttention preempts by recompute (its virtual tensors are not swapped); "
+                             "use server.preemption=recompute")
         return MappingReplica(env, self.cost(ctx), self.space(ctx, server), server, server.swap_gb * GiB,
                               overlap=self.overlap_mapping)
 
