@@ -44,6 +44,7 @@ def test_cpu_profile_is_fitted_and_runs_the_embedded_workload(tmp_path: Path) ->
     m = run(serve_cfg("hardware=cpu", "workload=embedded", f"paths.results={tmp_path}",
                       f"hardware.calibration={path}", "hardware.rounds=1", "workload.n_requests=3"))
     data = __import__("json").loads(path.read_text())
+    assert data["engine_kv_bytes_per_token"] == data["arch_kv_bytes_per_token"] == 2 * 3 * 2 * 64 * 4
     pre = [r for r in data["samples"] if r["prefill"]]
     assert [r["prefill"][0][0] for r in pre] == [64, 128, 256, 512, 1024, 1536, 2048]
     assert pre[-1]["measured_s"] > 4 * pre[0]["measured_s"]

@@ -68,6 +68,13 @@ def timed_request(eng: Any, n: int, out: int, seed: int) -> tuple[float, float]:
     return ttft, (time.perf_counter() - t1) / max(out - 1, 1)
 
 
+def kv_bytes_per_token(eng: Any, n: int = 100) -> float:
+    """The engine's real KV bytes per token (``store.nbytes()`` after an n-token prefill): checks the arch's."""
+    eng.reset()
+    eng.forward(prompt_ids(n, 0))
+    return eng.store.nbytes() / n
+
+
 def measure_round(eng: Any, seed: int, decode_tokens: int = 32,
                   lengths: tuple[int, ...] = PREFILL_LENGTHS) -> list[tuple[Batch, float]]:
     """One pass over the prefill lengths (alternating order) and the decode steps after each."""
@@ -138,6 +145,7 @@ def calibrate(rounds: int = 3) -> dict[str, Any]:
     real: dict[str, list[list[Measured]]] = {k: [] for k in reqs}
     with eng:
         timed_request(eng, 256, 4, 0)  # warm-up
+        engine_kv = kv_bytes_per_token(eng)
         for r in range(rounds):
             raw += measure_round(eng, r)
             for name, rs in reqs.items():
@@ -150,6 +158,7 @@ def calibrate(rounds: int = 3) -> dict[str, Any]:
     validation = {name: compare(reqs[name], real[name], Hardware(**hw)) for name in reqs}
     return {"hardware": hw, "samples": rows, "validation": validation,
             "copy": {"call_s": copies.call_s, "bw": copies.bw, "rows": copies.rows},
+            "engine_kv_bytes_per_token": engine_kv, "arch_kv_bytes_per_token": TINY.kv_bytes_per_token,
             "meta": {"torch": torch.__version__, "machine": platform.machine(), "rounds": rounds,
                      "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
 
