@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from serve_helpers import serve_cfg
+from test_serve_helpers import serve_cfg
 
 from kvbench.errors import UsageError
 from kvbench.serve.calibrate import relative_errors, write_calibration

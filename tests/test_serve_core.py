@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from serve_helpers import ctx_for, serve_cfg
+from test_serve_helpers import ctx_for, serve_cfg
 
 from kvbench.errors import UsageError
 from kvbench.serve.cost import Batch, CostModel, causal_pairs

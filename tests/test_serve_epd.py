@@ -4,7 +4,7 @@ cache on hand-made requests, lower encoder-pool memory, and SLO attainment above
 from __future__ import annotations
 
 import pytest
-from serve_helpers import ctx_for
+from test_serve_helpers import ctx_for
 
 from kvbench.errors import UsageError
 from kvbench.serve.epd import EPD, allocate, encode_s

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from serve_helpers import ctx_for
+from test_serve_helpers import ctx_for
 
 from kvbench.serve.expertflow import ExpertFlow, TablePredictor, schedule_by_route, simulate_cache
 from kvbench.serve.moe import FAMILIES, record, tiny_moe, zipf_prompts

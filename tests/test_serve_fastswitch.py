@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import simpy
-from serve_helpers import ctx_for
+from test_serve_helpers import ctx_for
 
 from kvbench.serve.core import Replica, Seq, ServerConfig
 from kvbench.serve.cost import CostModel

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from serve_helpers import serve_cfg
+from test_serve_helpers import serve_cfg
 
 from kvbench.errors import UsageError
 from kvbench.serve.kvsource import read_run

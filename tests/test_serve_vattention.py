@@ -7,7 +7,7 @@ import copy
 import math
 
 import torch
-from serve_helpers import ctx_for
+from test_serve_helpers import ctx_for
 
 from kvbench.serve.memory import VirtualPages
 from kvbench.serve.vattention import VAttention

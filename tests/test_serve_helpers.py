@@ -1,4 +1,4 @@
-"""Shared helpers of the kvbench.serve tests: composing conf/serve and building simulation contexts."""
+"""Shared helpers of the kvbench.serve tests (no tests here): composing conf/serve and building contexts."""
 
 from __future__ import annotations
 
