@@ -98,13 +98,7 @@ class EpiCache(Method):
     # -- scoring with a probe -------------------------------------------------------------------------------------
     def probe_scores(self, queries: Tensor, layer: LayerKV, scale: float) -> Tensor:
         h = layer.n_heads
-        g, p = queries.shape[0] // h, queries.shape[1]
-        if layer.uniform:  # one batched matmul over the KV heads, the scale applied in place
-            keys = layer.dense()[0].float()  # (H, L, d)
-            q = queries.float().reshape(h, g * p, -1)  # (H, G * p, d)
-            s = torch.bmm(q, keys.transpose(1, 2)).mul_(scale).softmax(-1).amax(1)  # (H, L): max over probe x group
-            s[:, : self.sink] = float("inf")
-            return s
+        g = queries.shape[0] // h
         out = torch.full((h, int(layer.lens.max())), float("-inf"), device=queries.device)
         for k in range(h):
             keys = layer.head(k)[0]  # (len_k, d)
