@@ -82,9 +82,9 @@ class LayerContext:
         return self.memo[key]
 
     def _window_attention(self, w: int) -> Tensor:
-        q = self.queries[:, -w:].reshape(self.n_kv_heads, self.n_groups, w, -1)  # (H_kv, G, w, d)
-        logits = torch.einsum("hgwd,hnd->hgwn", q.float(), self.keys.float()) * self.scaling  # (H_kv, G, w, n)
-        logits = logits.reshape(-1, w, self.n)  # (H_q, w, n); query head i belongs to KV head i // G
+        q = self.queries[:, -w:].float().reshape(self.n_kv_heads, self.n_groups * w, -1)  # (H_kv, G * w, d)
+        logits = torch.bmm(q, self.keys.float().transpose(1, 2)).mul_(self.scaling)  # (H_kv, G * w, n)
+        logits = logits.view(-1, w, self.n)  # (H_q, w, n); query head i belongs to KV head i // G
         causal = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)  # True above the diagonal
         logits[:, :, self.n - w :].masked_fill_(causal, float("-inf"))
         probs = logits.softmax(-1).to(self.queries.dtype)  # (H_q, w, n)
