@@ -97,13 +97,16 @@ class EpiCache(Method):
 
     # -- scoring with a probe -------------------------------------------------------------------------------------
     def probe_scores(self, queries: Tensor, layer: LayerKV, scale: float) -> Tensor:
-        h = layer.n_heads
+        h, queries = layer.n_heads, queries.detach()  # out= buffers need no autograd
         g = queries.shape[0] // h
         out = torch.full((h, int(layer.lens.max())), float("-inf"), device=queries.device)
+        buf = torch.empty(g * queries.shape[1] * out.shape[1], device=queries.device)  # probabilities, reused
         for k in range(h):
             keys = layer.head(k)[0]  # (len_k, d)
-            logits = torch.einsum("gpd,nd->gpn", queries[k * g : (k + 1) * g].float(), keys.float()) * scale
-            s = logits.softmax(-1).amax((0, 1))  # (len_k,): max over the probe's queries and the group
+            size = g * queries.shape[1] * keys.shape[0]
+            logits = torch.einsum("gpd,nd->gpn", queries[k * g : (k + 1) * g].float(), keys.float()).mul_(scale)
+            probs = torch.softmax(logits, -1, out=buf[:size].view_as(logits))  # (G, p, len_k)
+            s = probs.amax((0, 1))  # (len_k,): max over the probe's queries and the group
             s[: self.sink] = float("inf")
             out[k, : len(s)] = s
         return out

@@ -2,8 +2,9 @@
 
 Each ``ref_*`` below is the plain implementation the methods used before they were made faster (kept here as the
 reference): PyTorch's pooling kernels, ``torch.var``, the per-chunk einsum value norms, boolean-index stage-1
-forcing and full-row H2O column sums. The engine runs every affected method both ways on
-the tiny models and must keep the same tokens per layer and head, before and after decode-time eviction.
+forcing, full-row H2O column sums and the probe scores without reused buffers. The engine runs every affected
+method both ways on the tiny models and must keep the same tokens per layer and head, before and after
+decode-time eviction.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import methods.defensivekv
 import methods.snapkv
 import methods.taskkv
 from kvbench.engine import Engine, LayerContext
+from kvbench.engine.store import LayerKV
 from kvbench.ops import pool1d, variance
 from methods.defensivekv import DefensiveKV
+from methods.epicache import EpiCache
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,6 +83,19 @@ def ref_column_sums(self: LayerContext, max_elements: int | None = None) -> Tens
     return total
 
 
+def ref_probe_scores(self: EpiCache, queries: Tensor, layer: LayerKV, scale: float) -> Tensor:
+    h = layer.n_heads
+    g = queries.shape[0] // h
+    out = torch.full((h, int(layer.lens.max())), float("-inf"))
+    for k in range(h):
+        keys = layer.head(k)[0]
+        s = (torch.einsum("gpd,nd->gpn", queries[k * g : (k + 1) * g].float(), keys.float()) * scale).softmax(-1)
+        s = s.amax((0, 1))
+        s[: self.sink] = float("inf")
+        out[k, : len(s)] = s
+    return out
+
+
 def use_references(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in (methods.snapkv, methods.cake, methods.defensivekv, methods.taskkv, methods.compresskv):
         monkeypatch.setattr(module, "pool1d", ref_pool1d)
@@ -87,6 +103,7 @@ def use_references(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DefensiveKV, "value_norms", ref_value_norms)
     monkeypatch.setattr(DefensiveKV, "force_stage1", ref_force_stage1)
     monkeypatch.setattr(LayerContext, "attention_column_sums", ref_column_sums)
+    monkeypatch.setattr(EpiCache, "probe_scores", ref_probe_scores)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,7 +151,13 @@ def kept(model, name: str, ids: Tensor, budget: float) -> tuple[list, list]:
     method, allocator = load_method(name)
     with Engine(model, method, allocator, budget=budget) as eng:
         eng.reset()
-        logits = eng.forward(ids, compress=True)
+        if name == "epicache":  # one block-wise episode cache: the probe scores the cache after every block
+            eng.layer_keep = [max(1, int(budget * ids.numel()))] * eng.n_layers
+            for start in range(0, ids.numel(), 80):
+                logits = eng.forward(ids[start : start + 80])
+                eng.probe(ids[-40:])
+        else:
+            logits = eng.forward(ids, compress=True)
         prefill = [[ly.head(h)[2].tolist() for h in range(ly.n_heads)] for ly in eng.store.layers]
         eng.generate(logits, 5)
         decoded = [[ly.head(h)[2].tolist() for h in range(ly.n_heads)] for ly in eng.store.layers]
@@ -143,7 +166,7 @@ def kept(model, name: str, ids: Tensor, budget: float) -> tuple[list, list]:
 
 @pytest.mark.parametrize("arch", ARCHS[:1])  # the scoring paths do not depend on the architecture
 @pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "adakv", "cake", "cake_nocascade", "defensivekv",
-                                  "layer_defensivekv", "h2o", "taskkv"])
+                                  "layer_defensivekv", "h2o", "taskkv", "epicache"])
 def test_fast_paths_keep_the_same_entries(tiny_model, prompt, monkeypatch, arch, name):
     ids = prompt(240, seed=11)
     for budget in (0.2, 0.05):
