@@ -18,7 +18,7 @@ def pool1d(x: Tensor, kernel: int, mode: str = "avg") -> Tensor:
 
     Computed as ``kernel`` shifted adds (or maxima) of the padded input, in the order and accumulator dtype (fp32
     for half types) of PyTorch's pooling kernels, so the result equals ``F.avg_pool1d`` / ``F.max_pool1d`` bit for
-    bit (tests/test_ops.py) at a fraction of their CPU cost on the (rows, long m) shapes the methods pool.
+    bit (tests/test_fast_scoring.py) at a fraction of their CPU cost on the (rows, long m) shapes the methods pool.
     """
     if kernel <= 1 or mode == "none":
         return x
@@ -45,7 +45,7 @@ def variance(x: Tensor, dim: int) -> Tensor:
 
     ``torch.var`` over a strided axis (the window queries of (H, w, m) attention) runs a scalar Welford loop that
     costs more than the rest of a method's scoring on CPU; the two-pass sum in float64 gives the same value to
-    within rounding of the float64 accumulation (tests/test_ops.py) at a small fraction of the time.
+    within rounding of the float64 accumulation (tests/test_fast_scoring.py) at a small fraction of the time.
     """
     xd = x.double()
     return ((xd - xd.mean(dim, keepdim=True)).square_().sum(dim) / (x.shape[dim] - 1)).to(x.dtype)

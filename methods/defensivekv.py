@@ -55,18 +55,23 @@ class DefensiveKV(Method):
     def value_norms(self, ctx: LayerContext, tokens: int | None = None) -> Tensor:
         """N[h, j] = mean_g ||v_{h,j} W_O^{(h,g)}||_1 for the first ``tokens`` (default all n): (H_kv, tokens).
 
-        One batched matmul per chunk of ``norm_chunk`` tokens against the G stacked W_O slices of each KV head, the
-        absolute value taken in place: the (H, chunk, G * hidden) product is the only temporary.
+        One batched matmul per chunk of ``norm_chunk`` tokens (the chunks of all n tokens, so that every product is
+        the same matmul whatever ``tokens`` is) against the G stacked W_O slices of each KV head, into one
+        (H, chunk, G * hidden) buffer reused by every chunk (fresh large allocations cost page faults on CPU), the
+        absolute value taken in place.
         """
         h, g, d = ctx.n_kv_heads, ctx.n_groups, ctx.values.shape[-1]
         tokens = ctx.n if tokens is None else tokens
-        weight = ctx.module.o_proj.weight  # (hidden, H_q * d)
+        weight = ctx.module.o_proj.weight.detach()  # (hidden, H_q * d); out= buffers need no autograd
         w_o = weight.T.float().reshape(h, g, d, -1).transpose(1, 2).reshape(h, d, -1)  # (H, d, G * hidden)
         out = torch.empty(h, tokens, device=ctx.values.device)
+        buf = torch.empty(h * min(self.norm_chunk, ctx.n) * w_o.shape[-1], device=ctx.values.device)  # reused
         for s in range(0, tokens, self.norm_chunk):
-            v = ctx.values[:, s : min(s + self.norm_chunk, tokens)].float()  # (H, c, d)
-            prod = torch.bmm(v, w_o).abs_()  # (H, c, G * hidden)
-            out[:, s : s + v.shape[1]] = prod.reshape(h, v.shape[1], g, -1).sum(-1).mean(-1)
+            v = ctx.values[:, s : s + self.norm_chunk].float()  # (H, c, d)
+            c = v.shape[1]
+            prod = torch.bmm(v, w_o, out=buf[: h * c * w_o.shape[-1]].view(h, c, -1)).abs_()  # (H, c, G * hidden)
+            norms = prod.view(h, c, g, -1).sum(-1).transpose(1, 2).contiguous().mean(1)  # (H, c), G mean as before
+            out[:, s : s + c] = norms[:, : tokens - s]
         return out
 
     def force_stage1(self, s: Tensor, ave: Tensor, attn: Tensor, ctx: LayerContext) -> Tensor:

@@ -97,19 +97,16 @@ class EpiCache(Method):
 
     # -- scoring with a probe -------------------------------------------------------------------------------------
     def probe_scores(self, queries: Tensor, layer: LayerKV, scale: float) -> Tensor:
-        h = layer.n_heads
-        g, p = queries.shape[0] // h, queries.shape[1]
-        if layer.uniform:  # one batched matmul over the KV heads, the scale applied in place
-            keys = layer.dense()[0].float()  # (H, L, d)
-            q = queries.float().reshape(h, g * p, -1)  # (H, G * p, d)
-            s = torch.bmm(q, keys.transpose(1, 2)).mul_(scale).softmax(-1).amax(1)  # (H, L): max over probe x group
-            s[:, : self.sink] = float("inf")
-            return s
+        h, queries = layer.n_heads, queries.detach()  # out= buffers need no autograd
+        g = queries.shape[0] // h
         out = torch.full((h, int(layer.lens.max())), float("-inf"), device=queries.device)
+        buf = torch.empty(g * queries.shape[1] * out.shape[1], device=queries.device)  # probabilities, reused
         for k in range(h):
             keys = layer.head(k)[0]  # (len_k, d)
-            logits = torch.einsum("gpd,nd->gpn", queries[k * g : (k + 1) * g].float(), keys.float()) * scale
-            s = logits.softmax(-1).amax((0, 1))  # (len_k,): max over the probe's queries and the group
+            size = g * queries.shape[1] * keys.shape[0]
+            logits = torch.einsum("gpd,nd->gpn", queries[k * g : (k + 1) * g].float(), keys.float()).mul_(scale)
+            probs = torch.softmax(logits, -1, out=buf[:size].view_as(logits))  # (G, p, len_k)
+            s = probs.amax((0, 1))  # (len_k,): max over the probe's queries and the group
             s[: self.sink] = float("inf")
             out[k, : len(s)] = s
         return out

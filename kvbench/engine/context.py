@@ -96,9 +96,9 @@ class LayerContext:
         return self.memo[key]
 
     def _window_attention(self, w: int) -> Tensor:
-        q = self.queries[:, -w:].reshape(self.n_kv_heads, self.n_groups, w, -1)  # (H_kv, G, w, d)
-        logits = torch.einsum("hgwd,hnd->hgwn", q.float(), self.keys.float()) * self.scaling  # (H_kv, G, w, n)
-        logits = logits.reshape(-1, w, self.n)  # (H_q, w, n); query head i belongs to KV head i // G
+        q = self.queries[:, -w:].float().reshape(self.n_kv_heads, self.n_groups * w, -1)  # (H_kv, G * w, d)
+        logits = torch.bmm(q, self.keys.float().transpose(1, 2)).mul_(self.scaling)  # (H_kv, G * w, n)
+        logits = logits.view(-1, w, self.n)  # (H_q, w, n); query head i belongs to KV head i // G
         causal = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)  # True above the diagonal
         logits[:, :, self.n - w :].masked_fill_(causal, float("-inf"))
         if self.pad is not None:  # ragged view: padding keys get no attention
@@ -114,28 +114,33 @@ class LayerContext:
         A chunk only computes the keys its queries can see (the causal triangle: half the work of the full rows),
         rounded up to a multiple of ``COLSUM_BLOCK`` keys so that the CPU softmax reduces every row in the same
         vector blocks as a full-length masked row (the masked keys add exact zeros): the sums equal the full-row
-        computation bit for bit there. Only the chunk's diagonal block needs a mask.
+        computation bit for bit there. Only the chunk's diagonal block needs a mask; the logits and probabilities of
+        every chunk go to two buffers allocated once.
         """
         if "colsum" in self.memo:
             return self.memo["colsum"]
         max_elements = max_elements or (2**21 if self.keys.device.type == "cpu" else 2**28)
         n, n_q, hq = self.n, self.queries.shape[1], self.queries.shape[0]
         chunk = max(1, max_elements // (hq * n))
-        k_t = self.keys.float().transpose(1, 2)  # (H_kv, d, n)
-        q_all = self.queries.float().reshape(self.n_kv_heads, self.n_groups, n_q, -1)  # (H_kv, G, q, d)
+        k_t = self.keys.detach().float().transpose(1, 2)  # (H_kv, d, n); out= buffers need no autograd
+        q_all = self.queries.detach().float().reshape(self.n_kv_heads, self.n_groups, n_q, -1)  # (H_kv, G, q, d)
         offset = n - n_q  # queries cover the last q positions of the cache
         total = torch.zeros(hq, n, device=k_t.device)
+        buf = torch.empty(2, hq * min(chunk, n_q) * n, device=k_t.device)  # logits and probabilities, reused
         for s in range(0, n_q, chunk):
             e = min(s + chunk, n_q)
             seen = min(n, -(-(e + offset) // COLSUM_BLOCK) * COLSUM_BLOCK)  # keys visible to the chunk, rounded up
             q = q_all[:, :, s:e].reshape(self.n_kv_heads, -1, q_all.shape[-1])  # (H_kv, G * c, d)
-            logits = torch.bmm(q, k_t[:, :, :seen]).mul_(self.scaling).view(hq, e - s, seen)  # (H_q, c, seen)
+            size = hq * (e - s) * seen
+            logits = torch.bmm(q, k_t[:, :, :seen], out=buf[0, :size].view(self.n_kv_heads, -1, seen))
+            logits = logits.mul_(self.scaling).view(hq, e - s, seen)  # (H_q, c, seen)
             rows = torch.arange(s + offset, e + offset, device=k_t.device)[:, None]  # (c, 1) absolute positions
             cols = torch.arange(s + offset, seen, device=k_t.device)[None, :]  # the diagonal block and padding
             logits[:, :, s + offset :].masked_fill_(cols > rows, float("-inf"))
             if self.pad is not None:  # ragged view: padding keys get no attention
                 pad_keys = ~self.key_mask[:, :seen].repeat_interleave(self.n_groups, 0)  # (H_q, seen)
                 logits.masked_fill_(pad_keys[:, None, :], float("-inf"))
-            total[:, :seen] += logits.softmax(-1).to(self.queries.dtype).float().sum(1)
+            probs = torch.softmax(logits, -1, out=buf[1, :size].view(hq, e - s, seen))
+            total[:, :seen] += probs.to(self.queries.dtype).float().sum(1)
         self.memo["colsum"] = total
         return total
