@@ -43,6 +43,7 @@ from kvbench import protocols
 from kvbench.budget import Allocator, compression_ratio
 from kvbench.compat import ENGINE_DEFAULT, ModelCapabilities, check_compatible
 from kvbench.engine import Engine
+from kvbench.engine.engine import check_model
 from kvbench.errors import UsageError
 from kvbench.gguf import PREFIX as GGUF_PREFIX
 from kvbench.identity import data_identity, model_identity
@@ -180,6 +181,7 @@ def load(cfg: DictConfig, setup: Setup) -> None:
     commit = getattr(setup.model.config, "_commit_hash", None)  # transformers records the hub commit it loaded
     if "hub" in setup.model_id and not setup.model_id.get("commit") and commit:
         setup.model_id = {**setup.model_id, "commit": commit}
+    check_model(setup.model, setup.method)  # family and attention features, before a directory is claimed
     setup.method.prepare(setup.model)
     setup.opts = run_options(cfg, setup.model)
 

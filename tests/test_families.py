@@ -203,3 +203,30 @@ def test_a_model_with_only_local_layers_is_refused_for_compression() -> None:
     with Engine(model, FullKV(), Uniform(), budget=1.0) as eng:  # the full cache runs (it compresses nothing)
         eng.reset()
         torch.testing.assert_close(eng.forward(x), ref, atol=1e-5, rtol=0)
+
+
+def test_the_runner_refuses_an_unsupported_model_before_claiming_a_directory(tmp_path) -> None:
+    """A model family without an adapter is refused right after loading, with nothing written to the results."""
+    from hydra import compose, initialize_config_dir
+
+    from kvbench.runner import run
+
+    model_dir = tmp_path / "gpt2"
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0,
+                                      eos_token_id=0))
+    gpt2.save_pretrained(model_dir)
+    from kvbench.models import ASSETS
+
+    (model_dir / "tokenizer.json").write_bytes((ASSETS / "kvbench-tiny" / "tokenizer.json").read_bytes())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (ASSETS / "kvbench-tiny" / name).exists():
+            (model_dir / name).write_bytes((ASSETS / "kvbench-tiny" / name).read_bytes())
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.results={tmp_path / 'res'}", "progress=false", "limit=1",
+                                           "model=hf", f"model.pretrained={model_dir}", "model.dtype=float32",
+                                           "method=snapkv"])
+    with pytest.raises(UnsupportedModelError, match="gpt2.*has no kvbench engine adapter"):
+        run(cfg)
+    assert not (tmp_path / "res").exists() or not list((tmp_path / "res").rglob("config.yaml"))

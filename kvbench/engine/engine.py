@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 
 from kvbench.budget import Allocator, LayerScores, Uniform, default_decode_budget, tokens_per_head
 from kvbench.engine import local
-from kvbench.engine.adapters import UnsupportedModelError, adapter_for
+from kvbench.engine.adapters import ModelAdapter, UnsupportedModelError, adapter_for
 from kvbench.engine.attention import cached_attention, causal_attention, check_backend, masked_attention
 from kvbench.engine.context import LayerContext
 from kvbench.engine.quant import layer_kind
@@ -82,6 +82,20 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.module for layer in adapter_for(model).attention_layers()]
 
 
+def check_model(model: nn.Module, method: Method) -> ModelAdapter:
+    """The model's adapter, once its family and attention features are known to be supported and the method has
+    layers to compress; one clear error otherwise. The runner calls it right after loading the model, before a
+    run directory is claimed; the engine again when it is built."""
+    adapter = adapter_for(model)
+    if method.compresses and all(layer.sliding_window for layer in adapter.attention_layers()):
+        raise UnsupportedModelError(
+            f"every layer of this {adapter.family!r} model attends within a sliding window; kvbench's methods "
+            "compress global layers only (a local layer keeps its window: kvbench/engine/local.py), so "
+            f"method={method.name} would compress nothing"
+        )
+    return adapter
+
+
 def sync_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -104,19 +118,13 @@ class Engine:
         self.model, self.method, self.allocator, self.budget = model, method, allocator, budget
         self.backend = check_backend(backend)
         self.layer_kind = layer_kind(method, allocator, budget)  # how layers are stored and attended (declared)
-        self.adapter = adapter_for(model)
+        self.adapter = check_model(model, method)
         self.layers = self.adapter.attention_layers()
         self.modules = [layer.module for layer in self.layers]
         self.n_layers = len(self.modules)
         self.n_kv_heads = self.layers[0].n_kv_heads  # heads of an unexpanded cache
         self.windows = {layer.index: layer.sliding_window for layer in self.layers if layer.sliding_window}
         self.compressed_layers = [layer.index for layer in self.layers if layer.sliding_window is None]
-        if method.compresses and not self.compressed_layers:
-            raise UnsupportedModelError(
-                f"every layer of this {self.adapter.family!r} model attends within a sliding window; kvbench's "
-                "methods compress global layers only (a local layer keeps its window: kvbench/engine/local.py), "
-                f"so method={method.name} would compress nothing"
-            )
         self.device = next(model.parameters()).device
         self.store = KVStore(self.n_layers)
         self.spans: dict[str, tuple[int, int]] = {}
