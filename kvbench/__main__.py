@@ -10,6 +10,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from kvbench.cli import unknown_option
+
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
@@ -59,23 +61,8 @@ def one_line_warning(message: Warning | str, category: type[Warning], *args: Any
 GROUPS = ("model", "method", "allocator", "task")
 
 
-def unknown_option(argv: list[str]) -> str | None:
-    """A message for a ``group=option`` that names no config file (Hydra's own message omits subfolders such as
-    ``task/ruler``); None if every option exists."""
-    for arg in argv:
-        key, eq, value = arg.lstrip("+~").partition("=")
-        if not eq or key not in GROUPS or "(" in value:  # sweep functions (choice, glob) are left to Hydra
-            continue
-        folder = Path(CONF_DIR) / key
-        for option in value.split(","):
-            if option and not (folder / f"{option}.yaml").exists():
-                known = sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
-                return f"unknown {key} {option!r}; available: {', '.join(known)}"
-    return None
-
-
 if __name__ == "__main__":
-    if message := unknown_option(sys.argv[1:]):
+    if message := unknown_option(sys.argv[1:], CONF_DIR, GROUPS):
         print(f"kvbench: error: {message}", file=sys.stderr)
         sys.exit(2)
     main()

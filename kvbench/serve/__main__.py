@@ -13,6 +13,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from kvbench.cli import unknown_option
+
 CONF = Path(__file__).resolve().parents[2] / "conf"
 CONF_DIR = str(CONF / "serve")
 GROUPS = ("system", "workload", "hardware", "arch")
@@ -43,21 +45,8 @@ def summary_line(m: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def unknown_option(argv: list[str]) -> str | None:
-    for arg in argv:
-        key, eq, value = arg.lstrip("+~").partition("=")
-        if not eq or key not in GROUPS or "(" in value:
-            continue
-        folder = Path(CONF_DIR) / key
-        for option in value.split(","):
-            if option and not (folder / f"{option}.yaml").exists():
-                known = sorted(p.stem for p in folder.glob("*.yaml"))
-                return f"unknown {key} {option!r}; available: {', '.join(known)}"
-    return None
-
-
 if __name__ == "__main__":
-    if message := unknown_option(sys.argv[1:]):
+    if message := unknown_option(sys.argv[1:], CONF_DIR, GROUPS):
         print(f"kvbench.serve: error: {message}", file=sys.stderr)
         sys.exit(2)
     if not any(a.startswith("hydra.searchpath") for a in sys.argv[1:]):
