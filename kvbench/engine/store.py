@@ -89,6 +89,7 @@ class LayerKV:
     def _set(self, k: Tensor, v: Tensor, pos: Tensor, lens: list[int], caps: list[int], owned: bool) -> None:
         """Install buffers (C, d), (C, d), (C,) with the segment layout ``caps``; ``owned``: may be written to."""
         self._k, self._v, self._pos, self._cap, self._start, self._owned = k, v, pos, caps, _starts(caps), owned
+        self._row_bytes = k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size()  # one key + one value
         self._set_lens(lens)
 
     def _set_lens(self, lens: list[int]) -> None:
@@ -118,16 +119,13 @@ class LayerKV:
             self._lens_t = torch.tensor(self._len, dtype=torch.long, device=self._k.device)
         return self._lens_t
 
-    def _row_bytes(self) -> int:
-        return self._k.shape[-1] * self._k.element_size() + self._v.shape[-1] * self._v.element_size()
-
     def nbytes(self) -> int:
         """Bytes of the kept keys and values (positions are bookkeeping, not KV)."""
-        return self._total * self._row_bytes()
+        return self._total * self._row_bytes
 
     def allocated_bytes(self) -> int:
         """Bytes of the key and value buffers, slack included."""
-        return self._k.shape[0] * self._row_bytes()
+        return self._k.shape[0] * self._row_bytes
 
     # -- views --------------------------------------------------------------------------------------------------
     def dense(self) -> tuple[Tensor, Tensor]:
