@@ -178,3 +178,12 @@ def tiny_calibration_dir() -> Path:
         info = cal.model_info(model, f"tiny-random-{arch}")
         (out / f"tiny-random-{arch}.json").write_text(cal.dumps(cal.record(info, srh, errors, {"tests": True})))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster on one intra-op thread (as the runner's threads=1 default)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

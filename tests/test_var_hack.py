@@ -26,13 +26,7 @@ LABELS = torch.tensor([0, 3, 7])
 ROLES = json.loads((ASSETS / "kvbench-tiny-var" / "config.json").read_text())["head_roles"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one intra-op thread (as the runner's threads=1 default)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")

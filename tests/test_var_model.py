@@ -16,13 +16,7 @@ REF = json.loads((Path(__file__).parent / "fixtures" / "var" / "reference_shapes
 SMALL_PN = (1, 2, 3, 4, 6, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one intra-op thread (as the runner's threads=1 default)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 def shapes(module: torch.nn.Module) -> dict[str, list[int]]:

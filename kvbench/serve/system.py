@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -52,7 +53,7 @@ class SimResult:
 
 
 @dataclass
-class System:
+class System(ABC):
     """A serving system: ``simulate`` requests on a context; ``baselines`` it is compared with.
 
     ``name`` names the run directory and the system in tables (a variant is the same class with another name)."""
@@ -60,8 +61,9 @@ class System:
     name: str = "system"
     headline: ClassVar[tuple[str, ...]] = ("throughput_tok_s", "ttft_s_p99", "tbt_s_p99")  # comparison.png
 
+    @abstractmethod
     def simulate(self, requests: list[Request], ctx: SimContext) -> SimResult:
-        raise NotImplementedError
+        """Serve ``requests`` on the context's simulated hardware; the per-request timings and counters."""
 
     def baselines(self) -> dict[str, System]:
         return {}
