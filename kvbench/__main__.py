@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> Any:
         check_config(cfg)  # every top-level key, before torch, transformers or any data is loaded
         from kvbench.runner import run
 
-        metrics = run(cfg, overrides=list(HydraConfig.get().overrides.task))  # methods=[...] composes with them
+        metrics = run(cfg, overrides=job_overrides(HydraConfig.get()))  # methods=[...] composes with them
         if "score" not in metrics:  # budget=[...]: {budget: metrics}; methods=[...]: {(method, budget): metrics}
             return {key: m["score"] for key, m in metrics.items()}
         return metrics["score"]
@@ -53,6 +53,12 @@ def main(cfg: DictConfig) -> Any:
         print(f"kvbench: error: no space left on the device ({err}); free some space and rerun the same command: "
               "the answers already written are kept", file=sys.stderr)
         sys.exit(2)
+
+
+def job_overrides(hydra_cfg: Any) -> list[str]:
+    """The job's overrides, with the config search path it was composed with (``hydra.searchpath``)."""
+    searchpath = [o for o in hydra_cfg.overrides.hydra if o.lstrip("+").startswith("hydra.searchpath=")]
+    return [*searchpath, *hydra_cfg.overrides.task]
 
 
 def one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
