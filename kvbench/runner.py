@@ -1,16 +1,20 @@
-"""``run(cfg)``: the one execution path of kvbench, resumable, with no Hydra global state (tests and notebooks call it).
+"""``run(cfg)``: the one execution path of kvbench, resumable, with no Hydra global state (tests and notebooks call it;
+a method grid composes its methods' configs with Hydra's compose API from the overrides it is given).
 
-A single budget is a sweep of one: ``budget=0.2`` and ``budget=[0.1,0.2]`` go through the same steps, each once:
+A single budget is a sweep of one: ``budget=0.2``, ``budget=[0.1,0.2]`` and a method grid
+(``methods=[snapkv,adakv]``, each method composed as ``method=<name>``: :func:`kvbench.sweep.method_configs`) go
+through the same steps, each once for the whole job:
 
 1. validation of every top-level key (:func:`kvbench.validate.check_config`; the CLI runs it before torch loads);
-2. each budget's run directory checked, nothing written (busy, another configuration, unreadable files);
-3. method and allocator built and checked together with the protocol, ``prefill_chunk`` and the model's
+2. each run's directory checked, nothing written (busy, another configuration, unreadable files);
+3. every method and allocator built and checked together with the protocol, ``prefill_chunk`` and the model's
    capabilities (:func:`kvbench.compat.check_compatible`); the samples loaded, the data and model files identified;
 4. finished runs with the same inputs returned as they are (other inputs are refused, naming what differs);
 5. the model loaded once, then every unfinished run directory claimed (locked; ``overwrite=true`` replaces the old
    run only now);
-6. the per-sample loop, budget after budget or with one shared prefill (:mod:`kvbench.sweep`); every answer is
-   appended and flushed as soon as it is scored, under every protocol (:mod:`kvbench.protocols`);
+6. the per-sample loop, with one shared prefill for the runs that allow it (:mod:`kvbench.sweep`), then run after
+   run for the others; every answer is appended and flushed as soon as it is scored, under every protocol
+   (:mod:`kvbench.protocols`);
 7. metrics written per run; a failure marks (``error.json``) only the directories this process claimed and has not
    finished; every run that returns is passed to the configured logger (``logger=``, none by default).
 """

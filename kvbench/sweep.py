@@ -1,26 +1,39 @@
-"""Budget sweeps with one prefill: ``python -m kvbench method=snapkv 'budget=[0.05,0.1,0.2,0.3,0.5]'``.
+"""Budget sweeps and method grids with one prefill: ``python -m kvbench method=snapkv 'budget=[0.05,0.1,0.2]'``,
+``python -m kvbench 'methods=[fullkv,snapkv,adakv]' 'budget=[0.1,0.2,0.5]'``.
 
 For a method that compresses each layer right after the prefill's own attention over that layer, the prefill's
-hidden states (and so every layer's queries, keys, values and the last logits) do not depend on the budget: only
-what is stored afterwards does. A sweep over k budgets therefore runs each prompt's prefill once; right after a
-layer's attention, the engine's own per-layer compression runs once per budget on a copy of that layer (the full
-layer is dropped afterwards), giving k compressed caches that are entry-for-entry those of k separate runs. Each
-budget then answers over its own cache (query-aware: per question; query-agnostic: every question appended over
-its compressed context and rolled back), and its records go to the budget's *normal* run directory: the same
-config.yaml and hash as ``budget=<b>`` alone, so resuming, ``kvbench.results`` and single runs cannot tell them
-apart. Records carry ``shared_prefill: true``; their ``prefill_s`` is the shared prefill (the same number in
-every budget's record), ``compress_s`` the budget's own scoring and selection, and ``peak_kv_bytes`` the peak a
-separate run of that budget holds (replayed exactly: earlier layers compressed, the current one full). On CUDA,
-``peak_mem_bytes`` is the process's peak since the shared prefill began, i.e. with every budget's cache held.
+hidden states (and so every layer's queries, keys, values and the last logits) do not depend on the budget, nor on
+the method: only what is stored afterwards does. A job over k variants (a *variant* is a (method, allocator,
+budget); a budget sweep is a job of one method) therefore runs each prompt's prefill once; right after a layer's
+attention, the engine's own per-layer compression runs once per variant, as that variant's method, allocator and
+budget, on a copy of that layer (the full layer is dropped afterwards), giving k compressed caches that are
+entry-for-entry those of k separate runs. Each variant then answers over its own cache (query-aware: per question;
+query-agnostic: every question appended over its compressed context and rolled back), and its records go to its
+*normal* run directory: the same config.yaml and hash as ``method=<m> budget=<b>`` alone, so resuming,
+``kvbench.results`` and single runs cannot tell them apart. Records carry ``shared_prefill: true``; their
+``prefill_s`` is the shared prefill (the same number in every variant's record), ``compress_s`` the variant's own
+scoring and selection, and ``peak_kv_bytes`` the peak a separate run of that variant holds (replayed exactly:
+earlier layers compressed, the current one full). On CUDA, ``peak_mem_bytes`` is the process's peak since the
+shared prefill began, i.e. with every variant's cache held.
+
+What is shared between methods is only the prefill forward and the last logits. Each method is its own instance
+(built from its own config, shared by its budgets) with its own per-layer ``LayerContext.memo`` (``_SharedMemo``:
+window attention or H2O's column sums are computed once per layer and method, never passed to another method or
+parameter set); a method without compression (fullkv) takes the full layers as they are. A method grid's configs
+are composed as ``method=<name>`` with the job's overrides would be (``method_configs``: the method's defaults,
+e.g. its allocator, included) and must agree on everything but the method, allocator and protocol.
 
 The only engine internal this relies on is ``Engine._compress_layer(module, queries, layer, scale)``, the per-layer
-compression the engine runs right after a layer's prefill attention; ``SweepEngine`` runs it once per budget.
+compression the engine runs right after a layer's prefill attention; ``SweepEngine`` runs it once per variant.
 
-This module is engine-level only: the runner (``kvbench.runner``, the one execution path, where a single budget
-is a sweep of one) drives it; it imports nothing of the runner. Fallback, budget after budget over the one loaded
-model, with a log line: block-wise prefill
-(``prefill_chunk``), where later blocks attend over the compressed cache, and methods with
-``Method.shares_prefill = False`` (compression that changes the prefill itself or needs other layers' state).
+This module is engine-level only: the runner (``kvbench.runner``, the one execution path, where a single run is a
+job of one) drives it; it imports nothing of the runner. Variants share one prefill when they see the same prompt
+(protocol) and store their layers alike (``Method.cache``: ``share_key``). Fallback, run after run over the one
+loaded model after the shared prefill, with one log line (``fallback_reason``): block-wise prefill
+(``prefill_chunk``), where later blocks attend over the compressed cache; methods with
+``Method.shares_prefill = False`` or that cascade, evict while decoding or build episodic caches (compression that
+changes the prefill itself, needs other layers' state or keeps state outside the cache); quantised layer stores;
+and cross-layer allocators.
 """
 
 from __future__ import annotations

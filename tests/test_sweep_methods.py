@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_sweep import TIMING, records, strip
 
+from kvbench import sweep
 from kvbench.budget import Uniform
 from kvbench.engine import Engine, LayerContext
 from kvbench.errors import UsageError
@@ -151,14 +152,21 @@ def test_methods_and_method_together_or_without_overrides_are_refused(tmp_path) 
     assert not list(tmp_path.rglob("config.yaml"))
 
 
-def test_cli_method_grid_is_one_job_and_a_multirun_sweeps_grids(tmp_path) -> None:
-    """``python -m kvbench 'methods=[...]'`` and a Hydra multirun whose experiment file lists the methods in its
-    sweeper params (one grid job per protocol)."""
-    proc = subprocess.run([sys.executable, "-m", "kvbench", f"paths.results={tmp_path / 'one'}", "limit=1",
-                           "progress=false", "methods=[fullkv,snapkv]", "budget=[0.1,0.5]"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("run dir") == 4 and len(run_dirs(tmp_path / "one")) == 4
+def test_a_failing_grid_marks_every_run_it_had_claimed(tmp_path, monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise RuntimeError("decoding broke")
+
+    run(config(tmp_path, "method=snapkv", "budget=0.1", "limit=1"))  # finished before: not claimed, not marked
+    monkeypatch.setattr(sweep, "question_record", fail)
+    with pytest.raises(RuntimeError, match="decoding broke"):
+        grid(tmp_path, "methods=[snapkv,adakv,cake]", "budget=[0.1,0.3]", "limit=1")
+    marked = sorted((p.parents[4].name, p.parents[1].name) for p in tmp_path.rglob("error.json"))
+    assert marked == [(m, f"budget={b}") for m in ("adakv", "cake") for b in (0.1, 0.3)] + [("snapkv", "budget=0.3")]
+
+
+def test_cli_multirun_sweeps_method_grids_from_an_experiment_file(tmp_path) -> None:
+    """``python -m kvbench -m +experiment=<file>`` whose sweeper params list the methods (``methods: "[...]"``):
+    one grid job per protocol, each method composed with the job's overrides and the config search path."""
     exp = tmp_path / "conf" / "experiment"
     exp.mkdir(parents=True)
     (exp / "grid_test.yaml").write_text(
