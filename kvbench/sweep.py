@@ -51,7 +51,6 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from kvbench.budget import Allocator
-from kvbench.cli import unknown_option
 from kvbench.engine import Engine, KVStore, LayerContext, LayerKV
 from kvbench.engine.engine import check_model
 from kvbench.errors import UsageError
@@ -67,7 +66,7 @@ from kvbench.pipeline import (
     timed_prefill,
 )
 from kvbench.tasks.base import Sample
-from kvbench.validate import check_budgets, check_config
+from kvbench.validate import check_budgets, check_config, check_methods
 
 
 @dataclass(frozen=True)
@@ -268,7 +267,7 @@ def method_configs(cfg: DictConfig, overrides: Sequence[str] | None) -> dict[str
     """One configuration per method of ``methods=[a,b,...]``, each composed exactly as ``method=<name>`` with the
     job's other ``overrides`` (a method's defaults, e.g. its allocator, included; an explicit ``allocator=`` wins
     as it does for one method). The methods must agree on everything but the method, allocator and protocol."""
-    names = method_names(cfg.methods)
+    names = check_methods(OmegaConf.to_container(cfg.methods) if OmegaConf.is_list(cfg.methods) else cfg.methods)
     if overrides is None:
         raise UsageError("methods=[...] composes each method's config from the job's overrides: pass them, "
                          "run(cfg, overrides=[...]) (python -m kvbench does)")
@@ -279,22 +278,6 @@ def method_configs(cfg: DictConfig, overrides: Sequence[str] | None) -> dict[str
     out = {name: compose_config([*kept, f"method={name}"]) for name in names}
     check_one_job(out)
     return out
-
-
-def method_names(value: Any) -> list[str]:
-    """``methods=[a,b]`` (or one name) as a list of distinct, existing method options; one clear error if not."""
-    from kvbench.__main__ import CONF_DIR  # the CLI's config directory (imported late: it is the entry point)
-
-    names = list(value) if OmegaConf.is_list(value) or isinstance(value, list | tuple) else [value]
-    if not names:
-        raise UsageError("methods=[] names no method; give one or more, e.g. methods=[snapkv,adakv]")
-    if bad := [n for n in names if not isinstance(n, str)]:
-        raise UsageError(f"methods must name method options (conf/method/<name>.yaml), got {bad[0]!r}")
-    if len(set(names)) < len(names):
-        raise UsageError(f"methods={names} names a method twice")
-    if message := unknown_option([f"method={n}" for n in names], CONF_DIR, ("method",)):
-        raise UsageError(f"methods: {message}")
-    return names
 
 
 def override_key(override: str) -> str:

@@ -13,6 +13,7 @@ from conftest import PREFILL_METHODS, layer_store, load_method
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_sweep import TIMING, records, strip
+from test_validation import cli as validation_cli
 
 from kvbench import sweep
 from kvbench.budget import Uniform
@@ -238,3 +239,11 @@ def test_variants_storing_layers_differently_cannot_share_one_engine(tiny_model)
     per_query_head, _ = load_method("snapkv", ("method.cache=query_head",))
     with pytest.raises(ValueError, match="stores its layers one way"):
         SweepEngine.over(tiny_model("llama"), {1: Variant(snap, alloc, 0.1), 2: Variant(per_query_head, alloc, 0.1)})
+
+
+def test_cli_refuses_a_bad_method_list_before_torch_loads(tmp_path) -> None:
+    res = validation_cli(tmp_path, "methods=[snapkv,bogus]")
+    assert "EXIT 2" in res.stdout and "IMPORTED False False" in res.stdout, res.stderr[-2000:]
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvbench: error: methods: unknown method 'bogus'; available: ")
+    assert not (tmp_path / "results").exists()
