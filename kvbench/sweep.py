@@ -151,6 +151,8 @@ class SweepEngine(Engine):
         self._forking, self._splitting, lead = False, True, self.method
         # the forward compresses when any variant does (fullkv's fork takes the full layers as they are)
         self.method = next((f.variant.method for f in self.forks.values() if f.variant.method.compresses), lead)
+        self.store = _ReplayStore(self.n_layers, self.store.layers, self.store.next_position,
+                                  forks=[f.store for f in self.forks.values()])
         try:
             logits = super().forward(ids, compress)
         finally:
@@ -159,7 +161,6 @@ class SweepEngine(Engine):
             for i, layer in enumerate(self.store.layers):
                 if fork.store.layers[i] is None and layer is not None:
                     fork.store.layers[i] = layer.share()
-                    fork.store.track_peak()
             fork.store.next_position = self.store.next_position
         return logits
 
@@ -172,8 +173,7 @@ class SweepEngine(Engine):
         try:
             for fork in self.forks.values():
                 own = layer.share()  # copy-on-write: costs nothing until a fork writes
-                fork.store.layers[i] = own
-                fork.store.track_peak()  # what a separate run holds here: earlier layers compressed, this one full
+                fork.store.layers[i] = own  # its peak was replayed as the shared store tracked this layer, full
                 method = fork.variant.method
                 if method.compresses:
                     memo = memos.setdefault(id(method), _SharedMemo(method))
@@ -200,6 +200,24 @@ class SweepEngine(Engine):
         fork = self.forks[key]
         self.method, self.allocator, self.budget = fork.variant.method, fork.variant.allocator, fork.variant.budget
         self.store, self.compress_seconds, self.decode_budget = fork.store, fork.compress_s, fork.decode_budget
+
+
+@dataclass
+class _ReplayStore(KVStore):
+    """The shared prefill's own cache. Whenever it tracks its peak (a layer just stored, full; a local layer before
+    its trim), every fork tracks what a separate run of its variant holds at that moment: the fork's own layers plus
+    the shared layers it has not received yet (the layer being attended, the local layers, fullkv's full layers)."""
+
+    forks: list[KVStore] = field(default_factory=list)
+
+    def track_peak(self) -> None:
+        super().track_peak()
+        for fork in self.forks:
+            pending = [layer for own, layer in zip(fork.layers, self.layers, strict=True)
+                       if own is None and layer is not None]
+            fork.peak_bytes = max(fork.peak_bytes, fork.nbytes() + sum(x.nbytes() for x in pending))
+            fork.peak_allocated_bytes = max(fork.peak_allocated_bytes,
+                                            fork.allocated_bytes() + sum(x.allocated_bytes() for x in pending))
 
 
 def check_variants(model: nn.Module, variants: list[Variant]) -> None:
