@@ -23,6 +23,7 @@ from kvbench.engine import Engine, LayerContext
 from kvbench.errors import UsageError
 from kvbench.method import Method
 from kvbench.pipeline import prefill
+from kvbench.report.status import _run_ids
 from kvbench.results import config_hash
 from kvbench.runner import job_configs, run
 from kvbench.sweep import SweepEngine, Variant, fallback_reason, shared_prefill
@@ -183,6 +184,15 @@ def test_cli_multirun_sweeps_method_grids_from_an_experiment_file(tmp_path) -> N
     dirs = sorted(p.relative_to(tmp_path / "multi").parts[2:5] for p in (tmp_path / "multi").rglob("metrics.json"))
     assert dirs == sorted((m, a, p) for m, a in (("fullkv", "uniform"), ("adakv", "head_adaptive"))
                           for p in ("query_aware", "query_agnostic"))
+
+
+def test_status_lists_every_run_of_a_grid_job(tmp_path) -> None:
+    """``python -m kvbench.report status --sweep`` expands a grid job into its runs (one per method and budget)."""
+    job = ["methods=[fullkv,adakv]", "budget=[0.2,0.5]", f"paths.results={tmp_path}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        ids = _run_ids(compose, job)
+    assert ids == [f"synth_multikey_dense/kvbench-tiny/{m}/query_aware/budget={b}/seed=0"
+                   for m in ("fullkv/uniform", "adakv/head_adaptive") for b in (0.2, 0.5)]
 
 
 @dataclass
