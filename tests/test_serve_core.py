@@ -146,8 +146,9 @@ def test_run_writes_a_deterministic_run_directory(tmp_path: Path) -> None:
     assert run(cfg) == json.loads((out / "metrics.json").read_text())  # finished: returned as is
     with pytest.raises(UsageError, match="different configuration"):
         run(serve_cfg(*SMALL, "server.max_seqs=8", f"paths.results={tmp_path}"))
-    again = run(serve_cfg(*SMALL, f"paths.results={tmp_path}", "overwrite=true"))
-    assert again["trace_digest"] == m["trace_digest"]
+    (out / "requests.csv").unlink()
+    again = run(serve_cfg(*SMALL, f"paths.results={tmp_path}", "overwrite=true"))  # simulated again
+    assert again["trace_digest"] == m["trace_digest"] and (out / "requests.csv").exists()
     assert m["metrics"]["server"]["block_tokens"] == 16  # the replica's effective settings are recorded
     from kvbench.serve.report import main as report
 

@@ -232,18 +232,26 @@ class EPD(System):
         m = summarize(done, ctx.slo) | {"pools": sizes, "pools_at_end": self.current(cl) if cl.encoders else sizes,
                                          "role_switches": cl.switches, "peak_mem_bytes": self.peak_memory(ctx, cl),
                                          "mm_cache_hits": cl.cache_hits, "images": cl.images_seen}
-        if self.rates:
-            m["slo_vs_rate"] = {str(rate): self.at_rate(rate, ctx) for rate in self.rates}
+        if self.rates and ctx.slo:
+            m |= self.rate_curves(ctx)
         return SimResult(m, request_rows(done))
 
-    def at_rate(self, rate: float, ctx: SimContext) -> dict[str, float | None]:
+    def at_rate(self, rate: float, ctx: SimContext) -> dict[str, list[dict[str, Any]]]:
+        """The request rows of the system and its baselines on the workload at another request rate."""
         wl = copy.deepcopy(ctx.workload)
         wl.arrival.rate = rate
         reqs = build_requests(wl, ctx.seed, ctx.arch.tokens_per_image)
-        out = {}
-        for sysm in (self, *self.baselines().values()):
-            _, done, _ = sysm.run_once(reqs, ctx)
-            out[sysm.name] = summarize(done, ctx.slo).get("slo_attainment")
+        return {s.name: request_rows(s.run_once(reqs, ctx)[1]) for s in (self, *self.baselines().values())}
+
+    def rate_curves(self, ctx: SimContext) -> dict[str, Any]:
+        """SLO attainment vs request rate (``slo_vs_rate``) and, for a scaled SLO, at each of ``slo.scales``."""
+        rows = {f"{rate:g}": self.at_rate(rate, ctx) for rate in self.rates}
+        slos = {f"{s:g}": ctx.slo.at(s) for s in (ctx.slo_rule.scales if ctx.slo_rule and ctx.slo.unloaded else ())}
+        out: dict[str, Any] = {"slo_vs_rate": {r: {n: ctx.slo.attainment(x) for n, x in v.items()}
+                                               for r, v in rows.items()}}
+        if slos:
+            out["slo_vs_rate_by_scale"] = {s: {r: {n: slo.attainment(x) for n, x in v.items()} for r, v in rows.items()}
+                                           for s, slo in slos.items()}
         return out
 
     def baselines(self) -> dict[str, System]:

@@ -39,9 +39,26 @@ def comparison_figure(path: Path, runs: dict[str, Any], keys: tuple[str, ...]) -
     plt.close(fig)
 
 
-def run_figures(out: Path, runs: dict[str, Any], main: str, headline: tuple[str, ...] = ()) -> None:
+def slo_text(slo: dict[str, Any] | None, scaled: bool = False) -> str:
+    """The SLO in words: its bounds or, with ``scaled``, the unloaded latencies the scales multiply."""
+    if not slo:
+        return ""
+    base = slo.get("unloaded") if scaled else None
+    src = base or slo
+    parts = [f"{k} {src[key] * f:.3g} {unit}" for k, key, f, unit in
+             (("TTFT", "ttft_s", 1, "s"), ("TPOT", "tpot_s", 1000, "ms")) if src[key] is not None]
+    if base is None:
+        return "SLO: " + " and ".join(p.replace(" ", " <= ", 1) for p in parts)
+    q = slo["request"]
+    return (f"SLO = scale x {' and '.join(parts)}: {slo['reference']} serving one request alone "
+            f"({q['prompt']} prompt tokens, {q['images']} images, {q['output']} output tokens)")
+
+
+def run_figures(out: Path, runs: dict[str, Any], main: str, headline: tuple[str, ...] = (),
+                slo: dict[str, Any] | None = None, by_scale: dict[str, Any] | None = None) -> None:
     """latency.png: TTFT and TPOT distributions of the system and its baselines; memory.png: KV bytes over time;
-    comparison.png: the system's headline metrics against its baselines."""
+    comparison.png: the system's headline metrics against its baselines; for EPD slo_vs_rate.png, and for a scaled
+    SLO slo_vs_scale.png."""
     comparison_figure(out / "comparison.png", runs, headline)
     if not any(res.requests for res in runs.values()):
         return
@@ -70,16 +87,42 @@ def run_figures(out: Path, runs: dict[str, Any], main: str, headline: tuple[str,
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=110)
     plt.close(fig)
-    if "slo_vs_rate" in runs[main].metrics:
-        slo_figure(out / "slo_vs_rate.png", runs[main].metrics["slo_vs_rate"])
+    mm = runs[main].metrics
+    if "slo_vs_rate" in mm:
+        panels = mm.get("slo_vs_rate_by_scale") or {"": mm["slo_vs_rate"]}
+        slo_figure(out / "slo_vs_rate.png", panels, slo_text(slo, scaled="slo_vs_rate_by_scale" in mm))
+    if by_scale:
+        slo_scale_figure(out / "slo_vs_scale.png", by_scale, slo_text(slo, scaled=True).replace(": ", ":\n", 1))
 
 
-def slo_figure(path: Path, table: dict[str, dict[str, float | None]]) -> None:
-    rates = sorted(table, key=float)
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for name in table[rates[0]]:
-        ax.plot([float(r) for r in rates], [table[r][name] for r in rates], marker="o", label=name)
-    ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment", ylim=(0, 1.05), title="SLO attainment vs rate")
+def slo_figure(path: Path, panels: dict[str, dict[str, dict[str, float | None]]], bounds: Any = None) -> None:
+    """SLO attainment vs request rate, one panel per SLO scale (``{scale: {rate: {system: attainment}}}``)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
+    for ax, (scale, table) in zip(axes[0], panels.items(), strict=True):
+        rates = sorted(table, key=float)
+        for name in table[rates[0]]:
+            ax.plot([float(r) for r in rates], [table[r][name] for r in rates], marker="o", label=name)
+        ax.set(xlabel="request rate (req/s)", ylim=(-0.03, 1.05), title=f"SLO scale {scale}" if scale else "")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("SLO attainment")
+    axes[0][0].legend()
+    if bounds:
+        fig.suptitle(bounds, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def slo_scale_figure(path: Path, table: dict[str, dict[str, float | None]], title: str) -> None:
+    """SLO attainment vs SLO scale at the workload's rate (``{scale: {system: attainment}}``)."""
+    scales = sorted(table, key=float)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name in table[scales[0]]:
+        ax.plot([float(s) for s in scales], [table[s][name] for s in scales], marker=".", label=name)
+    ax.set(xlabel="SLO scale (at the workload's request rate)", ylabel="SLO attainment", ylim=(-0.03, 1.05),
+           title=title)
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
