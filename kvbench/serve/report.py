@@ -22,18 +22,78 @@ def cdf(ax: Any, values: list[float], label: str) -> None:
         ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
 
 
+HIGHER_IS_BETTER = {"throughput_tok_s", "decode_tok_s", "slo_attainment", "hit_ratio", "tokens_per_s", "max_batch",
+                    "requests_per_s", "predictor_accuracy"}
+
+
 def comparison_figure(path: Path, runs: dict[str, Any], keys: tuple[str, ...]) -> None:
-    """One bar panel per headline metric: the system and each baseline."""
+    """One bar panel per headline metric: the system and each baseline, values on the bars."""
     keys = tuple(k for k in keys if any(isinstance(r.metrics.get(k), (int, float)) for r in runs.values()))
     if not keys:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.6), squeeze=False)
     names = list(runs)
     for ax, k in zip(axes[0], keys, strict=True):
-        ax.bar(range(len(names)), [runs[n].metrics.get(k) or 0 for n in names], color=[f"C{i}" for i in
-                                                                                     range(len(names))])
+        bars = ax.bar(range(len(names)), [runs[n].metrics.get(k) or 0 for n in names],
+                      color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(k, fontsize=9)
+        ax.set_title(f"{k}\n({'higher' if k in HIGHER_IS_BETTER else 'lower'} is better)", fontsize=9)
+        ax.margins(y=0.12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log_axis(ax: Any) -> None:
+    """A log x axis labelled at 1, 2 and 5 of every decade (a distribution within one decade keeps its labels)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def latency_figure(path: Path, runs: dict[str, Any], title: str) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, res in runs.items():
+        cdf(a, [r["ttft"] for r in res.requests], name)
+        cdf(b, [r["tpot"] for r in res.requests if r["tpot"] is not None], name)
+    a.set(xlabel="TTFT (s)", ylabel="share of requests", title="time to first token")
+    b.set(xlabel="TPOT (s)", title="time per output token")
+    for ax in (a, b):
+        log_axis(ax)
+        ax.grid(alpha=0.3)
+    a.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def memory_figure(path: Path, runs: dict[str, Any]) -> None:
+    """Device KV over time (one line per system), or, for pooled systems (EPD), peak memory per GPU of each pool."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    pooled = {n: r.metrics["peak_mem_bytes"] for n, r in runs.items() if "peak_mem_bytes" in r.metrics}
+    if pooled:
+        pools = list(dict.fromkeys(p for v in pooled.values() for p in v))
+        width = 0.8 / len(pooled)
+        for i, (name, peaks) in enumerate(pooled.items()):
+            x = [k + i * width for k, p in enumerate(pools) if p in peaks]
+            bars = ax.bar(x, [peaks[p] / 2**30 for p in pools if p in peaks], width, label=name)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        names = {"E": "encode", "P": "prefill", "D": "decode", "A": "aggregated"}
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(pools))], [names.get(p, p) for p in pools])
+        ax.set(ylabel="GiB per GPU", title="peak memory per GPU by pool (weights + activations + KV)")
+        ax.margins(y=0.12)
+    for name, res in ({} if pooled else runs).items():
+        if res.iterations:
+            ax.plot([row[0] for row in res.iterations], [row[4] / 2**30 for row in res.iterations], label=name, lw=0.8)
+    if not pooled:
+        ax.set(xlabel="time (s)", ylabel="KV held (GiB)", title="device KV memory")
+    if not ax.lines and not ax.patches:
+        plt.close(fig)
+        return
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -62,31 +122,10 @@ def run_figures(out: Path, runs: dict[str, Any], main: str, headline: tuple[str,
     comparison_figure(out / "comparison.png", runs, headline)
     if not any(res.requests for res in runs.values()):
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, res in runs.items():
-        cdf(a, [r["ttft"] for r in res.requests], name)
-        tpot = [r["tpot"] for r in res.requests if r["tpot"] is not None]
-        cdf(b, tpot, name)
-    a.set(xlabel="TTFT (s)", ylabel="share of requests", xscale="log", title="time to first token")
-    b.set(xlabel="TPOT (s)", xscale="log", title="time per output token")
-    for ax in (a, b):
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    a.legend()
-    fig.suptitle(f"{main}: {out.parent.parent.parent.parent.name} | {out.parent.parent.parent.name}")
-    fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    for name, res in runs.items():
-        if res.iterations:
-            t = [row[0] for row in res.iterations]
-            ax.plot(t, [row[4] / 2**30 for row in res.iterations], label=name, lw=0.8)
-    ax.set(xlabel="time (s)", ylabel="KV held (GiB)", title="device KV memory")
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "memory.png", dpi=110)
-    plt.close(fig)
+    parts = [out.parent.parent.parent.parent.name, out.parent.parent.parent.name, out.parent.parent.name,
+             out.parent.name]  # workload | hardware | arch | kv
+    latency_figure(out / "latency.png", runs, f"{main}: " + " | ".join(parts))
+    memory_figure(out / "memory.png", runs)
     mm = runs[main].metrics
     if "slo_vs_rate" in mm:
         panels = mm.get("slo_vs_rate_by_scale") or {"": mm["slo_vs_rate"]}
