@@ -149,6 +149,8 @@ def test_run_writes_a_deterministic_run_directory(tmp_path: Path) -> None:
     (out / "requests.csv").unlink()
     again = run(serve_cfg(*SMALL, f"paths.results={tmp_path}", "overwrite=true"))  # simulated again
     assert again["trace_digest"] == m["trace_digest"] and (out / "requests.csv").exists()
+    (out / "metrics.json").unlink()  # a run killed before its last write: resumed by simulating it again
+    assert run(cfg)["trace_digest"] == m["trace_digest"] and (out / "metrics.json").exists()
     assert m["metrics"]["server"]["block_tokens"] == 16  # the replica's effective settings are recorded
     from kvbench.serve.report import main as report
 

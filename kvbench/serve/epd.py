@@ -10,12 +10,18 @@
 ``pools: null`` lets the resource allocator choose ``(E, P, D)`` for ``gpus`` GPUs: every split with at least one
 GPU per pool, the one with the lowest bottleneck utilisation ``max_i demand_i / n_i`` (each pool's device seconds
 per request, estimated from the cost model on the workload's mean request). The paper's allocator searches with a
-simulator; ours balances the same demands analytically (a deviation). Role switching is not modelled.
+simulator; ours balances the same demands analytically (a deviation). Role switching (``role_switch``): every
+``monitor_s`` the allocator re-runs on the last window's requests and one GPU drains, spends ``switch_s`` and joins
+the pool below its target.
 
 Baselines on the same GPUs: ``aggregated`` (every GPU a vLLM-like replica that encodes its requests' images inside
 the prefill iteration) and ``pd`` (DistServe-style prefill/decode disaggregation, encoding on the prefill GPUs).
 Peak memory per pool is weights (encoder and/or LLM) + encoder activations of the images in flight
 (``encoder_act_bytes`` each, our estimate) + the peak KV.
+
+SLO attainment (also against request rate, ``rates``) uses the run's SLO; ``system=epd`` defaults to ``slo=scaled``
+(:mod:`kvbench.serve.slo`): 2 x the aggregated server's unloaded TTFT and TPOT on the median request, the same
+bounds for EPD and both baselines, and the curves are also reported at each of ``slo.scales``.
 """
 
 from __future__ import annotations
