@@ -139,7 +139,7 @@ def test_trace_replay(tmp_path: Path) -> None:
 def test_run_writes_a_deterministic_run_directory(tmp_path: Path) -> None:
     cfg = serve_cfg(*SMALL, f"paths.results={tmp_path}")
     m = run(cfg)
-    out = tmp_path / "serve/vllm/sharegpt/a100-80gb/llama-3-8b/kv=full/seed=0"
+    out = tmp_path / "serve/vllm/sharegpt/a100-80gb/llama-3-8b/kv=full/slo=ttft2-tpot0.1/seed=0"
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m))
     for name in ("config.yaml", "requests.csv", "iterations.csv", "latency.png", "memory.png"):
         assert (out / name).exists(), name

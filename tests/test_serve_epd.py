@@ -108,5 +108,5 @@ def test_slo_vs_rate_and_scale_are_reported(tmp_path: Path) -> None:
     assert x["slo_vs_rate"]["4"] == x["slo_vs_rate_by_scale"]["2"]["4"]  # the default scale is 2
     assert m["slo"]["reference"] == "aggregated" and set(m["slo_vs_scale"]["2"]) == {"epd", "aggregated", "pd"}
     assert m["slo_vs_scale"]["2"]["epd"] == x["slo_attainment"]
-    assert all((tmp_path / "serve/epd/multimodal/a100-80gb/minicpm-v-2.6/kv=full/seed=0" / f).exists()
+    assert all((tmp_path / "serve/epd/multimodal/a100-80gb/minicpm-v-2.6/kv=full/slo=x2/seed=0" / f).exists()
                         for f in ("slo_vs_rate.png", "slo_vs_scale.png"))

@@ -122,8 +122,7 @@ def run_figures(out: Path, runs: dict[str, Any], main: str, headline: tuple[str,
     comparison_figure(out / "comparison.png", runs, headline)
     if not any(res.requests for res in runs.values()):
         return
-    parts = [out.parent.parent.parent.parent.name, out.parent.parent.parent.name, out.parent.parent.name,
-             out.parent.name]  # workload | hardware | arch | kv
+    parts = out.parts[-6:-1]  # workload | hardware | arch | kv | slo (run.run_dir)
     latency_figure(out / "latency.png", runs, f"{main}: " + " | ".join(parts))
     memory_figure(out / "memory.png", runs)
     mm = runs[main].metrics

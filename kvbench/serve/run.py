@@ -1,6 +1,6 @@
 """``run(cfg)``: one simulation into one deterministic run directory (the pure function under ``__main__``).
 
-    <results>/serve/<system>/<workload>/<hardware>/<arch>/kv=<full|method-allocator-b<budget>>/seed=<s>/
+    <results>/serve/<system>/<workload>/<hardware>/<arch>/kv=<full|method-allocator-b<budget>>/slo=<tag>/seed=<s>/
         config.yaml      resolved config + hash (+ the calibration file's SHA-256 for hardware=cpu)
         metrics.json     the system's metrics, each baseline's, and system / baseline ratios; written last
         requests.csv     one row per request and system: arrival, TTFT, TPOT, e2e, preemptions
@@ -28,7 +28,7 @@ from kvbench.serve.arch import arch_from_cfg
 from kvbench.serve.core import ServerConfig
 from kvbench.serve.hardware import hardware_from_cfg
 from kvbench.serve.kvsource import KVPolicy, kv_policy
-from kvbench.serve.slo import attainment_vs_scale, parse_slo, resolve
+from kvbench.serve.slo import attainment_vs_scale, parse_slo, resolve, slo_tag
 from kvbench.serve.system import SimContext, SimResult, System
 from kvbench.serve.workload import build_requests
 
@@ -47,7 +47,8 @@ def server_config(node: Any, kv: KVPolicy) -> ServerConfig:
 
 
 def run_dir(cfg: DictConfig, kv: KVPolicy) -> Path:
-    parts = (cfg.system.name, cfg.workload.name, cfg.hardware.name, cfg.arch.name, f"kv={kv.tag}", f"seed={cfg.seed}")
+    parts = (cfg.system.name, cfg.workload.name, cfg.hardware.name, cfg.arch.name, f"kv={kv.tag}",
+             f"slo={slo_tag(cfg.get('slo'))}", f"seed={cfg.seed}")
     return Path(cfg.paths.results, "serve", *map(str, parts))
 
 

@@ -1,11 +1,12 @@
 """Service-level objectives: absolute (``ttft_s`` / ``tpot_s``), or an ``SLO scale`` of an unloaded latency.
 
-A derived SLO is what DistServe (Zhong et al., OSDI'24) calls the SLO scale: the TTFT and TPOT bounds are
-``scale`` x the latency of a *reference* system serving one request alone (no queueing, no batching), on the
-workload's median request; every system compared is held to the same absolute bounds. EPDServe's own plots use fixed
-thresholds for its hardware (``analyze.py``: TTFT < 1.4 s, TPOT < 0.04 s at 2 images per request); fixed numbers do
-not carry over to modelled hardware and other image counts, where a bound just below or above every request's
-unloaded latency makes attainment a step (0 or 1) instead of a measure of load. So EPD's workloads use a scale.
+A derived SLO multiplies a base latency by a ``scale``, as DistServe's (Zhong et al., OSDI'24) "SLO scale"
+experiments do: the TTFT and TPOT bounds are ``scale`` x the latency of a *reference* system serving the workload's
+median request alone (no queueing, no batching), and every system compared is held to the same absolute bounds.
+The base is our choice (EPD's SLO values were not retrieved). EPDServe's own plots use fixed thresholds for its
+hardware (``analyze.py``: TTFT < 1.4 s, TPOT < 0.04 s at 2 images per request); fixed numbers do not carry over to
+modelled hardware and other image counts, where a bound just below or above every request's unloaded latency makes
+attainment a step (0 or 1) instead of a measure of load. So ``system=epd`` uses a scale (``slo=scaled``).
 
 * reference: the system's first baseline (EPD: ``aggregated``, the vLLM-like server; FastSwitch / vAttention:
   ``vllm``), or the system itself when it has none; ``slo.reference`` names another;
@@ -43,12 +44,22 @@ def parse_slo(node: Any) -> tuple[SLO | None, SLORule | None]:
             raise UsageError("slo: give ttft_s / tpot_s (seconds) or scale (x the unloaded latency)")
         return SLO(d.get("ttft_s"), d.get("tpot_s")), None
     if d.get("ttft_s") is not None or d.get("tpot_s") is not None:
-        raise UsageError(f"slo: scale={scale} derives ttft_s and tpot_s; set slo.ttft_s=null slo.tpot_s=null "
-                         "for a scale, or slo.scale=null for absolute bounds")
+        raise UsageError(f"slo: scale={scale} derives ttft_s and tpot_s, so they cannot be given too; use "
+                         "slo=scaled slo.scale=<x> or slo=absolute slo.ttft_s=<s> slo.tpot_s=<s>")
     scales = tuple(float(s) for s in d.get("scales") or ())
     if min((float(scale), *scales)) <= 0:
         raise UsageError(f"slo: scales must be > 0, got scale={scale}, scales={list(scales)}")
     return None, SLORule(float(scale), d.get("reference"), scales)
+
+
+def slo_tag(node: Any) -> str:
+    """The run directory's ``slo=`` part: ``ttft2-tpot0.1`` (absolute), ``x2`` or ``x2-pd`` (scaled, reference)."""
+    slo, rule = parse_slo(node)
+    if rule is not None:
+        return f"x{rule.scale:g}" + (f"-{rule.reference}" if rule.reference else "")
+    if slo is None:
+        return "none"
+    return "-".join(f"{k}{'none' if v is None else f'{v:g}'}" for k, v in (("ttft", slo.ttft_s), ("tpot", slo.tpot_s)))
 
 
 def reference_request(requests: list[Request]) -> Request:
