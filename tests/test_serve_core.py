@@ -156,7 +156,7 @@ def test_run_writes_a_deterministic_run_directory(tmp_path: Path) -> None:
 
     report([str(tmp_path)])
     table = (tmp_path / "report" / "serve.md").read_text()
-    assert "| vllm" in table and "sharegpt" in table
+    assert "| vllm" in table and "sharegpt" in table and "ttft2-tpot0.1" in table
 
 
 def test_cli_runs_and_rejects_bad_input(tmp_path: Path) -> None:

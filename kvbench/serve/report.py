@@ -171,6 +171,12 @@ COLUMNS = ("throughput_tok_s", "ttft_s_p50", "ttft_s_p99", "tbt_s_p99", "tpot_s_
            "preemptions", "swap_bytes", "copy_calls", "max_batch")
 
 
+def slo_dir(metrics_file: Path) -> str:
+    """The SLO tag of a run directory (``.../slo=<tag>/seed=<s>/metrics.json``; '' for the older layout)."""
+    name = metrics_file.parent.parent.name
+    return name.removeprefix("slo=") if name.startswith("slo=") else ""
+
+
 def load_serve(root: str | Path) -> pd.DataFrame:
     """One row per (run directory, system or baseline) under ``root``."""
     rows = []
@@ -180,7 +186,7 @@ def load_serve(root: str | Path) -> pd.DataFrame:
             continue
         for name, x in {m["system"]: m["metrics"], **m["baselines"]}.items():
             rows.append({"run": m["system"], "system": name, "workload": m["workload"], "hardware": m["hardware"],
-                         "arch": m["arch"], "kv": m["kv"]["tag"], "seed": m["seed"],
+                         "arch": m["arch"], "kv": m["kv"]["tag"], "slo": slo_dir(f), "seed": m["seed"],
                          **{c: x.get(c) for c in COLUMNS}})
     return pd.DataFrame(rows)
 
