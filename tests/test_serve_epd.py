@@ -12,6 +12,7 @@ from test_serve_helpers import ctx_for, serve_cfg
 from kvbench.errors import UsageError
 from kvbench.serve.cost import Batch, CostModel
 from kvbench.serve.epd import EPD, allocate, encode_s
+from kvbench.serve.metrics import request_rows
 from kvbench.serve.run import run
 from kvbench.serve.slo import SCALE_GRID, resolve
 from kvbench.serve.workload import Request, build_requests
@@ -110,3 +111,24 @@ def test_slo_vs_rate_and_scale_are_reported(tmp_path: Path) -> None:
     assert m["slo_vs_scale"]["2"]["epd"] == x["slo_attainment"]
     assert all((tmp_path / "serve/epd/multimodal/a100-80gb/minicpm-v-2.6/kv=full/slo=x2/seed=0" / f).exists()
                         for f in ("slo_vs_rate.png", "slo_vs_scale.png"))
+
+
+def test_the_searching_allocator_picks_the_split_with_the_best_slo_attainment() -> None:
+    """allocator=search simulates every (E, P, D) split of 5 GPUs on another draw of the workload (seed 1) and
+    keeps the best attainment: no split does better on that draw, and it is at least the balanced split's."""
+    cfg, ctx = ctx_for("system=epd", "workload.n_requests=40", "workload.arrival.rate=2", "slo.scale=1.5")
+    reqs = build_requests(cfg.workload, 0, ctx.arch.tokens_per_image)
+    epd = EPD(gpus=5, allocator="search")
+    resolve(epd, reqs, ctx)
+    chosen = epd.sizes(reqs, ctx)
+    trial = build_requests(cfg.workload, 1, ctx.arch.tokens_per_image)
+    att = {tuple(s.values()): ctx.slo.attainment(request_rows(EPD(gpus=5).run_once(trial, ctx, s)[1]))
+           for s in epd.splits()}
+    assert len(att) == 6 and att[tuple(chosen.values())] == max(att.values())
+    balanced = EPD(gpus=5).sizes(reqs, ctx)
+    assert att[tuple(chosen.values())] >= att[tuple(balanced.values())]
+    assert max(att.values()) > min(att.values())  # the choice matters on this workload
+    with pytest.raises(UsageError, match="allocator=search"):
+        EPD(allocator="search").sizes(reqs, ctx_for("system=epd")[1])  # no SLO resolved yet
+    with pytest.raises(UsageError, match="balance or search"):
+        EPD(allocator="simulate").sizes(reqs, ctx)
