@@ -146,6 +146,7 @@ class ZipVL(Method):
     seed: int = 0
 
     compresses: ClassVar[bool] = False  # every token is kept, at one of two precisions
+    shares_prefill: ClassVar[bool] = False  # the sparse prefill attention changes the prefill itself
     plans: ClassVar[bool] = True
     own_prefill_attention: ClassVar[bool] = True
     layer_store: ClassVar[str] = "quantized"

@@ -349,11 +349,9 @@ class Engine:
         every, i = self.method.replan_interval(), module.layer_idx
         if every <= 0:
             return
-        recent = torch.cat([*self._plan_queries.pop(i, []), query], dim=1)[:, -layer.pending_tokens():]
-        if layer.pending_tokens() < every:
-            self._plan_queries[i] = [recent]
-            return
-        self._plan_layer(module, recent, layer, scale)
+        self._plan_queries.setdefault(i, []).append(query)  # at most ``every`` tokens' queries per layer
+        if sum(q.shape[1] for q in self._plan_queries[i]) >= every:
+            self._plan_layer(module, torch.cat(self._plan_queries.pop(i), dim=1), layer, scale)
 
     def _compress_layer(self, module: nn.Module, queries: Tensor, layer: LayerKV, scale: float) -> None:
         """Score a (global) layer right after its attention and keep what the allocator grants (a plan method:
