@@ -116,7 +116,7 @@ def guikv_scores(scores: Tensor, hidden: Tensor, keys: Tensor, images: list[tupl
     start, end = images[-1]
     stop = max(start, min(end, out.shape[-1]))  # a span reaching into the window is clipped (module docstring)
     out[:, start:stop] += spatial_saliency(hidden[start:end], alpha, temperature)[: stop - start]
-    prev = span_positions(images[:-1])
+    prev = span_positions(images[:-1]).to(out.device)
     prev = prev[prev < out.shape[-1]]  # earlier-screenshot tokens in the window are kept anyway
     if prev.numel() == 0:
         return out

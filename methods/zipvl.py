@@ -30,6 +30,13 @@ tokens ``HIGH`` at ``bits_high``, the rest ``LOW`` at ``bits_low`` (ZipCache's 4
 channel over token groups and values per token, real packed bytes; v2 evicts the rest and keeps the important ones
 in full precision. Text tokens are scored like image tokens (ZipVL's rule is modality-agnostic); the image spans are
 not needed.
+
+Known consequence of the zero-output reconstruction (measured on the text default, kvbench-tiny, 4 samples of
+synth_multikey_dense): the last prompt token is not important in layers 1 and 2 there, so its attention output is
+0 and the answer is lost: ``zipvl`` 25 %, ``zipvl_evict`` 0 % exact match, against 100 % / 75 % with
+``sparse_prefill=false`` (dense prefill, only the KV compression) and 100 % for the full cache. Real LVLMs attend
+strongly among their recent text tokens, which the causal normalisation then marks important; report both settings
+until the paper's handling of the unimportant queries is known.
 """
 
 from __future__ import annotations
