@@ -61,10 +61,10 @@ class Method(ABC):
 
     # Per-token plans instead of scores (ZipVL): ``plan(ctx)`` gives every token of the layer EVICT / LOW / HIGH
     # (kvbench.engine.quant) and the engine applies it to the quantised layer (``layer_store = "quantized"``) at
-    # every budget, also 1.0; again while generating, every ``replan_every`` new tokens, for those tokens.
+    # every budget, also 1.0; again while generating, every ``replan_interval()`` new tokens, for those tokens.
     plans: ClassVar[bool] = False
-    # The method computes the prefill attention of the layers it compresses itself (``prefill_attention``: ZipVL's
-    # sparse attention over its important tokens) instead of the engine's dense causal attention.
+    # A plan method that computes the prefill attention of the layers it compresses itself (``prefill_attention``:
+    # ZipVL's sparse attention over its important tokens) instead of the engine's dense causal attention.
     own_prefill_attention: ClassVar[bool] = False
     # False when the method needs the whole prompt in one forward (GUI-KV's image spans and hidden states, ZipVL's
     # sparse prefill): ``prefill_chunk`` is refused before the run starts (kvbench.compat).
@@ -86,7 +86,7 @@ class Method(ABC):
 
     def prefill_attention(self, ctx: LayerContext, backend: str) -> Tensor:
         """(n, H_q, d) prefill attention output of a fresh layer from ``ctx.queries/keys/values`` (the new tokens);
-        what the method leaves in ``ctx.memo`` / ``ctx.stats`` reaches the same layer's ``plan`` / ``score``.
+        the same context (``memo``, ``stats``) then goes to the layer's ``plan``.
         Only called when ``own_prefill_attention`` is set."""
         raise NotImplementedError(f"{type(self).__name__} sets own_prefill_attention but has no prefill_attention()")
 

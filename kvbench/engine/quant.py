@@ -347,6 +347,9 @@ LAYER_STORES = ("evict", "quantized")
 
 def layer_kind(method: Method, allocator: Allocator, budget: float) -> LayerKind:
     """The layer kind of ``method.layer_store``, after checking that method, allocator and budget go together."""
+    if method.own_prefill_attention and not method.plans:
+        raise UsageError(f"{type(method).__name__} sets own_prefill_attention, which the engine runs for plan methods "
+                         "only (plans = True)")
     if method.layer_store == "evict" and method.plans:
         raise UsageError(f"{type(method).__name__} sets plans (per-token precisions): it needs layer_store='quantized'")
     if method.layer_store == "evict":
