@@ -198,13 +198,15 @@ class CachedNorm(Method):
 
 
 def grid_variants() -> dict:
-    """Every evicting method that shares its prefill (its own instance), at two budgets, and two instances of one
-    memo-caching method with different parameters."""
+    """Every evicting method with a KV-head cache that shares its prefill (its own instance), at two budgets, and two
+    instances of one memo-caching method with different parameters. (One engine stores its layers one way: the
+    query-head methods, guikv, are forked on their own in tests/test_sweep.py.)"""
     variants = {}
     for name in PREFILL_METHODS:
         method, allocator = load_method(name)
         cfg = OmegaConf.create({"method": {"name": name}, "allocator": {"name": "a"}})
-        if layer_store(name) == "evict" and fallback_reason(cfg, method, allocator) is None:
+        shares = fallback_reason(cfg, method, allocator) is None
+        if layer_store(name) == "evict" and method.cache == "kv_head" and shares:
             variants.update({(name, b): Variant(method, allocator, b) for b in (0.1, 20)})
     for power in (1.0, -1.0):
         variants.update({(f"norm^{power}", b): Variant(CachedNorm(power=power), Uniform(), b) for b in (0.3, 12)})
