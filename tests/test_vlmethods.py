@@ -277,3 +277,22 @@ def test_apply_tail_plan_keeps_earlier_entries_as_they_are() -> None:
     bits = layer.k.bits.view(-1).tolist()
     assert bits[:n] == before[:n].tolist() and bits[n : n + 2] == [4, 2]  # head 0: earlier as before, tail planned
     assert layer.head(1)[2].tolist() == [*range(n), n, n + 1]  # head 1 evicted its last new token
+
+
+def test_zipvl_keep_last_makes_the_last_token_important_within_the_same_count_at_the_cap() -> None:
+    n, d = 16, 8
+    q = torch.zeros(N_HEADS, n, d)
+    k = torch.zeros(N_KV_HEADS, n, d)
+    k[:, 0, 0] = 20.0  # every probe attends to token 0: the plain rule marks only it (and its neighbours) important
+    q[:, :, 0] = 1.0
+    v = torch.randn(N_KV_HEADS, n, d, generator=torch.Generator().manual_seed(0))
+
+    def ctx(keep: int) -> LayerContext:
+        return LayerContext(0, 1, torch.nn.Identity(), q, k, v, torch.arange(n), 0, keep, d**-0.5)
+
+    plain = ZipVL(recent=4, random=2, tau=0.5, keep_last=False).important(ctx(n))
+    assert not plain[-1] and plain[0]
+    ours = ZipVL(recent=4, random=2, tau=0.5).important(ctx(n))
+    assert ours[-1] and torch.equal(ours[:-1], plain[:-1])  # added on top below the cap
+    capped = ZipVL(recent=4, random=2, tau=0.5).important(ctx(int(plain.sum())))
+    assert capped[-1] and int(capped.sum()) == int(plain.sum())  # at the cap it replaces the weakest
