@@ -43,7 +43,7 @@ SCHEDULE = {"h_div_w": "1:1", "pn": "0.06M", "n_scales": 5}
 T5 = {"vocab_size": 384, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
       "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0}
 ROLES = (("vertical", "diag", "random", "random"), ("diag", "random", "vertical", "random"))
-SCALE = {"diag": 40.0, "vertical": 30.0}
+SCALE = {"diag": 15.0, "vertical": 60.0}
 DIAG_CH = [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]  # RoPE pairs 0-2 (rows) and 4-6 (columns) of a head
 VERT_CH = [6, 7, 14, 15]  # the lowest-frequency pair of each axis
 

@@ -34,7 +34,8 @@ class VarTask:
     def from_cfg(cls, task: Any, kind: str, num_classes: int | None = None) -> VarTask:
         """``kind``: the model's condition (``Bundle.condition``); ``num_classes`` bounds class labels."""
         if task.get("family") != "var":
-            raise UsageError(f"task {task.name!r} is not a next-scale task (family: var); e.g. {EXAMPLE[kind]}")
+            raise UsageError(f"task {task.name!r} is not a VAR task (family: var, the next-scale runner); this model "
+                             f"runs e.g. {EXAMPLE[kind]}")
         if task.get(kind) is None:
             raise UsageError(f"task {task.name!r} has no {kind}, which this model is conditioned on; e.g. "
                              f"{EXAMPLE[kind]}")
