@@ -136,3 +136,68 @@ def test_mismatched_models_and_tasks_are_one_clear_error(tmp_path, model, task, 
     with pytest.raises(UsageError, match=message):
         run(cfg)
     assert not list(tmp_path.rglob("*")), "nothing written before the inputs are checked"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's byte -> printable-character table (for a tiny CLIP vocabulary written here)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A CLIP model built offline from a config (random weights) with a byte-level vocabulary, saved as a folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    out = tmp_path_factory.mktemp("clip")
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"))
+    text = {"vocab_size": 514, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 77}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out)
+    image = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image, tokenizer=tok).save_pretrained(out)
+    return out
+
+
+def test_clip_score_is_100_times_the_clipped_cosine(tiny_clip, tiny) -> None:
+    """Against the embeddings computed through the CLIP towers and projections by hand."""
+    from kvbench.var.metrics import clip_score, load_clip
+
+    clip = load_clip(str(tiny_clip))
+    images = generate_infinity(*tiny, PROMPTS, seed=0).image
+    model, proc = clip
+    inputs = proc(text=PROMPTS, images=list(images.mul(255).round().byte().permute(0, 2, 3, 1).numpy()),
+                  return_tensors="pt", padding=True)
+    with torch.no_grad():
+        img = model.visual_projection(model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output)
+        txt = model.text_projection(model.text_model(input_ids=inputs["input_ids"],
+                                                     attention_mask=inputs["attention_mask"]).pooler_output)
+    cos = torch.nn.functional.cosine_similarity(img, txt)
+    assert torch.allclose(torch.tensor(clip_score(images, PROMPTS, clip)), 100 * cos.clamp_min(0), atol=1e-4)
+
+
+def test_clip_score_in_a_run_and_its_errors(tmp_path, tiny_clip) -> None:
+    metrics = run(composed("method=snapkv", "budget=0.3", f"paths.results={tmp_path}", *SMALL,
+                           "task.metrics=[token_agreement,psnr,ssim,clip_score]", f"task.clip_model={tiny_clip}"))
+    assert 0 <= metrics["clip_score"] <= 100 and 0 <= metrics["full_clip_score"] <= 100
+    assert len(metrics["batches"][0]["clip_score"]) == 2
+    with pytest.raises(UsageError, match="could not be loaded"):
+        run(composed("method=snapkv", f"paths.results={tmp_path / 'b'}", *SMALL, "task.metrics=[clip_score]",
+                     f"task.clip_model={tmp_path / 'no-clip'}"))
+    with pytest.raises(UsageError, match="needs text prompts and task.clip_model"):
+        run(composed("method=snapkv", f"paths.results={tmp_path / 'c'}", *SMALL, "task.metrics=[clip_score]"))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

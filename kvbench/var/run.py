@@ -35,7 +35,7 @@ from kvbench.var.bundle import Bundle, load_bundle
 from kvbench.var.compress import VarMethod
 from kvbench.var.generate import Generation
 from kvbench.var.load import ASSETS
-from kvbench.var.metrics import DISTRIBUTION, fidelity_metrics, psnr, ssim, token_agreement
+from kvbench.var.metrics import DISTRIBUTION, clip_score, fidelity_metrics, load_clip, psnr, ssim, token_agreement
 from kvbench.var.task import VarTask
 
 
@@ -120,6 +120,7 @@ class Setup:
     budget: float
     device: torch.device
     distribution: list[str]
+    clip: tuple[Any, Any] | None = None  # CLIPModel, CLIPProcessor when the task asks for clip_score
 
 
 def setup(cfg: DictConfig) -> Setup:
@@ -135,7 +136,8 @@ def setup(cfg: DictConfig) -> Setup:
     wanted = [m for m in task.metrics if m in DISTRIBUTION]
     if wanted:  # fail before generating anything when the packages are missing
         fidelity_metrics(wanted, None, task.fid_reference, check_only=True)
-    return Setup(bundle, task, method, scorer, budget, device, wanted)
+    clip = load_clip(str(task.clip_model)) if "clip_score" in task.metrics else None
+    return Setup(bundle, task, method, scorer, budget, device, wanted, clip)
 
 
 def generate_all(s: Setup, run_seed: int, out_dir: Path) -> list[dict[str, Any]]:
@@ -146,6 +148,9 @@ def generate_all(s: Setup, run_seed: int, out_dir: Path) -> list[dict[str, Any]]
         ref = s.bundle.sample(conditions, seed, **s.task.sampling())
         out = s.bundle.sample(conditions, seed, method=s.scorer, budget=s.budget, **s.task.sampling())
         batches.append(compare(out, ref))
+        if s.clip is not None:  # the method's images and the full cache's, against their prompts
+            batches[-1] |= {"clip_score": clip_score(out.image, conditions, s.clip),
+                            "full_clip_score": clip_score(ref.image, conditions, s.clip)}
         if s.task.save_images:
             save_grid(out_dir / f"grid_seed{k}.png", ref.image, out.image)
             save_images(out_dir / "images", out.image, k, s.task)
@@ -202,6 +207,9 @@ def execute(cfg: DictConfig, s: Setup, out_dir: Path) -> dict[str, Any]:
                "compression_ratio": compression_ratio(s.budget, sum(sizes)),
                **summarise(batches, sizes), "inputs": s.method.inputs(),
                "wall_s": round(time.perf_counter() - t0, 3), "device": str(s.device)}
+    if s.clip is not None:
+        metrics["clip_score"] = float(np.mean(sum((b["clip_score"] for b in batches), [])))
+        metrics["full_clip_score"] = float(np.mean(sum((b["full_clip_score"] for b in batches), [])))
     if s.distribution:
         metrics["fidelity"] = fidelity_metrics(s.distribution, out_dir / "images", s.task.fid_reference)
     return metrics
@@ -223,6 +231,8 @@ def report(metrics: dict[str, Any]) -> str:
         f"attention  {sum(metrics['attention_ms_by_scale']):.1f} ms per batch "
         f"(full {sum(metrics['full_attention_ms_by_scale']):.1f} ms, ratio {metrics['attention_time_ratio']:.2f};"
         " runs interleaved)"]
+    if "clip_score" in metrics:
+        lines.insert(3, f"CLIP       score {metrics['clip_score']:.2f} (full cache {metrics['full_clip_score']:.2f})")
     if metrics.get("condition_kv_bytes"):
         lines.insert(4, f"condition  text cross-attention K/V {metrics['condition_kv_bytes'] / mib:.3f} MiB "
                         "(both streams, computed once, not compressed; not in the KV bytes above)")

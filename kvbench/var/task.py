@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbench.errors import UsageError
-from kvbench.var.metrics import DISTRIBUTION, OFFLINE
+from kvbench.var.metrics import DISTRIBUTION, OFFLINE, TEXT
 
 SAMPLING = {"classes": ("cfg", "top_k", "top_p"), "prompts": ("cfg", "tau", "top_k", "top_p")}
 EXAMPLE = {"classes": "task=var_class", "prompts": "task=infinity_prompts"}
@@ -29,6 +29,7 @@ class VarTask:
     metrics: tuple[str, ...]
     save_images: bool = True
     fid_reference: str | None = None
+    clip_model: str | None = None
 
     @classmethod
     def from_cfg(cls, task: Any, kind: str, num_classes: int | None = None) -> VarTask:
@@ -42,7 +43,8 @@ class VarTask:
         conditions = tuple(int(c) for c in task[kind]) if kind == "classes" else tuple(str(p) for p in task[kind])
         settings = tuple((k, float(task[k]) if k != "top_k" else int(task[k])) for k in SAMPLING[kind])
         out = cls(str(task.name), kind, conditions, tuple(int(s) for s in task.seeds), settings,
-                  tuple(task.metrics), bool(task.get("save_images", True)), task.get("fid_reference"))
+                  tuple(task.metrics), bool(task.get("save_images", True)), task.get("fid_reference"),
+                  task.get("clip_model"))
         out.check(num_classes)
         return out
 
@@ -52,9 +54,13 @@ class VarTask:
             bound = f" in [0, {num_classes})" if num_classes is not None else ""
             raise UsageError(f"task {self.name!r}: {self.kind} must be{bound} and non-empty, seeds non-empty; got "
                              f"{self.kind} {list(self.conditions)}, seeds {list(self.seeds)}")
-        unknown = [m for m in self.metrics if m not in OFFLINE + DISTRIBUTION]
+        known = OFFLINE + DISTRIBUTION + TEXT
+        unknown = [m for m in self.metrics if m not in known]
         if unknown:
-            raise UsageError(f"task {self.name!r}: unknown metrics {unknown}; known: {list(OFFLINE + DISTRIBUTION)}")
+            raise UsageError(f"task {self.name!r}: unknown metrics {unknown}; known: {list(known)}")
+        if "clip_score" in self.metrics and (self.kind != "prompts" or not self.clip_model):
+            raise UsageError(f"task {self.name!r}: clip_score needs text prompts and task.clip_model (a CLIP folder "
+                             "or hub id, e.g. openai/clip-vit-large-patch14)")
 
     def sampling(self) -> dict[str, Any]:
         return dict(self.settings)
