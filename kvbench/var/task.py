@@ -32,8 +32,10 @@ class VarTask:
     clip_model: str | None = None
 
     @classmethod
-    def from_cfg(cls, task: Any, kind: str, num_classes: int | None = None) -> VarTask:
-        """``kind``: the model's condition (``Bundle.condition``); ``num_classes`` bounds class labels."""
+    def from_cfg(cls, task: Any, kind: str | None = None, num_classes: int | None = None) -> VarTask:
+        """``kind``: the model's condition (``Bundle.condition``; None: the task's own); ``num_classes`` bounds
+        class labels."""
+        kind = kind or ("prompts" if task.get("prompts") is not None else "classes")
         if task.get("family") != "var":
             raise UsageError(f"task {task.name!r} is not a VAR task (family: var, the next-scale runner); this model "
                              f"runs e.g. {EXAMPLE[kind]}")

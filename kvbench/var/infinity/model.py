@@ -23,7 +23,6 @@ What differs from the authors' code (inference, on SDPA):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -223,8 +222,3 @@ class Infinity(nn.Module):
                 x = x + lvl
             x = block(x, gss, kv, rope, (*cross[i], mask))
         return self.head(self.head_nm(x.float(), sos.float())).float()
-
-
-def init_std(cfg: InfinityConfig) -> float:
-    """The authors' init_std sqrt(1 / C / 3)."""
-    return math.sqrt(1 / cfg.embed_dim / 3)
