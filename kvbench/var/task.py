@@ -51,9 +51,10 @@ class VarTask:
         return out
 
     def check(self, num_classes: int | None) -> None:
-        bad = [c for c in self.conditions if num_classes is not None and not 0 <= c < num_classes]
+        bounded = self.kind == "classes" and num_classes is not None
+        bad = [c for c in self.conditions if bounded and not 0 <= c < num_classes]
         if bad or not self.conditions or not self.seeds:
-            bound = f" in [0, {num_classes})" if num_classes is not None else ""
+            bound = f" in [0, {num_classes})" if bounded else ""
             raise UsageError(f"task {self.name!r}: {self.kind} must be{bound} and non-empty, seeds non-empty; got "
                              f"{self.kind} {list(self.conditions)}, seeds {list(self.seeds)}")
         known = OFFLINE + DISTRIBUTION + TEXT
