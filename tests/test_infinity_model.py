@@ -99,6 +99,13 @@ def test_bitwise_codes_labels_and_residual_quantisation() -> None:
     assert torch.equal(flip_bits(bits[2], 0.0, g), bits[2]) and torch.equal(flip_bits(bits[2], 1.0, g), 1 - bits[2])
 
 
+def test_bit_agreement_counts_equal_bits() -> None:
+    from kvbench.var.metrics import bit_agreement, token_agreement
+
+    a, b = [torch.tensor([[5, 3]])], [torch.tensor([[5, 0]])]  # 101 = 101; 011 vs 000: one of three bits equal
+    assert torch.allclose(bit_agreement(a, b, 3), torch.tensor([4 / 6])) and token_agreement(a, b).item() == 0.5
+
+
 def test_bitwise_head_samples_each_bit_from_its_two_logits() -> None:
     logits = torch.tensor([[[10.0, -10.0, -10.0, 10.0]]])  # one token, d = 2: bit 0 -> 0, bit 1 -> 1
     assert sample_bits(logits, 900, 0.97, torch.Generator().manual_seed(0)).tolist() == [[[0, 1]]]

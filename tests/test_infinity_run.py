@@ -120,6 +120,7 @@ def test_hack_run_on_infinity(tmp_path) -> None:
     assert (out / "metrics.json").exists() and len(list((out / "images").glob("seed0_prompt*.png"))) == 2
     assert metrics["run"]["arch"] == "infinity" and metrics["inputs"]["hack_calibration"]
     assert 0 < metrics["score"]["token_agreement"] < 1 and metrics["token_agreement_by_scale"][:2] == [1.0, 1.0]
+    assert metrics["score"]["token_agreement"] < metrics["bit_agreement"] < 1, "a token differs when one bit does"
     assert metrics["condition_kv_bytes"] > 0 and metrics["peak_kv_bytes"] < metrics["full_peak_kv_bytes"]
     assert len(metrics["attention_ms_by_scale"]) == 5
 

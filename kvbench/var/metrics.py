@@ -1,7 +1,8 @@
 """Image-generation metrics of the VAR runner.
 
 Offline, always (agreement with the full-cache generation of the same seed):
-* ``token_agreement``: per scale, the fraction of the scale's tokens equal to the reference's.
+* ``token_agreement``: per scale, the fraction of the scale's tokens equal to the reference's (for Infinity's
+  bitwise tokens: all d bits equal), and for bitwise tokens ``bit_agreement``, the fraction of equal bits.
 * ``psnr``: 10 log10(1 / MSE) of [0, 1] images (scikit-image's ``peak_signal_noise_ratio``, data_range 1); identical
   images are reported as ``PSNR_IDENTICAL`` dB (the MSE is 0) and counted in ``identical_images``.
 * ``ssim``: scikit-image's ``structural_similarity`` (Wang et al. 2004; 7 x 7 uniform window, K1 0.01, K2 0.03,
@@ -39,6 +40,13 @@ TEXT = ("clip_score",)  # needs the prompts: text-conditioned models only
 def token_agreement(tokens: list[Tensor], ref: list[Tensor]) -> Tensor:
     """Per scale (S,) fraction of equal tokens over the batch."""
     return torch.stack([(a == b).float().mean() for a, b in zip(tokens, ref, strict=True)])
+
+
+def bit_agreement(tokens: list[Tensor], ref: list[Tensor], bits: int) -> Tensor:
+    """Per scale (S,) fraction of equal bits of d-bit integer tokens over the batch."""
+    shifts = torch.arange(bits, device=tokens[0].device)
+    return torch.stack([(((a ^ b)[..., None] >> shifts) & 1).float().mean().neg().add(1)
+                        for a, b in zip(tokens, ref, strict=True)])
 
 
 def to_numpy(images: Tensor) -> np.ndarray:

@@ -35,7 +35,16 @@ from kvbench.var.bundle import Bundle, load_bundle
 from kvbench.var.compress import VarMethod
 from kvbench.var.generate import Generation
 from kvbench.var.load import ASSETS
-from kvbench.var.metrics import DISTRIBUTION, clip_score, fidelity_metrics, load_clip, psnr, ssim, token_agreement
+from kvbench.var.metrics import (
+    DISTRIBUTION,
+    bit_agreement,
+    clip_score,
+    fidelity_metrics,
+    load_clip,
+    psnr,
+    ssim,
+    token_agreement,
+)
 from kvbench.var.task import VarTask
 
 
@@ -66,7 +75,8 @@ def device_of(cfg: DictConfig) -> torch.device:
 
 def compare(out: Generation, ref: Generation) -> dict[str, Any]:
     """Agreement of one batch with its reference."""
-    return {"token_agreement": token_agreement(out.tokens, ref.tokens).tolist(),
+    bits = {"bit_agreement": bit_agreement(out.tokens, ref.tokens, out.token_bits).tolist()} if out.token_bits else {}
+    return {"token_agreement": token_agreement(out.tokens, ref.tokens).tolist(), **bits,
             "psnr": psnr(out.image, ref.image), "ssim": ssim(out.image, ref.image),
             "peak_kv_bytes": out.cache.peak_bytes, "final_kv_bytes": out.cache.nbytes(),
             "full_peak_kv_bytes": ref.cache.peak_bytes, "full_final_kv_bytes": ref.cache.nbytes(),
@@ -82,7 +92,12 @@ def summarise(batches: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]
     mean = lambda key: float(np.mean([b[key] for b in batches]))  # noqa: E731
     att = np.array([b["attention_s"] for b in batches]).mean(0)
     full_att = np.array([b["full_attention_s"] for b in batches]).mean(0)
-    return {"score": {"token_agreement": float((agree * np.array(sizes)).sum() / sum(sizes)),
+    bits = {}
+    if "bit_agreement" in batches[0]:
+        by_scale = np.array([b["bit_agreement"] for b in batches]).mean(0)
+        bits = {"bit_agreement": float((by_scale * np.array(sizes)).sum() / sum(sizes)),
+                "bit_agreement_by_scale": by_scale.round(6).tolist()}
+    return {**bits, "score": {"token_agreement": float((agree * np.array(sizes)).sum() / sum(sizes)),
                       "psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))},
             "token_agreement_by_scale": agree.round(6).tolist(),
             "identical_images": int(sum(p == 100.0 for p in ps)), "images": len(ps),
@@ -123,14 +138,14 @@ class Setup:
     clip: tuple[Any, Any] | None = None  # CLIPModel, CLIPProcessor when the task asks for clip_score
 
 
-def setup(cfg: DictConfig) -> Setup:
+def setup(cfg: DictConfig, method: Any) -> Setup:
+    """``method``: the instantiated ``conf/method`` object."""
     budget = check_budget(cfg.budget)
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     device = device_of(cfg)
     bundle = load_bundle(cfg.model, device)
     task = VarTask.from_cfg(cfg.task, bundle.condition, bundle.num_classes)
-    method = instantiate(cfg.method)
     blocks, heads, _ = bundle.shape
     scorer = var_method(method, blocks, heads)
     wanted = [m for m in task.metrics if m in DISTRIBUTION]
@@ -184,7 +199,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if store.complete and not store.overwrite:
         store.check_inputs(**identity)  # a finished run of other inputs is refused, naming what differs
         return store.load_metrics()
-    s = setup(cfg)
+    s = setup(cfg, method)
     store.open(**identity)
     try:
         metrics = execute(cfg, s, store.dir)
@@ -222,7 +237,8 @@ def report(metrics: dict[str, Any]) -> str:
     lines = [
         f"run        {r['task']} | {r['model']} | {r['method']} | budget {r['budget']} | seed {r['seed']}",
         f"agreement  tokens {100 * s['token_agreement']:.1f} %  (by scale: "
-        + " ".join(f"{100 * a:.0f}" for a in metrics["token_agreement_by_scale"]) + ")",
+        + " ".join(f"{100 * a:.0f}" for a in metrics["token_agreement_by_scale"]) + ")"
+        + (f", bits {100 * metrics['bit_agreement']:.1f} %" if "bit_agreement" in metrics else ""),
         f"images     PSNR {s['psnr']:.2f} dB  SSIM {s['ssim']:.4f}  ({metrics['identical_images']}/"
         f"{metrics['images']} identical to the full cache)",
         f"KV bytes   peak {metrics['peak_kv_bytes'] / mib:.3f} MiB (full {metrics['full_peak_kv_bytes'] / mib:.3f}),"

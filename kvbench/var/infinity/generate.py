@@ -88,4 +88,4 @@ def generate_infinity(model: Infinity, vae: BitVAE, text: TextEncoder, prompts: 
         if si + 1 < len(sides):
             x = model.word_embed(vae.quantizer.next_input(si, f_hat)).repeat(2, 1, 1)
     image = vae.decode(f_hat) if decode else None
-    return Generation(tokens, f_hat, image, cache, kept_logits)
+    return Generation(tokens, f_hat, image, cache, kept_logits, token_bits=c.bits)

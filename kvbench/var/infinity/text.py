@@ -9,7 +9,8 @@
   This is the same T5 encoder code; only its size and tokenizer differ.
 
 Where we deviate: Infinity packs the valid tokens of the batch into one varlen sequence for flash-attn; we keep the
-padded (B, T, C) batch and its mask (the attention layers mask the padding, which is exact).
+padded (B, T, C) batch and its mask (the attention layers mask the padding, which is exact). The authors run the
+encoder in fp16 and cast its output to fp32; we run it in fp32 (the runner's one dtype).
 """
 
 from __future__ import annotations
