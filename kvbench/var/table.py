@@ -19,6 +19,7 @@ def load(root: Path, task: str, model: str) -> pd.DataFrame:
         rows.append({"method": m["run"]["method"], "budget": m["run"]["budget"], "seed": m["run"]["seed"],
                      "tokens %": 100 * m["score"]["token_agreement"],
                      "last scale %": 100 * m["token_agreement_by_scale"][-1],
+                     **({"bits %": 100 * m["bit_agreement"]} if "bit_agreement" in m else {}),
                      "PSNR dB": m["score"]["psnr"], "SSIM": m["score"]["ssim"],
                      "peak KV %": 100 * m["peak_kv_bytes"] / m["full_peak_kv_bytes"],
                      "final KV %": 100 * m["final_kv_bytes"] / m["full_final_kv_bytes"],
