@@ -28,7 +28,7 @@ from PIL import Image
 
 from kvbench.budget import compression_ratio
 from kvbench.errors import UsageError
-from kvbench.identity import _file_digest, digest
+from kvbench.identity import digest, file_digest
 from kvbench.results import RunStore
 from kvbench.var.baselines import var_method
 from kvbench.var.bundle import Bundle, load_bundle
@@ -181,7 +181,7 @@ def model_files(spec: Any) -> dict[str, Any]:
         files = [folder / "config.json", folder / "model.safetensors"]
     else:
         files = [Path(str(p)) for p in (spec.pretrained, spec.get("vae")) if p]
-    return {"local": digest([_file_digest(p) for p in files if p.is_file()])}
+    return {"local": digest([file_digest(p) for p in files if p.is_file()])}
 
 
 def resolved(cfg: DictConfig) -> dict[str, Any]:
