@@ -223,7 +223,7 @@ def test_bad_report_options_are_one_error_and_write_nothing(root, tmp_path, caps
 
     assert main([str(root), "--out", str(tmp_path / "bad"), *args]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    assert main([str(tmp_path / "empty_root")]) == 2 and "no finished runs" in capsys.readouterr().err
+    assert main([str(tmp_path / "empty_root")]) == 2 and "empty_root does not exist" in capsys.readouterr().err
 
 
 def test_per_question_rows_are_the_ones_the_metrics_count(tmp_path) -> None:

@@ -32,7 +32,7 @@ from kvbench.report.tables import (
     to_markdown,
     write_table,
 )
-from kvbench.results import load_results
+from kvbench.results import finished_runs, load_results, results_root
 
 SAMPLE_VIEW = ["task", "model", "protocol", "label", "budget", "seed", "id", "prediction", "references",
                "main_score", "reference_score"]
@@ -66,11 +66,12 @@ def _stem(*parts: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "-", "_".join(str(p) for p in parts))
 
 
-def write_report(root: str | Path, out: str | Path | None = None, tasks: Sequence[str] | None = None,
+def write_report(root: str | Path | None = None, out: str | Path | None = None, tasks: Sequence[str] | None = None,
                  avg_tasks: Sequence[str] | None = None, budgets: Sequence[float] | None = None,
                  formats: Sequence[str] = ("png", "pdf"), reference: str = REFERENCE,
                  n_resamples: int = N_RESAMPLES, seed: int = SEED, logger: Any = None) -> dict[str, Path]:
-    """Write the report of ``root`` into ``out`` (default ``<root>/report``); returns the files by name.
+    """Write the report of ``root`` (default :func:`kvbench.results.results_root`: ``$KVBENCH_RESULTS`` or
+    ``results``) into ``out`` (default ``<root>/report``); returns the files by name.
 
     Files: ``table.{csv,md,tex}`` (paper table), ``summary.csv`` (one row per configuration with CI and % of full
     cache), ``runs.csv`` (one row per run with its bootstrap CI), figures ``curves_*``, ``pareto_memory_*``,
@@ -78,10 +79,12 @@ def write_report(root: str | Path, out: str | Path | None = None, tasks: Sequenc
     ``logger`` (a :class:`kvbench.loggers.WandbLogger`) also receives the tables and PNG figures.
     """
     check_formats(formats)
-    out = Path(out) if out else Path(root) / "report"
-    runs = load_results(root)
-    if runs.empty:
-        raise UsageError(f"no finished runs under {root} (see `python -m kvbench.report status {root}`)")
+    given, root = root, results_root(root)
+    out = Path(out) if out else root / "report"
+    try:
+        runs = finished_runs(given)
+    except UsageError as err:
+        raise UsageError(f"{err}: nothing to report (see `python -m kvbench.report status {root}`)") from None
     samples = load_results(root, samples=True)
     summary = relative_to_full(summarize(runs, samples, n_resamples, seed), reference)
     table = paper_table(summary, tasks, avg_tasks, budgets, reference)  # bad tasks/budgets fail before any write

@@ -51,10 +51,13 @@ def select(df: pd.DataFrame, model: str | None = None, protocol: str | None = No
     return df, chosen[0], chosen[1]
 
 
+MIN_WIDTH = 7.0  # inches: room for the two-line suptitle and the legend beside a single panel
+
+
 def _grid(n: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, list]:
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    fig = Figure(figsize=(max(MIN_WIDTH, size[0] * ncols + 1.5), size[1] * nrows + 0.6), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -119,7 +122,7 @@ def budget_curves(summary: pd.DataFrame, tasks: Sequence[str] | None = None, mod
     _legend(fig, axes)
     note = sample_note(comp)
     fig.suptitle(f"score vs KV budget | {model} | {protocol}\n"
-                 f"bars: ± std over seeds (several seeds) or 95 % bootstrap interval over contexts"
+                 "bars: ± std over seeds, or (one seed) 95 % bootstrap interval over contexts"
                  + (f"\n{note}" if note else ""), fontsize=9)
     return fig
 
@@ -237,9 +240,10 @@ def needle_heatmaps(samples: pd.DataFrame, budget: float, task: str | None = Non
         mean = df.loc[df["label"] == label, "main_score"].mean()
         ax.set_title(_wrap(f"{title}: {mean:.1f}", 28), fontsize=10)
     fig.colorbar(image, ax=axes, label="score (%)", shrink=0.9)
-    n = df.groupby("label").size()
+    n = sorted(set(df.groupby("label")["id"].nunique()))  # distinct questions (seeds and reference budgets pooled)
     fig.suptitle(f"{task} | {model} | {protocol} | budget {format_budget(budget)}\n"
-                 f"cells: mean score over {'/'.join(map(str, sorted(set(n))))} questions per method", fontsize=10)
+                 f"cells: mean score of the cell's questions (n = {'/'.join(map(str, n))} questions per method)",
+                 fontsize=10)
     return fig
 
 

@@ -172,7 +172,7 @@ def _sample_sets(rows: pd.DataFrame, ref: pd.DataFrame, tasks: list[str]
                 break
         else:
             groups.append((sizes, [label]))
-    return groups
+    return sorted(groups, key=lambda g: -max((n for n in g[0].values() if pd.notna(n)), default=0))  # most first
 
 
 def _block(rows: pd.DataFrame, ref: pd.DataFrame, sizes: dict[str, int], tasks: list[str], avg_tasks: list[str],
