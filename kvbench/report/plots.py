@@ -32,6 +32,8 @@ def budget_kind(budget: float) -> str:
     return "fraction" if budget <= 1 else "tokens"
 
 
+#: y range of every score axis: 0-100 with room for points at 0 and 100 (not cut in half by the frame).
+SCORE_LIM = (-3.0, 105.0)
 BUDGET_AXIS = {"fraction": "KV budget (fraction of the cache kept)", "tokens": "KV budget (tokens per KV head)"}
 
 
@@ -75,13 +77,19 @@ def largest_sample_sets(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def sample_note(df: pd.DataFrame) -> str:
-    """``n = 8 questions per task`` or ``n (questions per task) differs: 8, 32; compare in the table``."""
-    sizes = sorted({int(n) for n in df["n"].dropna()}) if "n" in df else []
-    if not sizes:
+    """What the points were scored on: ``n = 8 questions per task`` (or per task where tasks differ), or a warning
+    where the methods of one task ran on different questions (``limit=8`` next to all 32)."""
+    if "n" not in df or df["n"].isna().all():
         return ""
-    if len(sizes) == 1:
-        return f"n = {sizes[0]} questions per task"
-    return f"n (questions per task) differs: {', '.join(map(str, sizes))}; see the table's n column"
+    sizes = df.dropna(subset=["n"]).groupby("task")["n"].agg(lambda v: sorted({int(n) for n in v}))
+    mixed = {t: n for t, n in sizes.items() if len(n) > 1}
+    if mixed:
+        task, n = next(iter(mixed.items()))
+        return f"n differs between methods on {task} ({', '.join(map(str, n))} questions): see the table's n column"
+    per_task = {t: n[0] for t, n in sizes.items()}
+    if len(set(per_task.values())) == 1:
+        return f"n = {next(iter(per_task.values()))} questions per task"
+    return "n = " + ", ".join(f"{t} {n}" for t, n in per_task.items()) + " questions"
 
 
 def budget_curves(summary: pd.DataFrame, tasks: Sequence[str] | None = None, model: str | None = None,
@@ -116,7 +124,7 @@ def budget_curves(summary: pd.DataFrame, tasks: Sequence[str] | None = None, mod
                        label=f"{reference} (full cache)")
         budget_axis(ax, sorted(rows["budget"].unique()))
         metric = df[df["task"] == task]["main_metric"].iloc[0]
-        ax.set(xlabel=BUDGET_AXIS[kind], ylabel=f"{metric} (%)", ylim=(0, 105))
+        ax.set(xlabel=BUDGET_AXIS[kind], ylabel=f"{metric} (%)", ylim=SCORE_LIM)
         ax.set_title(_wrap(task), fontsize=10)
         ax.grid(alpha=0.3)
     _legend(fig, axes)
@@ -132,7 +140,9 @@ def _curve(ax: object, r: pd.DataFrame, label: str) -> None:
     ax.plot(r["budget"], r["score"], marker=method_marker(label), color=method_color(label), label=label)
     lo, hi = _band(r)
     if lo.notna().any():
-        yerr = [(r["score"] - lo).fillna(0).to_numpy(), (hi - r["score"]).fillna(0).to_numpy()]
+        # a percentile interval need not contain the mean (skewed resamples): never a negative bar
+        yerr = [(r["score"] - lo).fillna(0).clip(lower=0).to_numpy(), (hi - r["score"]).fillna(0).clip(lower=0)
+                .to_numpy()]
         ax.errorbar(r["budget"], r["score"], yerr=yerr, fmt="none", ecolor=method_color(label), capsize=3,
                     alpha=0.6, linewidth=1)
 
@@ -150,6 +160,17 @@ def budget_axis(ax: object, budgets: list[float]) -> None:
         ax.set_xlim(lo * 0.5, lo * 1.5)
     ax.set_xticks(budgets, [format_budget(b) for b in budgets], rotation=45 if len(budgets) > 5 else 0)
     ax.xaxis.set_minor_locator(NullLocator())
+
+
+def resource_axis(ax: object, values: pd.Series) -> None:
+    """Log scale when the resource spans 8x or more (budgets 0.02 ... 0.5 stay apart), ticks in plain numbers."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    lo, hi = float(values.min()), float(values.max())
+    if lo > 0 and hi / lo >= 8:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _wrap(text: str, width: int = 34) -> str:
@@ -296,6 +317,11 @@ def pareto(summary: pd.DataFrame, x: str = "kv_bytes_kept", tasks: Sequence[str]
     if (pts["method"] != reference).sum() == 0:
         why = "was not measured" if df["x"].isna().all() else f"has no compressed configuration that ran all of {tasks}"
         raise UsageError(f"{x} {why} ({model}, {protocol}); pass tasks= a subset the methods share")
+    if len(pts) < 2:
+        only = f"{pts['label'].iloc[0]} {format_budget(pts['budget'].iloc[0])}"
+        raise UsageError(f"only {only} ran all of {tasks} ({model}, {protocol}): one point, no trade-off to plot")
+    if pts["x"].nunique() < 2:
+        raise UsageError(f"every configuration has the same {x} ({pts['x'].iloc[0]:g}): no trade-off to plot")
     fig = Figure(figsize=(6.8, 4.6), layout="constrained")
     ax = fig.subplots()
     for label in method_order(pts["label"]):
@@ -305,7 +331,8 @@ def pareto(summary: pd.DataFrame, x: str = "kv_bytes_kept", tasks: Sequence[str]
     ax.plot(fx, fy, drawstyle="steps-post", color="0.5", linestyle=":", linewidth=1.5, label="Pareto frontier")
     metric = "average score" if len(tasks) > 1 else f"{df['main_metric'].iloc[0]}"
     note = sample_note(df[df["task"].isin(tasks)])
-    ax.set(xlabel=RESOURCES.get(x, (x, 1.0))[0], ylabel=f"{metric} (%) over {len(tasks)} task(s)", ylim=(0, 105))
+    ax.set(xlabel=RESOURCES.get(x, (x, 1.0))[0], ylabel=f"{metric} (%) over {len(tasks)} task(s)", ylim=SCORE_LIM)
+    resource_axis(ax, pts["x"])
     ax.set_title(f"{model} | {protocol} (point labels: budget)" + (f"\n{note}" if note else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8, frameon=False)
