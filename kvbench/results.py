@@ -385,13 +385,19 @@ def root_text(root: str | Path | None) -> str:
     return str(root) if root is not None else f"{results_root()} (paths.results; set KVBENCH_RESULTS or pass a root)"
 
 
+def existing_root(root: str | Path | None = None) -> Path:
+    """:func:`results_root`, refusing (one UsageError line) one that does not exist."""
+    path = results_root(root)
+    if not path.is_dir():
+        raise UsageError(f"results root {root_text(root)} does not exist")
+    return path
+
+
 def finished_runs(root: str | Path | None = None, samples: bool = False) -> pd.DataFrame:
     """:func:`load_results` of :func:`results_root`, refusing (one UsageError line) a root without finished runs."""
-    df = load_results(results_root(root), samples)
+    df = load_results(existing_root(root), samples)
     if df.empty:
-        where = root_text(root)
-        state = "does not exist" if not results_root(root).is_dir() else "has no finished runs (no metrics.json)"
-        raise UsageError(f"results root {where} {state}")
+        raise UsageError(f"results root {root_text(root)} has no finished runs (no metrics.json)")
     return df
 
 

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             return status(args.root, args.sweep, args.all)
         args = _report_parser().parse_args(argv)
         budgets = _budgets(args.budgets)
+        from kvbench.results import existing_root
+
+        existing_root(args.root)  # a mistyped root answers before matplotlib loads
         from kvbench.report.build import write_report
         from kvbench.report.stats import N_RESAMPLES
 

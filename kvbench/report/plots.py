@@ -6,12 +6,16 @@ labelled axes, a legend, and methods in the fixed colours and order of :mod:`kvb
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
 from kvbench.errors import UsageError
 from kvbench.report.style import method_color, method_marker, method_order
@@ -135,7 +139,7 @@ def budget_curves(summary: pd.DataFrame, tasks: Sequence[str] | None = None, mod
     return fig
 
 
-def _curve(ax: object, r: pd.DataFrame, label: str) -> None:
+def _curve(ax: Axes, r: pd.DataFrame, label: str) -> None:
     """One method's line with its error bars."""
     ax.plot(r["budget"], r["score"], marker=method_marker(label), color=method_color(label), label=label)
     lo, hi = _band(r)
@@ -147,11 +151,9 @@ def _curve(ax: object, r: pd.DataFrame, label: str) -> None:
                     alpha=0.6, linewidth=1)
 
 
-def budget_axis(ax: object, budgets: list[float]) -> None:
+def budget_axis(ax: Axes, budgets: list[float]) -> None:
     """Ticks at the budgets that ran, no minor tick labels: log scale when they span 8x or more; one budget gets
     a range of half to one and a half times it (not matplotlib's +-0.01 around a single point)."""
-    from matplotlib.ticker import NullLocator
-
     lo, hi = min(budgets), max(budgets)
     if hi / lo >= 8:
         ax.set_xscale("log")
@@ -162,10 +164,8 @@ def budget_axis(ax: object, budgets: list[float]) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
 
 
-def resource_axis(ax: object, values: pd.Series) -> None:
+def resource_axis(ax: Axes, values: pd.Series) -> None:
     """Log scale when the resource spans 8x or more (budgets 0.02 ... 0.5 stay apart), ticks in plain numbers."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     lo, hi = float(values.min()), float(values.max())
     if lo > 0 and hi / lo >= 8:
         ax.set_xscale("log")
@@ -174,8 +174,6 @@ def resource_axis(ax: object, values: pd.Series) -> None:
 
 
 def _wrap(text: str, width: int = 34) -> str:
-    import textwrap
-
     return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text
 
 
@@ -268,7 +266,7 @@ def needle_heatmaps(samples: pd.DataFrame, budget: float, task: str | None = Non
     return fig
 
 
-def _heatmap(ax: object, grid: pd.DataFrame) -> object:
+def _heatmap(ax: Axes, grid: pd.DataFrame) -> AxesImage:
     """Draw one depth x length grid (rows: depth %, columns: tokens) with its cell values."""
     image = ax.imshow(grid.to_numpy(), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(grid.shape[1]), [str(int(c)) for c in grid.columns])
@@ -322,24 +320,25 @@ def pareto(summary: pd.DataFrame, x: str = "kv_bytes_kept", tasks: Sequence[str]
         raise UsageError(f"only {only} ran all of {tasks} ({model}, {protocol}): one point, no trade-off to plot")
     if pts["x"].nunique() < 2:
         raise UsageError(f"every configuration has the same {x} ({pts['x'].iloc[0]:g}): no trade-off to plot")
-    fig = Figure(figsize=(6.8, 4.6), layout="constrained")
+    fig = Figure(figsize=(8.0, 4.6), layout="constrained")
     ax = fig.subplots()
     for label in method_order(pts["label"]):
         _pareto_points(ax, pts[pts["label"] == label].sort_values("x"), label, reference)
     front = pareto_front(pts)  # the frontier's last level extends to the costliest point
     fx, fy = [*front["x"], pts["x"].max()], [*front["score"], front["score"].iloc[-1]]
     ax.plot(fx, fy, drawstyle="steps-post", color="0.5", linestyle=":", linewidth=1.5, label="Pareto frontier")
-    metric = "average score" if len(tasks) > 1 else f"{df['main_metric'].iloc[0]}"
+    ylabel = f"average score (%) over {len(tasks)} tasks" if len(tasks) > 1 else \
+        f"{df['main_metric'].iloc[0]} (%) on {tasks[0]}"
     note = sample_note(df[df["task"].isin(tasks)])
-    ax.set(xlabel=RESOURCES.get(x, (x, 1.0))[0], ylabel=f"{metric} (%) over {len(tasks)} task(s)", ylim=SCORE_LIM)
+    ax.set(xlabel=RESOURCES.get(x, (x, 1.0))[0], ylabel=_wrap(ylabel, 40), ylim=SCORE_LIM)
     resource_axis(ax, pts["x"])
     ax.set_title(f"{model} | {protocol} (point labels: budget)" + (f"\n{note}" if note else ""), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8, frameon=False)
+    fig.legend(loc="outside right center", fontsize=8, frameon=False)  # never over a point
     return fig
 
 
-def _pareto_points(ax: object, p: pd.DataFrame, label: str, reference: str) -> None:
+def _pareto_points(ax: Axes, p: pd.DataFrame, label: str, reference: str) -> None:
     """One method's points (the reference as a star), joined, each labelled with its budget."""
     is_ref = p["method"].iloc[0] == reference
     ax.plot(p["x"], p["score"], marker="*" if is_ref else method_marker(label), markersize=12 if is_ref else 6,

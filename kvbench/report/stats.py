@@ -19,7 +19,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import bootstrap
 
 N_RESAMPLES = 1000
 SEED = 0
@@ -50,6 +49,8 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, n_resamples: int = N_RESA
     sums, counts = cluster_totals(x[keep], groups)
     if sums.size < 2:
         return float("nan"), float("nan")
+    from scipy.stats import bootstrap  # scipy.stats takes a second to import: only when an interval is computed
+
     means = sums / counts
     if np.ptp(means) == 0:  # every context has the same mean: every resample does too
         return float(means[0]), float(means[0])

@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 from kvbench.errors import UsageError
-from kvbench.results import ASIDE, ERROR_FILE, LOCK_FILE, RunStore, read_config, results_root, root_text
+from kvbench.results import ASIDE, ERROR_FILE, LOCK_FILE, RunStore, existing_root, read_config, root_text
 from kvbench.runfiles import CorruptRunError, read_json, read_predictions
 
 STATES = ("finished", "running", "partial", "failed", "started", "corrupt", "pending")
@@ -83,9 +83,7 @@ def _is_run_config(path: Path) -> bool:
 
 def scan(root: str | Path | None = None, sweep: str | Path | None = None) -> pd.DataFrame:
     """One row per run directory under ``root`` (columns :data:`COLUMNS`); with ``sweep``, one per sweep job."""
-    given, root = root, results_root(root)
-    if not root.is_dir():
-        raise UsageError(f"results root {root_text(given)} does not exist")
+    root = existing_root(root)
     rows = {}
     for cfg in sorted(root.rglob("config.yaml")):
         if _is_run_config(cfg):
