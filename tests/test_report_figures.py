@@ -204,3 +204,10 @@ def test_every_reader_takes_the_root_from_kvbench_results(tmp_path, monkeypatch,
     res = subprocess.run([sys.executable, str(scripts / "ruler_table.py")], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "KVBENCH_RESULTS": str(tmp_path / "empty")})
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "no finished runs" in res.stderr
+
+
+def test_a_table_without_a_reference_run(tmp_path) -> None:
+    write_run(tmp_path, "ta", "snapkv", 0.1, [1, 0])
+    t = paper_table(report_frames(tmp_path)[0])
+    assert list(t.index) == [("m", "query_agnostic", 0.1, "2", "snapkv")]
+    assert t.loc[("m", "query_agnostic", 0.1, "2", "snapkv"), "ta"] == 50.0 and math.isnan(t["% of full"].item())

@@ -179,7 +179,8 @@ def _block(rows: pd.DataFrame, ref: pd.DataFrame, sizes: dict[str, int], tasks: 
            reference: str, value: str) -> pd.DataFrame | None:
     """One budget block on one sample set: the reference row (its runs on the same questions), then the methods."""
     wide = rows.pivot_table(index="label", columns="task", values=value, aggfunc="mean")
-    same = ref[[sizes.get(t) == n for t, n in zip(ref["task"], ref["n"], strict=True)]]
+    same = ref[pd.Series([sizes.get(t) == n for t, n in zip(ref["task"], ref["n"], strict=True)], index=ref.index,
+                         dtype=bool)]  # the reference's runs on the same questions (none: no reference row)
     ref_row = same.groupby("task")[value].mean()
     if not ref_row.empty:
         wide = pd.concat([ref_row.rename(reference).to_frame().T, wide])
