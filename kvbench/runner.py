@@ -43,13 +43,15 @@ from kvbench import protocols
 from kvbench.budget import Allocator, compression_ratio
 from kvbench.compat import ENGINE_DEFAULT, ModelCapabilities, check_compatible
 from kvbench.engine import Engine
+from kvbench.engine.adapters import adapter_for
 from kvbench.engine.engine import check_model
 from kvbench.errors import UsageError
 from kvbench.gguf import PREFIX as GGUF_PREFIX
 from kvbench.identity import data_identity, model_identity
 from kvbench.loggers import log_run
 from kvbench.method import Method
-from kvbench.models import load_model, load_tokenizer, pick_device, resolve_source
+from kvbench.models import load_model, load_tokenizer, load_vision_processors, pick_device, resolve_source
+from kvbench.multimodal import VisionEncoder, vision_encoder
 from kvbench.pipeline import RunOptions
 from kvbench.results import ConfigMismatchError, CorruptRunError, RunDirBusyError, RunStore
 from kvbench.schema import SIZE_KEYS, TIMING_KEYS
@@ -138,19 +140,21 @@ def prepare(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT) -> 
     """Build and check the method and allocator, load the samples (and the tokenizer a task is built with) and
     identify the data and model files; nothing is claimed and no model weights are loaded."""
     method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
-    if method.family != "text":
-        raise UsageError(f"method={cfg.method.name} runs on {method.family} models (e.g. model=kvbench-tiny-var), "
-                         f"not on {cfg.model.name}")
+    family = cfg.model.get("family", "text")
+    if method.family not in ("text", family):  # text methods also run on a vision-language model's language model
+        raise UsageError(f"method={cfg.method.name} runs on {method.family} models (e.g. model=kvbench-tiny-"
+                         f"{'vl' if method.family == 'vl' else 'var'}), not on {cfg.model.name}")
     check_compatible(method, allocator, str(cfg.protocol), cfg.get("prefill_chunk"), model_caps)
     gguf_sha = cfg.model.gguf.sha256 if str(cfg.model.pretrained).startswith(GGUF_PREFIX) else None
     source = None if gguf_sha else resolve_source(str(cfg.model.pretrained))  # a missing local path fails here
-    if cfg.model.get("family", "text") != "text":
-        raise UsageError(f"model={cfg.model.name} is a {cfg.model.family!r} model; the engine's vision-language "
-                         "inputs (images and frames through the model adapter, 3-D M-RoPE positions) are not wired "
-                         "yet, so it cannot run here (the VLM tasks' scorers and kvbench-tiny-vl are in place)")
+    if family not in ("text", "vl"):
+        raise UsageError(f"model={cfg.model.name} is a {family!r} model, which this runner does not run")
+    if family == "vl" and cfg.get("prefill_chunk"):
+        raise UsageError(f"prefill_chunk cannot cut the prompts of the vision-language model {cfg.model.name} into "
+                         "blocks (the model merges its image features in one forward); run without prefill_chunk")
     tok = load_tokenizer(cfg.model) if needs_tokenizer(cfg.task) else None  # tasks built in the model's tokens
     samples = load_samples(cfg.task, cfg.limit, tokenizer=tok)
-    if any(s.images or s.frames for s in samples):
+    if family != "vl" and any(s.images or len(s.frames) for s in samples):
         raise UsageError(f"task={cfg.task.name} gives images or video frames, which the text model "
                          f"{cfg.model.name} cannot see (they would be dropped silently); use a vision-language model")
     return Setup(method, allocator, samples, tok, data_identity(samples),
@@ -184,6 +188,15 @@ def load(cfg: DictConfig, setup: Setup) -> None:
     check_model(setup.model, setup.method)  # family and attention features, before a directory is claimed
     setup.method.prepare(setup.model)
     setup.opts = run_options(cfg, setup.model)
+    if cfg.model.get("family", "text") == "vl":  # prompts carry their images / frames
+        setup.opts.vision = load_vision(cfg.model, setup.model, setup.tok)
+
+
+def load_vision(spec: DictConfig, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> VisionEncoder:
+    """A vision-language model's prompt encoder (its image processor, LLaVA's processor)."""
+    family = adapter_for(model).family
+    image_processor, processor, source = load_vision_processors(spec, with_processor=family == "llava")
+    return vision_encoder(model, tok, image_processor, source, processor)
 
 
 def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, opts: RunOptions, skip: set[str]

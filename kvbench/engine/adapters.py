@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from kvbench.engine.vl import VisionInputs, check_no_vision_tokens, mrope_positions
+from kvbench.engine.vl import TOKEN_TYPES, VisionInputs, check_no_vision_tokens, mrope_positions, token_types
 from kvbench.errors import UsageError
 
 
@@ -156,8 +156,7 @@ class Qwen2VLAdapter(VisionAdapter):
 
     family: ClassVar[str] = "qwen2_vl"
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl", "qwen2_5_vl")
-    ROPE_KEYS: ClassVar[tuple[str, ...]] = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts",
-                                            "mm_token_type_ids")
+    ROPE_KEYS: ClassVar[tuple[str, ...]] = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -172,6 +171,8 @@ class Qwen2VLAdapter(VisionAdapter):
             raise UsageError("image / video inputs must come with the first forward of a fresh cache")
         tensors = vision.to(ids.device)
         rope = {k: tensors[k] for k in self.ROPE_KEYS if k in tensors}
+        if TOKEN_TYPES:  # of the whole prompt (a question may follow the context the pixel inputs came with)
+            rope["mm_token_type_ids"] = token_types(ids, *self.vision_ids)
         position_ids, deltas = self.model.model.get_rope_index(ids[None], **rope)
         self.rope_delta = int(deltas.reshape(-1)[0])
         return position_ids

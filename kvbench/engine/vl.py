@@ -17,9 +17,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import transformers
 from torch import Tensor
 
 from kvbench.errors import UsageError
+
+
+#: transformers 5 Qwen-VL models take (and need, for ``get_rope_index``) ``mm_token_type_ids`` (0 text, 1 image,
+#: 2 video); 4.x has no such input and refuses it.
+TOKEN_TYPES = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def token_types(ids: Tensor, image_id: int | None, video_id: int | None) -> Tensor:
+    """(1, n) ``mm_token_type_ids`` of ids (n,): 1 at image tokens, 2 at video tokens, 0 elsewhere."""
+    return ((ids == image_id).long() + 2 * (ids == video_id).long())[None]
 
 
 @dataclass
