@@ -132,10 +132,12 @@ def reference_logits(model: tf.PreTrainedModel, prompt: Prompt, extra: list[int]
         visible[kept] = True
         mask[n:, :n] &= visible
     kwargs: dict = {}
-    if isinstance(adapter_for(model), Qwen2VLAdapter):
-        types = tensors.pop("mm_token_type_ids", None)
-        pad = torch.zeros(1, len(extra), dtype=torch.long)
-        full_types = {} if types is None else {"mm_token_type_ids": torch.cat([types, pad], 1)}
+    adapter = adapter_for(model)
+    if isinstance(adapter, Qwen2VLAdapter):
+        tensors.pop("mm_token_type_ids", None)
+        image_id, video_id = adapter.vision_ids
+        types = ((ids == image_id).long() + 2 * (ids == video_id).long())  # the processor's types, here by hand
+        full_types = {"mm_token_type_ids": types} if token_types_required() else {}
         rope = {k: v for k, v in tensors.items() if k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
         kwargs["position_ids"], _ = model.model.get_rope_index(ids, **full_types, **rope)
         tensors.update(full_types)

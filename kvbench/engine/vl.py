@@ -22,7 +22,6 @@ from torch import Tensor
 
 from kvbench.errors import UsageError
 
-
 #: transformers 5 Qwen-VL models take (and need, for ``get_rope_index``) ``mm_token_type_ids`` (0 text, 1 image,
 #: 2 video); 4.x has no such input and refuses it.
 TOKEN_TYPES = int(transformers.__version__.split(".")[0]) >= 5
