@@ -212,6 +212,8 @@ def answer_all(cfg: DictConfig, setup: Setup, jobs: list[Job]) -> None:
     budget (a single budget is the second case); every record is appended as soon as it is scored."""
     done = {job.budget: job.store.done_ids() for job in jobs}
     reason = fallback_reason(cfg, setup.method, setup.allocator) if len(jobs) > 1 else "one budget"
+    hook = history_hook(cfg, setup.samples)
+    reason = reason or ("each prompt holds the model's own earlier outputs (history: model)" if hook else None)
     if len(jobs) > 1 and reason:
         print(f"[kvbench] budget sweep without a shared prefill: {reason}; running the budgets one after another",
               file=sys.stderr)
@@ -220,10 +222,13 @@ def answer_all(cfg: DictConfig, setup: Setup, jobs: list[Job]) -> None:
             method, allocator = (setup.method, setup.allocator) if i == 0 else rebuilt(cfg, setup)
             todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in done[job.budget] for q in s.questions)]
             torch.manual_seed(int(cfg.seed))
+            own = {r["sample_id"]: r["raw_prediction"] for r in job.store.predictions().records} if hook else {}
             with Engine(setup.model, method, allocator, job.budget, backend=cfg.model.attn_implementation) as engine:
                 for sample in progress(cfg, todo, len(setup.samples), f"{cfg.method.name} b={job.cfg.budget}"):
-                    for record in run_sample(engine, setup.tok, sample, setup.opts, done[job.budget]):
+                    for record in run_sample(engine, setup.tok, hook(sample, own) if hook else sample, setup.opts,
+                                             done[job.budget]):
                         job.store.append(record)
+                        own[record["sample_id"]] = record["raw_prediction"]
         return
     stores = {job.budget: job.store for job in jobs}
     todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in ids for ids in done.values() for q in s.questions)]
@@ -233,6 +238,14 @@ def answer_all(cfg: DictConfig, setup: Setup, jobs: list[Job]) -> None:
         for sample in progress(cfg, todo, len(setup.samples), desc):
             for b, record in sweep_sample(eng, setup.tok, sample, setup.opts, done):
                 stores[b].append(record)
+
+
+def history_hook(cfg: DictConfig, samples: list[Sample]) -> Any:
+    """The task's ``history_hook`` (a dotted path to ``f(sample, predictions) -> Sample``) when some sample's prompt
+    is built from earlier samples' raw predictions (``meta["history_of"]``: AgentNetBench ``history: model``), else
+    None. Samples then run in task order, budget after budget."""
+    hook = cfg.task.get("history_hook")
+    return get_object(hook) if hook and any(s.meta.get("history_of") for s in samples) else None
 
 
 def rebuilt(cfg: DictConfig, setup: Setup) -> tuple[Method, Allocator]:
