@@ -58,7 +58,8 @@ def test_agentnetbench_steps_see_the_models_own_earlier_outputs(tmp_path: Path) 
     run(cfg)
     recs = lines(cfg.run_dir)
     truth = config(tmp_path / "truth", "task=agentnetbench", f"task.loader.data_dir={FIX / 'agentnetbench'}",
-                   "method=fullkv", "budget=1.0", "task.max_new_tokens=3", "limit=3", "task.loader.history=ground_truth")
+                   "method=fullkv", "budget=1.0", "task.max_new_tokens=3", "limit=3",
+                   "task.loader.history=ground_truth")
     run(truth)
     ref = lines(truth.run_dir)
     assert recs[0]["prompt_hash"] == ref[0]["prompt_hash"]  # step 1 has no history
