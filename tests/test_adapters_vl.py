@@ -28,6 +28,16 @@ VOCAB, START, END, IMAGE, VIDEO = 128, 3, 4, 5, 6
 TEXT = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096, "pad_token_id": 0}
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+V5 = int(tf.__version__.split(".")[0]) >= 5  # transformers 4.57 (make test-compat): no *Pil classes, rope_scaling
+QWEN_IP = tf.Qwen2VLImageProcessorPil if V5 else tf.Qwen2VLImageProcessor  # 4.x: the PIL one has no suffix
+CLIP_IP = tf.CLIPImageProcessorPil if V5 else tf.CLIPImageProcessor
+
+
+def mrope(theta: float, section: list[int]) -> dict:
+    """M-RoPE config fields in the installed transformers' spelling."""
+    if V5:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta, "mrope_section": section}}
+    return {"rope_theta": theta, "rope_scaling": {"type": "mrope", "mrope_section": section}}
 
 
 def picture(size: tuple[int, int], seed: int) -> Image.Image:
@@ -37,17 +47,17 @@ def picture(size: tuple[int, int], seed: int) -> Image.Image:
 
 def qwen_model(kind: str) -> tf.PreTrainedModel:
     torch.manual_seed(0)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    rope = mrope(10000.0, [2, 3, 3])
     ids = {"image_token_id": IMAGE, "video_token_id": VIDEO, "vision_start_token_id": START,
            "vision_end_token_id": END}
     if kind == "qwen2_vl":
-        cfg = tf.Qwen2VLConfig(text_config=tf.Qwen2VLTextConfig(**TEXT, rope_parameters=rope),
-                               vision_config=tf.Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, num_heads=2,
-                                                                    mlp_ratio=2), **ids)
+        cfg = tf.Qwen2VLConfig(text_config={**TEXT, **rope},
+                               vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2,
+                                              "mlp_ratio": 2}, **ids)
         return tf.Qwen2VLForConditionalGeneration(cfg).eval()
-    vision = tf.Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                                       window_size=112, fullatt_block_indexes=[1], tokens_per_second=2)
-    cfg = tf.Qwen2_5_VLConfig(text_config=tf.Qwen2_5_VLTextConfig(**TEXT, rope_parameters=rope),
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+              "window_size": 112, "fullatt_block_indexes": [1], "tokens_per_second": 2}  # a dict: 4.57 spells no class
+    cfg = tf.Qwen2_5_VLConfig(text_config={**TEXT, **rope},
                               vision_config=vision, **ids)
     return tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
@@ -60,7 +70,7 @@ def qwen_prompt(kind: str, video: bool) -> Prompt:
     """Text, two images (of different sizes), optionally a 4-frame video, text; the pixel inputs as the PIL image
     processor and the video layout of :func:`kvbench.tasks.vision.patchify_video` give them."""
     rng = np.random.default_rng(1)
-    ip = tf.Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}, patch_size=14,
+    ip = QWEN_IP(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}, patch_size=14,
                                      merge_size=2, temporal_patch_size=2, image_mean=MEAN, image_std=STD)
     enc = ip(images=[picture((112, 56), 0), picture((56, 84), 1)], return_tensors="pt")
     tensors = {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
@@ -92,7 +102,7 @@ def llava_model() -> tf.PreTrainedModel:
 def llava_prompt() -> Prompt:
     """Two 224 x 224 images of 49 tokens each (CLIP patch 32, CLS dropped), as LlavaProcessor lays them out."""
     rng = np.random.default_rng(1)
-    ip = tf.CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    ip = CLIP_IP(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     enc = ip(images=[picture((224, 224), 0), picture((300, 224), 1)], return_tensors="pt")
     ids = text(rng, 7) + [IMAGE] * 49 + text(rng, 4) + [IMAGE] * 49 + text(rng, 30)
     return Prompt(ids, VisionInputs({"pixel_values": enc["pixel_values"]}), image_spans(torch.tensor(ids), IMAGE))

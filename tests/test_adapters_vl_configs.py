@@ -160,3 +160,44 @@ def test_tiny_model_of_each_config_decodes_after_eviction_like_the_masked_full_m
     got, eng = engine_logits(model, EvictPattern(), 0.4, prompt, [], decode)
     ref = reference_logits(model, prompt, decode, kept_slots(eng, len(prompt)))
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+
+
+QWEN_TEMPLATE = (  # a minimal Qwen-style template written for this test
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_prompt_with_screenshot_turns_equals_the_transformers_processor() -> None:
+    from kvbench.pipeline import RunOptions, question_ids, question_prompt
+    from kvbench.tasks.base import Question, Sample
+
+    model, encoder, tok = build("ui-tars-1.5-7b")
+    tok.chat_template = QWEN_TEMPLATE
+    images = [picture((112, 56), 0), picture((56, 84), 1)]
+    messages = [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "# Step 1: ok"},
+                {"role": "user", "content": [{"type": "image"}]}]
+    sample = Sample("s", "", [Question("0", "click the button", ["x"])], images=images, messages=messages)
+    opts = RunOptions(protocol="query_aware", max_new_tokens=4, stop=[], metrics=[], chat=True, vision=encoder)
+    ids, spans, extra = question_prompt(tok, sample, sample.questions[0], opts)
+
+    class ImageOnly(tf.Qwen2_5_VLProcessor):  # transformers 5 type-checks the video processor (torchvision)
+        def check_argument_for_proper_class(self, name, arg):  # noqa: ANN001, ANN202
+            return None if name == "video_processor" and arg is None else super().check_argument_for_proper_class(
+                name, arg)
+
+    proc = ImageOnly(image_processor=encoder.image_processor, tokenizer=tok, video_processor=None,
+                     chat_template=QWEN_TEMPLATE)
+    last = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "click the button"}]}
+    full = [*messages[:2], last]
+    text = proc.apply_chat_template(full, add_generation_prompt=True, tokenize=False)
+    ref = proc(text=[text], images=images, return_tensors="pt")
+    assert list(ids) == ref["input_ids"][0].tolist()
+    assert torch.equal(ids.vision.tensors["pixel_values"], ref["pixel_values"])
+    q_ids = question_ids(tok, sample, sample.questions[0], opts)  # what a query-agnostic run appends
+    assert list(ids)[spans["question"][0]:] == q_ids and extra["question_tokens"] == len(q_ids)
+    runs = [ids.spans["image:0"], ids.spans["image:1"]]
+    assert all(set(ref["input_ids"][0, s:e].tolist()) == {encoder.image_id} for s, e in runs)
