@@ -11,12 +11,18 @@
   ``second_per_grid_ts`` is ``temporal_patch_size / fps`` with the processor's default fps 2.0.
   Spans: ``image:<k>`` per image, ``frame:<k>`` per temporal patch (two frames merged into one group of tokens).
 * ``llava`` (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision): the transformers processor expands ``<image>`` (a PIL image
-  processor); ``image:<k>`` is the k-th run of image tokens. Video inputs for LLaVA models are refused (not wired).
+  processor); ``image:<k>`` is the k-th run of image tokens. LLaVA-OneVision video: frames resized (bicubic) to the
+  image processor's size, rescaled and normalised with its mean / std (deviation: the video processor's own, which
+  needs torchvision, is not read), ``pixel_values_videos`` (1, F, C, H, W), and ``<video>`` expanded to
+  F x ceil(side / 2)^2 + 1 tokens as the processor does (each frame's patch grid pooled 2 x 2, one newline token at
+  the end); ``frame:<k>`` = frame k's pooled tokens. Video for LLaVA-1.5 / NeXT (no video in those models) is
+  refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,17 +81,46 @@ class VisionEncoder:
         return Prompt(ids.tolist(), VisionInputs(tensors), spans)
 
     def _llava(self, text: str, images: Sequence[Any], frames: Sequence[Any]) -> Prompt:
-        if len(frames) or VIDEO in text:
-            raise UsageError("video inputs for LLaVA-family models are not wired in kvbench yet; use a Qwen2-VL-family "
-                             "model for video tasks")
+        if (VIDEO in text) != bool(len(frames)):
+            raise UsageError("a prompt needs exactly one video placeholder when the sample has frames")
+        if len(frames) and self.model_type != "llava_onevision":
+            raise UsageError(f"{self.model_type} models take no video; use LLaVA-OneVision or a Qwen2-VL-family model")
         if text.count(IMAGE) != len(images):
             raise UsageError(f"the prompt has {text.count(IMAGE)} image placeholders for {len(images)} images")
-        pictures = [load_image(i) for i in images] or None
-        enc = self.processor(text=[text.replace(IMAGE, self.processor.image_token)], images=pictures,
-                             return_tensors="pt")
-        ids = enc["input_ids"][0]
-        tensors = {k: enc[k] for k in LLAVA_TENSORS if k in enc}
-        return Prompt(ids.tolist(), VisionInputs(tensors), image_spans(ids, self.image_id))
+        if not len(frames):
+            ids, tensors = self._llava_text(text, images, True)
+            return Prompt(ids.tolist(), VisionInputs(tensors), image_spans(ids, self.image_id))
+        video, per_frame = self._onevision_video(frames)
+        before, after = text.split(VIDEO)  # tokenized apart: transformers' processor refuses <video> without videos
+        if IMAGE in before and IMAGE in after:
+            raise UsageError("LLaVA-OneVision prompts with images on both sides of the video are not supported")
+        k = before.count(IMAGE)
+        (a, ta), (b, tb) = self._llava_text(before, images[:k], True), self._llava_text(after, images[k:], False)
+        ids = torch.cat([a, torch.full((len(frames) * per_frame + 1,), self.video_id), b])  # + the newline token
+        spans = {**image_spans(ids, self.image_id), **frame_spans(ids, self.video_id, [per_frame], tail=1)}
+        return Prompt(ids.tolist(), VisionInputs({**ta, **tb, **video}), spans)
+
+    def _llava_text(self, text: str, images: Sequence[Any], special: bool) -> tuple[torch.Tensor, dict]:
+        """Ids (n,) of a text with image placeholders (the processor expands them) and its pixel inputs."""
+        if not images:
+            return self.processor.tokenizer(text, add_special_tokens=special, return_tensors="pt")["input_ids"][0], {}
+        enc = self.processor(text=[text.replace(IMAGE, self.processor.image_token)],
+                             images=[load_image(i) for i in images], add_special_tokens=special, return_tensors="pt")
+        return enc["input_ids"][0], {k: enc[k] for k in LLAVA_TENSORS if k in enc}
+
+    def _onevision_video(self, frames: Sequence[Any]) -> tuple[dict[str, torch.Tensor], int]:
+        """``{"pixel_values_videos": (1, F, C, H, W)}`` and the pooled tokens per frame, as LLaVA-OneVision's video
+        processor and processor lay them out."""
+        import numpy as np
+        from PIL import Image
+
+        ip = self.image_processor
+        h, w = ip.size["height"], ip.size["width"]
+        arr = np.stack([np.asarray(load_image(f).resize((w, h), Image.Resampling.BICUBIC), np.float32) / 255.0
+                        for f in frames])  # (F, H, W, C)
+        arr = (arr - np.asarray(ip.image_mean, np.float32)) / np.asarray(ip.image_std, np.float32)
+        side = math.ceil(math.isqrt(self.processor.num_image_tokens) / 2)
+        return {"pixel_values_videos": torch.from_numpy(arr).permute(0, 3, 1, 2)[None]}, side * side
 
 
 def fit_frames(frames: Sequence[Any], factor: int, min_pixels: int, max_pixels: int) -> list[Any]:

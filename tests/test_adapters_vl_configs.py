@@ -18,7 +18,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from kvbench.engine.adapters import adapter_for
 from kvbench.multimodal import VisionEncoder
-from kvbench.tasks.base import IMAGE
+from kvbench.tasks.base import IMAGE, VIDEO
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -120,7 +120,8 @@ def build(name: str) -> tuple[tf.PreTrainedModel, VisionEncoder, tf.PreTrainedTo
     tok = char_tokenizer(LLAVA_SPECIALS, {"image_token": "<image>", "video_token": "<video>"})
     model, proc = {"llava-1.5-7b": llava15, "llava-next-vicuna-7b": llava_next,
                    "llava-onevision-qwen2-7b": llava_onevision}[name](tok)
-    return model, VisionEncoder("llava", model.config.model_type, proc.image_processor, 97 + 1, None, proc), tok
+    return model, VisionEncoder("llava", model.config.model_type, proc.image_processor, *adapter_for(model).vision_ids,
+                                proc), tok
 
 
 FAMILY = {"qwen2_5_vl": "qwen2_vl", "llava": "llava", "llava_next": "llava", "llava_onevision": "llava"}
@@ -201,3 +202,20 @@ def test_chat_prompt_with_screenshot_turns_equals_the_transformers_processor() -
     assert list(ids)[spans["question"][0]:] == q_ids and extra["question_tokens"] == len(q_ids)
     runs = [ids.spans["image:0"], ids.spans["image:1"]]
     assert all(set(ref["input_ids"][0, s:e].tolist()) == {encoder.image_id} for s, e in runs)
+
+
+@pytest.mark.parametrize("name", ["llava-onevision-qwen2-7b", "qwen2.5-vl-7b-instruct"])
+def test_video_frames_get_frame_spans_and_decode_like_the_masked_full_model(name: str) -> None:
+    model, encoder, tok = build(name)
+    frames = [picture((56, 56), 20 + i) for i in range(4)]
+    prompt = encoder.encode(tok, f"see {IMAGE} then {VIDEO} so: abcdefghijklmnopqrstuvwxyz",
+                            [picture((56, 56), 0)], frames)
+    n_frames = 4 if name.startswith("llava") else 2  # Qwen merges 2 frames per temporal patch
+    assert [k for k in prompt.spans if k.startswith("frame:")] == [f"frame:{k}" for k in range(n_frames)]
+    spans = [prompt.spans[f"frame:{k}"] for k in range(n_frames)]
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))  # consecutive, equal groups
+    assert len({e - s for s, e in spans}) == 1 and prompt.spans["image:0"][1] < spans[0][0]
+    decode = text(np.random.default_rng(4), 4)
+    got, eng = engine_logits(model, EvictPattern(), 0.4, prompt, [], decode)
+    ref = reference_logits(model, prompt, decode, kept_slots(eng, len(prompt)))
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)

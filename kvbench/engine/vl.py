@@ -67,15 +67,17 @@ def image_spans(ids: Tensor, image_id: int, offset: int = 0) -> dict[str, tuple[
     return {f"image:{k}": (offset + s, offset + e) for k, (s, e) in enumerate(token_runs(ids, image_id))}
 
 
-def frame_spans(ids: Tensor, video_id: int, tokens_per_frame: list[int], offset: int = 0
+def frame_spans(ids: Tensor, video_id: int | None, tokens_per_frame: list[int], offset: int = 0, tail: int = 0
                 ) -> dict[str, tuple[int, int]]:
     """``frame:<k>`` -> [start, end) of the k-th frame group's tokens, in order over all videos: each video run is
-    cut into consecutive groups of ``tokens_per_frame[v]`` tokens (Qwen2-VL: one group per temporal patch)."""
-    runs = token_runs(ids, video_id)
+    cut into consecutive groups of ``tokens_per_frame[v]`` tokens (Qwen2-VL: one group per temporal patch); the last
+    ``tail`` tokens of a run belong to no frame (LLaVA-OneVision's closing newline token)."""
+    runs = token_runs(ids, video_id) if video_id is not None else []
     if len(runs) != len(tokens_per_frame):
         raise UsageError(f"the prompt has {len(runs)} video token runs for {len(tokens_per_frame)} videos")
     spans: dict[str, tuple[int, int]] = {}
     for (s, e), per in zip(runs, tokens_per_frame, strict=True):
+        e -= tail
         for a in range(s, e, per):
             spans[f"frame:{len(spans)}"] = (offset + a, offset + min(a + per, e))
     return spans
