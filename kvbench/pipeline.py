@@ -24,7 +24,7 @@ from kvbench.engine.vl import Prompt
 from kvbench.errors import UsageError
 from kvbench.metrics import score_prediction
 from kvbench.prompt import encode_joint, postprocess_text
-from kvbench.tasks.base import Question, Sample
+from kvbench.tasks.base import IMAGE, VIDEO, Question, Sample
 
 SPLIT = "\u241eKVBENCH-SPLIT\u241e"
 BULKY_META = ("turns",)  # per-context structures (a conversation's turns) not copied into every question's record
@@ -251,8 +251,6 @@ def check_text_only(sample: Sample) -> None:
 def chat_turns(sample: Sample, question: str) -> list[dict[str, Any]]:
     """The sample's chat turns with string contents (images as :data:`~kvbench.tasks.base.IMAGE` placeholders), the
     question text after the last user turn's content."""
-    from kvbench.tasks.base import IMAGE
-
     turns = sample.messages or [{"role": "user", "content": sample.context}]
     out = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "".join(
         IMAGE if c["type"] == "image" else c.get("text", "") for c in m["content"])} for m in turns]
@@ -276,9 +274,11 @@ def vision_texts(tok: PreTrainedTokenizerBase, sample: Sample, q: Question, opts
 def vision_prompt(tok: PreTrainedTokenizerBase, sample: Sample, q: Question, opts: RunOptions
                   ) -> tuple[Prompt, list[int]]:
     """The context as a :class:`Prompt` (ids, pixel inputs, image / frame spans) and the question's ids. A prompt
-    longer than ``max_length`` is refused: it cannot be cut in the middle of an image."""
-    from kvbench.tasks.base import IMAGE, VIDEO
-
+    longer than ``max_length`` is refused: it cannot be cut in the middle of an image; context and question are
+    tokenized separately (``tokenize: joint`` is refused)."""
+    if opts.tokenize != "separate":
+        raise UsageError(f"task.tokenize={opts.tokenize} is not supported for vision-language prompts (their images "
+                         "are expanded in the context); use tokenize: separate")
     prefix, suffix = vision_texts(tok, sample, q, opts)
     if IMAGE in suffix or VIDEO in suffix:
         raise UsageError(f"sample {sample.id}: images go in the context, not in question {q.id}'s text")
