@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers as tf
 import yaml
+from omegaconf import OmegaConf
 from test_adapters_vl import EvictPattern, engine_logits, kept_slots, picture, reference_logits, text
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -219,3 +220,15 @@ def test_video_frames_get_frame_spans_and_decode_like_the_masked_full_model(name
     got, eng = engine_logits(model, EvictPattern(), 0.4, prompt, [], decode)
     ref = reference_logits(model, prompt, decode, kept_slots(eng, len(prompt)))
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", [*TINY, "opencua-7b"])
+def test_offline_without_a_cached_copy_is_one_message(name: str, monkeypatch, tmp_path: Path) -> None:
+    from kvbench.models import ModelLoadError, load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    spec = vl_configs()[name]
+    with pytest.raises(ModelLoadError) as err:
+        load_model(OmegaConf.create(spec), torch.device("cpu"))
+    assert f"hf download {spec['pretrained']} --revision {spec['revision'] or 'main'}" in str(err.value)
