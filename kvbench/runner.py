@@ -314,8 +314,8 @@ def plan(setup: Setup, jobs: list[Job]) -> tuple[list[list[Job]], list[Job]]:
             line = f"budget sweep without a shared prefill: {why[0]}; running the budgets one after another"
         else:
             names = ",".join(dict.fromkeys(job.method for job in alone if reasons[job.key]))
-            line = (f"method grid: {names} without a shared prefill ({'; '.join(why)}); running them one after "
-                    "another over the same model")
+            line = (f"method grid: {names} without a shared prefill ({'; '.join(why)}); running them after the "
+                    "shared prefill, one after another over the same model")
         print(f"[kvbench] {line}", file=sys.stderr)
     return groups, alone
 

@@ -51,7 +51,6 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from kvbench.budget import Allocator
-from kvbench.cli import unknown_option
 from kvbench.engine import Engine, KVStore, LayerContext, LayerKV
 from kvbench.engine.engine import check_model
 from kvbench.errors import UsageError
@@ -67,7 +66,7 @@ from kvbench.pipeline import (
     timed_prefill,
 )
 from kvbench.tasks.base import Sample
-from kvbench.validate import check_budgets, check_config
+from kvbench.validate import check_budgets, check_config, check_methods
 
 
 @dataclass(frozen=True)
@@ -152,6 +151,8 @@ class SweepEngine(Engine):
         self._forking, self._splitting, lead = False, True, self.method
         # the forward compresses when any variant does (fullkv's fork takes the full layers as they are)
         self.method = next((f.variant.method for f in self.forks.values() if f.variant.method.compresses), lead)
+        self.store = _ReplayStore(self.n_layers, self.store.layers, self.store.next_position,
+                                  forks=[f.store for f in self.forks.values()])
         try:
             logits = super().forward(ids, compress)
         finally:
@@ -160,7 +161,6 @@ class SweepEngine(Engine):
             for i, layer in enumerate(self.store.layers):
                 if fork.store.layers[i] is None and layer is not None:
                     fork.store.layers[i] = layer.share()
-                    fork.store.track_peak()
             fork.store.next_position = self.store.next_position
         return logits
 
@@ -173,8 +173,7 @@ class SweepEngine(Engine):
         try:
             for fork in self.forks.values():
                 own = layer.share()  # copy-on-write: costs nothing until a fork writes
-                fork.store.layers[i] = own
-                fork.store.track_peak()  # what a separate run holds here: earlier layers compressed, this one full
+                fork.store.layers[i] = own  # its peak was replayed as the shared store tracked this layer, full
                 method = fork.variant.method
                 if method.compresses:
                     memo = memos.setdefault(id(method), _SharedMemo(method))
@@ -201,6 +200,24 @@ class SweepEngine(Engine):
         fork = self.forks[key]
         self.method, self.allocator, self.budget = fork.variant.method, fork.variant.allocator, fork.variant.budget
         self.store, self.compress_seconds, self.decode_budget = fork.store, fork.compress_s, fork.decode_budget
+
+
+@dataclass
+class _ReplayStore(KVStore):
+    """The shared prefill's own cache. Whenever it tracks its peak (a layer just stored, full; a local layer before
+    its trim), every fork tracks what a separate run of its variant holds at that moment: the fork's own layers plus
+    the shared layers it has not received yet (the layer being attended, the local layers, fullkv's full layers)."""
+
+    forks: list[KVStore] = field(default_factory=list)
+
+    def track_peak(self) -> None:
+        super().track_peak()
+        for fork in self.forks:
+            pending = [layer for own, layer in zip(fork.layers, self.layers, strict=True)
+                       if own is None and layer is not None]
+            fork.peak_bytes = max(fork.peak_bytes, fork.nbytes() + sum(x.nbytes() for x in pending))
+            fork.peak_allocated_bytes = max(fork.peak_allocated_bytes,
+                                            fork.allocated_bytes() + sum(x.allocated_bytes() for x in pending))
 
 
 def check_variants(model: nn.Module, variants: list[Variant]) -> None:
@@ -268,7 +285,7 @@ def method_configs(cfg: DictConfig, overrides: Sequence[str] | None) -> dict[str
     """One configuration per method of ``methods=[a,b,...]``, each composed exactly as ``method=<name>`` with the
     job's other ``overrides`` (a method's defaults, e.g. its allocator, included; an explicit ``allocator=`` wins
     as it does for one method). The methods must agree on everything but the method, allocator and protocol."""
-    names = method_names(cfg.methods)
+    names = check_methods(OmegaConf.to_container(cfg.methods) if OmegaConf.is_list(cfg.methods) else cfg.methods)
     if overrides is None:
         raise UsageError("methods=[...] composes each method's config from the job's overrides: pass them, "
                          "run(cfg, overrides=[...]) (python -m kvbench does)")
@@ -279,22 +296,6 @@ def method_configs(cfg: DictConfig, overrides: Sequence[str] | None) -> dict[str
     out = {name: compose_config([*kept, f"method={name}"]) for name in names}
     check_one_job(out)
     return out
-
-
-def method_names(value: Any) -> list[str]:
-    """``methods=[a,b]`` (or one name) as a list of distinct, existing method options; one clear error if not."""
-    from kvbench.__main__ import CONF_DIR  # the CLI's config directory (imported late: it is the entry point)
-
-    names = list(value) if OmegaConf.is_list(value) or isinstance(value, list | tuple) else [value]
-    if not names:
-        raise UsageError("methods=[] names no method; give one or more, e.g. methods=[snapkv,adakv]")
-    if bad := [n for n in names if not isinstance(n, str)]:
-        raise UsageError(f"methods must name method options (conf/method/<name>.yaml), got {bad[0]!r}")
-    if len(set(names)) < len(names):
-        raise UsageError(f"methods={names} names a method twice")
-    if message := unknown_option([f"method={n}" for n in names], CONF_DIR, ("method",)):
-        raise UsageError(f"methods: {message}")
-    return names
 
 
 def override_key(override: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,7 +13,9 @@ import torch
 from conftest import PREFILL_METHODS, layer_store, load_method
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from test_families import gemma3
 from test_sweep import TIMING, records, strip
+from test_validation import cli as validation_cli
 
 from kvbench import sweep
 from kvbench.budget import Uniform
@@ -20,6 +23,7 @@ from kvbench.engine import Engine, LayerContext
 from kvbench.errors import UsageError
 from kvbench.method import Method
 from kvbench.pipeline import prefill
+from kvbench.report.status import _run_ids
 from kvbench.results import config_hash
 from kvbench.runner import job_configs, run
 from kvbench.sweep import SweepEngine, Variant, fallback_reason, shared_prefill
@@ -182,6 +186,15 @@ def test_cli_multirun_sweeps_method_grids_from_an_experiment_file(tmp_path) -> N
                           for p in ("query_aware", "query_agnostic"))
 
 
+def test_status_lists_every_run_of_a_grid_job(tmp_path) -> None:
+    """``python -m kvbench.report status --sweep`` expands a grid job into its runs (one per method and budget)."""
+    job = ["methods=[fullkv,adakv]", "budget=[0.2,0.5]", f"paths.results={tmp_path}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        ids = _run_ids(compose, job)
+    assert ids == [f"synth_multikey_dense/kvbench-tiny/{m}/query_aware/budget={b}/seed=0"
+                   for m in ("fullkv/uniform", "adakv/head_adaptive") for b in (0.2, 0.5)]
+
+
 @dataclass
 class CachedNorm(Method):
     """A test method that caches its scores in ``ctx.memo`` under a key without its parameter: two instances
@@ -197,23 +210,32 @@ class CachedNorm(Method):
         return ctx.memo["norm"]
 
 
-def grid_variants() -> dict:
-    """Every evicting method that shares its prefill (its own instance), at two budgets, and two instances of one
-    memo-caching method with different parameters."""
+def grid_variants(model: torch.nn.Module) -> dict:
+    """Every evicting method with a KV-head cache that shares its prefill and runs on ``model`` (CompressKV has
+    calibrations of the tiny Llama only), each its own instance, at two budgets; and two instances of one
+    memo-caching method with different parameters. (One engine stores its layers one way: the query-head methods,
+    guikv, are forked on their own in tests/test_sweep.py.)"""
     variants = {}
     for name in PREFILL_METHODS:
         method, allocator = load_method(name)
         cfg = OmegaConf.create({"method": {"name": name}, "allocator": {"name": "a"}})
-        if layer_store(name) == "evict" and fallback_reason(cfg, method, allocator) is None:
+        if (layer_store(name) != "evict" or method.cache != "kv_head"
+                or fallback_reason(cfg, method, allocator) is not None):
+            continue
+        with contextlib.suppress(UsageError):  # the runner's own check: a calibration for this model
+            method.prepare(model)
             variants.update({(name, b): Variant(method, allocator, b) for b in (0.1, 20)})
     for power in (1.0, -1.0):
         variants.update({(f"norm^{power}", b): Variant(CachedNorm(power=power), Uniform(), b) for b in (0.3, 12)})
     return variants
 
 
-def test_grid_engine_forks_give_the_caches_of_separate_engines(tiny_model, prompt, one_thread) -> None:
-    model, ids = tiny_model("llama"), prompt(96).tolist()
-    variants = grid_variants()
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # Gemma-3: sliding-window layers (kept, not compressed)
+def test_grid_engine_forks_give_the_caches_of_separate_engines(tiny_model, prompt, one_thread, arch: str) -> None:
+    """Caches, logits, generations and statistics (peak KV bytes replayed as a separate run holds them, local
+    layers included) of every fork equal a separate engine's."""
+    model, ids = (tiny_model("llama") if arch == "llama" else gemma3()), prompt(96).tolist()
+    variants = grid_variants(model)
     assert {"fullkv", "snapkv", "adakv", "defensivekv", "h2o"} <= {k[0] for k in variants}
     with SweepEngine.over(model, variants) as eng:
         forks = [(k, logits, stats, eng.store, eng.generate(logits, 4)[0])
@@ -228,7 +250,7 @@ def test_grid_engine_forks_give_the_caches_of_separate_engines(tiny_model, promp
                 assert torch.equal(a.lens, c.lens) and torch.equal(a.positions, c.positions), k
                 assert torch.equal(a.keys, c.keys) and torch.equal(a.values, c.values), k
         assert strip(stats) == strip(ref_stats), k
-        kept[k] = store.layers[0].positions.tolist()
+        kept[k] = store.layers[-1].positions.tolist()  # a global layer (Gemma-3 tiny: the last)
     assert kept[("norm^1.0", 0.3)] != kept[("norm^-1.0", 0.3)]  # the two parameter sets really differ
     assert TIMING  # the same volatile keys as the budget sweep tests
 
@@ -238,3 +260,11 @@ def test_variants_storing_layers_differently_cannot_share_one_engine(tiny_model)
     per_query_head, _ = load_method("snapkv", ("method.cache=query_head",))
     with pytest.raises(ValueError, match="stores its layers one way"):
         SweepEngine.over(tiny_model("llama"), {1: Variant(snap, alloc, 0.1), 2: Variant(per_query_head, alloc, 0.1)})
+
+
+def test_cli_refuses_a_bad_method_list_before_torch_loads(tmp_path) -> None:
+    res = validation_cli(tmp_path, "methods=[snapkv,bogus]")
+    assert "EXIT 2" in res.stdout and "IMPORTED False False" in res.stdout, res.stderr[-2000:]
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvbench: error: methods: unknown method 'bogus'; available: ")
+    assert not (tmp_path / "results").exists()
