@@ -33,6 +33,7 @@ from kvbench.engine.context import LayerContext
 from kvbench.engine.quant import layer_kind
 from kvbench.engine.store import KVStore, LayerKV
 from kvbench.engine.view import head_indices, layer_view, mask_padding, valid_candidates
+from kvbench.engine.vl import VisionInputs
 from kvbench.ops import topk_per_head
 
 if TYPE_CHECKING:  # kvbench.method imports the engine's LayerContext
@@ -128,6 +129,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.store = KVStore(self.n_layers)
         self.spans: dict[str, tuple[int, int]] = {}
+        self.vision: VisionInputs | None = None  # the pixel inputs of the prompt a fresh cache is prefilled with
         self.compress_seconds = 0.0
         self.decode_budget: dict[int, tuple[int, int]] = {}  # layer -> (kept candidates, window) after prefill
         self._pending: dict[int, LayerScores] = {}  # cross-layer allocation: scored layers awaiting their counts
@@ -173,6 +175,7 @@ class Engine:
         """Start a new, empty cache (a new sample)."""
         self.store = KVStore(self.n_layers)
         self.spans = {}
+        self.vision = None
         self.compress_seconds = 0.0
         self.decode_budget = {}
         self._pending = {}
@@ -206,15 +209,17 @@ class Engine:
     def forward(self, ids: Tensor | list[int], compress: bool = False) -> Tensor:
         """Run q new tokens over the cache; return the logits of the last one, (vocab,).
 
-        With ``compress=True`` every layer is compressed right after its attention in this forward.
+        With ``compress=True`` every layer is compressed right after its attention in this forward. The first
+        forward of a fresh cache takes ``self.vision`` (a vision-language prompt's pixel inputs) with it.
         """
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
         start = self.store.next_position
         self._positions = torch.arange(start, start + ids.numel(), device=self.device)
         self._compress = compress and (self.method.compresses or self.method.plans)
         self._pending = {}  # cross-layer allocation plans over the layers scored in this forward
+        vision = self.vision if start == 0 else None
         try:
-            logits = self.adapter.forward(ids, self.adapter.position_ids(start, ids.numel(), self.device))
+            logits = self.adapter.forward(ids, self.adapter.positions(ids, start, vision), vision)
         finally:
             self._compress = False
             self._hidden.clear()
@@ -234,7 +239,7 @@ class Engine:
         self._positions = torch.arange(start, start + ids.numel(), device=self.device)
         self._probe = True
         try:
-            self.adapter.forward(ids, self.adapter.position_ids(start, ids.numel(), self.device))
+            self.adapter.forward(ids, self.adapter.positions(ids, start, None))
         finally:
             self._probe = False
 
