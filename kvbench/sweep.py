@@ -101,8 +101,8 @@ class SweepEngine(Engine):
         self.forks = {b: Fork(KVStore(self.n_layers)) for b in budgets}
         self._forking = True
 
-    def forward(self, ids: Tensor | list[int], compress: bool = False) -> Tensor:
-        logits = super().forward(ids, compress)
+    def forward(self, ids: Tensor | list[int], compress: bool = False, decoding: bool = False) -> Tensor:
+        logits = super().forward(ids, compress, decoding)
         if self._forking and compress:
             self._forking = False
             for fork in self.forks.values():  # layers the method left alone (fullkv) are shared as they are

@@ -132,6 +132,7 @@ class Engine:
         self.decode_budget: dict[int, tuple[int, int]] = {}  # layer -> (kept candidates, window) after prefill
         self._pending: dict[int, LayerScores] = {}  # cross-layer allocation: scored layers awaiting their counts
         self._positions: Tensor | None = None
+        self._step_end = 0
         self._compress = False
         self._decoding = False
         self._probe = False
@@ -198,23 +199,40 @@ class Engine:
         self.store.rollback(snap)
 
     @torch.inference_mode()
-    def forward(self, ids: Tensor | list[int], compress: bool = False) -> Tensor:
+    def forward(self, ids: Tensor | list[int], compress: bool = False, decoding: bool = False) -> Tensor:
         """Run q new tokens over the cache; return the logits of the last one, (vocab,).
 
-        With ``compress=True`` every layer is compressed right after its attention in this forward.
+        With ``compress=True`` every layer is compressed right after its attention in this forward; ``decoding``
+        marks a decode step (a method with ``decode_evict`` evicts then).
         """
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
-        start = self.store.next_position
-        self._positions = torch.arange(start, start + ids.numel(), device=self.device)
-        self._compress = compress and self.method.compresses
-        self._pending = {}  # cross-layer allocation plans over the layers scored in this forward
+        position_ids = self.begin(ids.numel(), compress, decoding)
         try:
-            logits = self.adapter.forward(ids, self.adapter.position_ids(start, ids.numel(), self.device))
-        finally:
-            self._compress = False
-            self._hidden.clear()
-        self.store.next_position = start + ids.numel()
+            logits = self.adapter.forward(ids, position_ids)
+        except BaseException:
+            self.end(advance=False)
+            raise
+        self.end()
         return logits
+
+    def begin(self, n: int, compress: bool = False, decoding: bool = False) -> Tensor:
+        """Prepare the attention of a forward of n new tokens after the cache; their position ids, (1, n), from
+        the logical length. ``forward`` brackets the model call with ``begin``/``end``; a caller that runs the
+        model itself (``kvbench.engine.hfcache``: transformers' ``generate``) does the same."""
+        start = self.store.next_position
+        self._positions = torch.arange(start, start + n, device=self.device)
+        self._step_end = start + n  # the logical length once the forward is done (no device sync to read it)
+        self._compress = compress and self.method.compresses
+        self._decoding = decoding
+        self._pending = {}  # cross-layer allocation plans over the layers scored in this forward
+        return self.adapter.position_ids(start, n, self.device)
+
+    def end(self, advance: bool = True) -> None:
+        """After the forward ``begin`` prepared: the logical length moves past its tokens (unless it failed)."""
+        self._compress = self._decoding = False
+        self._hidden.clear()
+        if advance:
+            self.store.next_position = self._step_end
 
     @torch.inference_mode()
     def probe(self, ids: Tensor | list[int]) -> None:
@@ -243,11 +261,7 @@ class Engine:
             if len(tokens) == max_new_tokens or (should_stop is not None and should_stop(tokens)):
                 break
             t0 = sync_time(self.device)
-            self._decoding = True
-            try:
-                logits = self.forward([tokens[-1]])
-            finally:
-                self._decoding = False
+            logits = self.forward([tokens[-1]], decoding=True)
             times.append(sync_time(self.device) - t0)
         return tokens, times
 
