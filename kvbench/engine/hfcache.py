@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvbench.engine.engine import Engine
+from kvbench.engine.engine import Engine, sync_time
 from kvbench.errors import UsageError
 
 
@@ -103,13 +104,18 @@ class KVBenchCache(Cache):
 
 class GenerateBinding:
     """Inside ``with GenerateBinding(model, engine):`` (the engine entered), ``model.generate(...)`` runs over a
-    fresh ``KVBenchCache`` (or the one passed) and every model forward with that cache is one engine step."""
+    fresh ``KVBenchCache`` (or the one passed) and every model forward with that cache is one engine step.
 
-    def __init__(self, model: nn.Module, engine: Engine) -> None:
-        self.model, self.engine = model, engine
+    ``on_step(n, prompt, seconds)`` is called after every such forward: n new tokens, whether it was the
+    compressed prompt, and its seconds (compression included)."""
+
+    def __init__(self, model: nn.Module, engine: Engine,
+                 on_step: Callable[[int, bool, float], None] | None = None) -> None:
+        self.model, self.engine, self.on_step = model, engine, on_step
         self.key = cache_kwarg(model)
         self.cache: KVBenchCache | None = None  # the newest cache made or seen
         self._hooks: list[Any] = []
+        self._step: tuple[int, bool, float] = (0, False, 0.0)  # the running forward: n, prompt, start time
 
     def __enter__(self) -> GenerateBinding:
         if "generate" in vars(self.model):
@@ -158,11 +164,15 @@ class GenerateBinding:
                              f"{inputs.shape[0]} (several prompts, beam search or num_return_sequences > 1)")
         n, start = inputs.shape[1], cache.store.next_position
         check_inputs(kwargs.get("attention_mask"), kwargs.get("position_ids"), start, n)
+        self._step = (n, start == 0, sync_time(self.engine.device))
         self.engine.begin(n, compress=start == 0, decoding=start > 0 and n == 1)
 
     def _end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if isinstance(kwargs.get(self.key), KVBenchCache):
             self.engine.end()
+            n, prompt, t0 = self._step
+            if self.on_step is not None:
+                self.on_step(n, prompt, sync_time(self.engine.device) - t0)
 
 
 def check_inputs(mask: Tensor | None, position_ids: Tensor | None, start: int, n: int) -> None:
