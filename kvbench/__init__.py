@@ -36,8 +36,8 @@ if not OmegaConf.has_resolver("kvbench_slug"):
     OmegaConf.register_new_resolver("kvbench_slug", model_slug)
 
 
-_API = {"compress": "kvbench.api", "answer": "kvbench.api", "Answer": "kvbench.api", "Compressed": "kvbench.api",
-        "KVBenchCache": "kvbench.engine.hfcache", "methods": None, "allocators": None}
+_API = {"compress": "kvbench.api", "answer": "kvbench.api", "load": "kvbench.api", "Answer": "kvbench.api",
+        "Compressed": "kvbench.api", "KVBenchCache": "kvbench.engine.hfcache", "methods": None, "allocators": None}
 
 
 def __getattr__(name: str) -> Any:

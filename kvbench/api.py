@@ -11,6 +11,7 @@ Both build the method and allocator through the CLI's own configs (:mod:`kvbench
   criteria and stop strings, streamers and ``max_new_tokens`` are generate's own.
 * ``kvbench.answer(model, tok, context, questions, method=..., budget=..., protocol=...)``: the CLI's protocols
   (:mod:`kvbench.protocols`) over one context; a :class:`Answer` per question with the cache statistics.
+* ``kvbench.load("kvbench-tiny")``: a model and tokenizer as ``model=<option>`` loads them (the CLI's loader).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from transformers import PreTrainedTokenizerBase
 
 from kvbench import protocols
 from kvbench.budget import Allocator
+from kvbench.cli import CONF_DIR
 from kvbench.compat import check_compatible
 from kvbench.engine import Engine
 from kvbench.engine.hfcache import GenerateBinding, KVBenchCache
 from kvbench.errors import UsageError
 from kvbench.method import Method
+from kvbench.models import load_model, pick_device
 from kvbench.pipeline import RunOptions, cache_stats
 from kvbench.registry import compose_config, set_params
 from kvbench.runner import build, run_options
@@ -55,6 +58,18 @@ def components(method: str | Method, budget: float, allocator: str | Allocator |
         set_params(cfg, "method", params or {})
     return (build(cfg.method, "method") if named else method,
             allocator if isinstance(allocator, Allocator) else build(cfg.allocator, "allocator"), cfg)
+
+
+def load(model: str = "kvbench-tiny", device: str = "auto", **params: Any) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A model and its tokenizer as ``python -m kvbench model=<model>`` loads them: a ``conf/model`` option
+    (``kvbench-tiny``, ``smollm2-135m-instruct``, ...) or a hub id / local directory (``model=hf``); ``params``
+    set the model node's keys (``dtype="bfloat16"``, ``attn_implementation="eager"``, ...)."""
+    known = (CONF_DIR / "model" / f"{model}.yaml").is_file()
+    cfg = compose_config([f"model={model}" if known else "model=hf", f"device={device}"])
+    if not known:
+        params = {"pretrained": model, **params}
+    set_params(cfg, "model", params)
+    return load_model(cfg.model, pick_device(str(cfg.device)))
 
 
 @dataclass

@@ -123,8 +123,9 @@ def test_stop_strings_stop_at_their_first_occurrence(tiny_model, prompt, one_thr
 def test_streamer_stopping_criteria_and_max_new_tokens(embedded, one_thread) -> None:
     """On the embedded model the answer is 'k.. k.. k.. .': a streamer, a StoppingCriteria, max_new_tokens."""
     model, tok, sample = embedded
-    inputs = tok(sample.context + sample.questions[0].text, return_tensors="pt")
-    n = inputs.input_ids.shape[1]
+    enc = tok(sample.context + sample.questions[0].text, return_tensors="pt")
+    inputs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}  # 4.57 refuses token_type_ids
+    n = enc.input_ids.shape[1]
 
     class Collect(TextStreamer):
         text = ""
@@ -181,6 +182,8 @@ def test_refusals_are_one_clear_error_each(tiny_model, prompt, one_thread) -> No
                            .long(), max_new_tokens=2)
         with pytest.raises(UsageError, match="use_cache=False"):
             model.generate(ids[None], max_new_tokens=2, use_cache=False)
+        with pytest.raises(UsageError, match="prefill_chunk_size"):
+            model.generate(ids[None], max_new_tokens=2, prefill_chunk_size=32)
         with pytest.raises(UsageError, match="call model.generate"):
             model(ids[None])
     with pytest.raises(UsageError, match="unknown method 'snapk'; available: adakv"):

@@ -18,8 +18,9 @@ it and compresses it). What ``generate()`` needs on top is a ``transformers.Cach
 
 Refused with one :class:`~kvbench.errors.UsageError` each (they would be silently wrong): a batch of more than one
 sequence (beam search, ``num_return_sequences``), padding in the attention mask, positions that are not the
-logical ones, ``use_cache=False``, a forward of the model with no ``KVBenchCache`` inside the binding, and a cache
-of an earlier ``generate`` call once a new one has started (the engine holds one sample's cache at a time).
+logical ones, ``use_cache=False``, generate's chunked prefill (``prefill_chunk_size``: later chunks would be
+appended uncompressed), a forward of the model with no ``KVBenchCache`` inside the binding, and a cache of an
+earlier ``generate`` call once a new one has started (the engine holds one sample's cache at a time).
 
 Versions: transformers 4.57 passes ``past_key_values=`` and calls a layer's ``get_mask_sizes(cache_position)``;
 5.x passes ``cache=`` and calls ``get_mask_sizes(query_length)``; both are handled here.
@@ -139,12 +140,18 @@ class GenerateBinding:
     def _generate(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("use_cache") is False:
             raise UsageError("use_cache=False inside kvbench.compress: the compressed cache is the point; drop it")
+        config = kwargs.get("generation_config") or model.generation_config
+        if kwargs.get("prefill_chunk_size") or config.prefill_chunk_size:
+            raise UsageError("generate's prefill_chunk_size would append the later prompt chunks uncompressed; "
+                             "block-wise compressed prefill is the CLI's prefill_chunk option")
         cache = kwargs.get(self.key)
         if cache is None:
             kwargs[self.key] = self.new_cache()
         elif not isinstance(cache, KVBenchCache):
             raise UsageError(f"inside kvbench.compress, generate() runs over kvbench's cache; got {self.key}="
                              f"{type(cache).__name__} (pass none, or a KVBenchCache from an earlier output)")
+        else:
+            cache.check_current()  # before generate reads its length
         return type(model).generate(model, *args, **kwargs)
 
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
