@@ -34,6 +34,7 @@ from kvbench.engine import Engine
 from kvbench.engine.hfcache import GenerateBinding, KVBenchCache
 from kvbench.errors import UsageError
 from kvbench.method import Method
+from kvbench.methods import REGISTRY
 from kvbench.models import load_model, pick_device
 from kvbench.pipeline import RunOptions, cache_stats
 from kvbench.registry import compose_config, set_params
@@ -46,12 +47,13 @@ def components(method: str | Method, budget: float, allocator: str | Allocator |
                params: dict[str, Any] | None = None, overrides: Sequence[str] = ()) -> tuple[Method, Allocator, Any]:
     """The method, allocator and composed config of ``method=<name> [allocator=<name>] budget=<b>`` (the CLI's
     defaults: a method's yaml may choose its allocator), ``params`` set on the method node; instances given are
-    used as they are."""
+    used as they are (a method instance whose ``name`` is an option gets that option's default allocator)."""
     check_budget(budget)
     named = isinstance(method, str)
     if not named and params:
         raise UsageError(f"parameters {sorted(params)} given with a {type(method).__name__} instance; set them on it")
-    opts = [f"method={method}"] if named else []
+    name = method if named else method.name  # an instance of a known option gets that option's allocator
+    opts = [f"method={name}"] if named or name in REGISTRY.names() else []
     opts += [f"allocator={allocator}"] if isinstance(allocator, str) else []
     cfg = compose_config([*opts, f"budget={budget}", *overrides])
     if named:

@@ -207,6 +207,10 @@ def test_instances_and_classes_from_the_registry(tiny_model, prompt, one_thread)
     expected = engine_tokens(model, "snapkv", 0.3, ids, 6, window=8, kernel=5)[0]
     with kvbench.compress(model, method, budget=0.3, allocator=kvbench.allocators.Uniform()):
         assert model.generate(ids[None], max_new_tokens=6, min_new_tokens=6)[0, PROMPT:].tolist() == expected
+    defensive = components(kvbench.methods.DefensiveKV(window=8), 0.3)[1]  # the option's allocator: flat
+    assert (type(defensive), defensive.name) == (kvbench.allocators.HeadAdaptive, "flat")
+    with pytest.raises(UsageError, match="set them on it"):
+        components(method, 0.3, params={"window": 4})
 
 
 def test_registry_names_classes_params_and_descriptions() -> None:
