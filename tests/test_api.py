@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_families import WINDOW, gemma3
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
@@ -75,6 +76,21 @@ def test_full_budget_gives_plain_generate_logits(tiny_model, prompt, one_thread)
     assert torch.equal(ours.sequences, plain.sequences)
     for a, b in zip(ours.logits, plain.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gemma3_local_layers_under_generate(one_thread) -> None:
+    """Gemma-3's sliding-window layers keep their window under generate as in the engine's loop; budget 1.0 gives
+    transformers' own tokens."""
+    model, ids = gemma3(), torch.randint(0, 128, (PROMPT,), generator=torch.Generator().manual_seed(0))
+    expected, nbytes, _, lengths = engine_tokens(model, "snapkv", 0.3, ids, 12, window=8)
+    with kvbench.compress(model, "snapkv", budget=0.3, window=8) as kv:
+        out = model.generate(ids[None], max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert out[0, PROMPT:].tolist() == expected
+        assert (kv.cache.store.nbytes(), kv.cache.store.lengths()) == (nbytes, lengths)
+        assert lengths[0] == [WINDOW, WINDOW] and lengths[-1][0] < PROMPT // 2  # a local layer, the global one
+    plain = model.generate(ids[None], max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with kvbench.compress(model, "snapkv", budget=1.0):
+        assert torch.equal(model.generate(ids[None], max_new_tokens=12, min_new_tokens=12, do_sample=False), plain)
 
 
 def test_positions_stay_logical_after_eviction(tiny_model, prompt, one_thread) -> None:
