@@ -7,8 +7,9 @@ stores k/v in the engine's ``KVStore`` and attends over it. This needs no transf
 changed between 4.57 and 5.x); transformers' own ``generate`` runs over the same attention through a thin
 ``Cache`` shim whose forwards are bracketed by ``begin``/``end`` (``kvbench.engine.hfcache``). What differs
 between model families (which modules are the attention layers, their KV heads and sliding windows, how positions
-are built and the model is called, which config routes the attention) is declared by the family's adapter (``kvbench.engine.adapters``); a model without one, or with an
-attention feature the engine does not implement, is refused with one message naming it.
+are built and the model is called, which config routes the attention) is declared by the family's adapter
+(``kvbench.engine.adapters``); a model without one, or with an attention feature the engine does not implement, is
+refused with one message naming it.
 
 Prefill attention always uses the full K/V; right after a layer's attention the engine scores that layer with its
 own window queries (methods_core §1.1) and keeps only the selected entries, so later layers of the same prefill
