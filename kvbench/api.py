@@ -177,14 +177,16 @@ class Answer:
                    r["decode_s_per_token"], r)
 
 
-def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, context: str,
-           questions: str | Question | Sequence[str | Question], method: str | Method = "snapkv",
+def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, context: str | Sample,
+           questions: str | Question | Sequence[str | Question] | None = None, method: str | Method = "snapkv",
            budget: float = 0.2, protocol: str = "query_aware", *, allocator: str | Allocator | None = None,
            task: str | None = None, max_new_tokens: int | None = None, stop: Sequence[str] | None = None,
            chat: bool | None = None, overrides: Sequence[str] = (), backend: str = "sdpa", seed: int = 0,
            **params: Any) -> list[Answer]:
     """Answer ``questions`` about ``context`` under a method and budget, as ``python -m kvbench`` would.
 
+    ``context``: the text, or a task's :class:`~kvbench.tasks.base.Sample` as it is (its ``meta``, e.g. a
+    conversation's turns for EpiCache, and with ``questions=None`` its questions).
     ``protocol``: ``query_aware`` (context + question compressed together, per question) or ``query_agnostic``
     (the context compressed once, every question appended over it), the CLI's protocol functions. Prompting and
     decoding options are a task's (``task=<conf/task option>``: its max_new_tokens, stop strings, post-processing
@@ -197,7 +199,7 @@ def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, context: str,
     check_compatible(m, a, protocol, None)
     m.prepare(model)
     opts = options(cfg, model, task is not None, max_new_tokens, stop, chat)
-    sample = Sample("api", context, as_questions(questions))
+    sample = as_sample(context, questions)
     run = protocols.get(protocols.protocol_name(protocol, m.episodic))
     torch.manual_seed(seed)
     with Engine(model, m, a, float(budget), backend=backend) as engine:
@@ -218,6 +220,15 @@ def options(cfg: Any, model: nn.Module, from_task: bool, max_new_tokens: int | N
         opts = dataclasses.replace(opts, **PLAIN)
     given = {"max_new_tokens": max_new_tokens, "stop": None if stop is None else list(stop), "chat": chat}
     return dataclasses.replace(opts, **{k: v for k, v in given.items() if v is not None})
+
+
+def as_sample(context: str | Sample, questions: str | Question | Sequence[str | Question] | None) -> Sample:
+    """The sample ``answer`` runs: a task's Sample (with other questions if given), or a text and its questions."""
+    if isinstance(context, Sample):
+        return context if questions is None else dataclasses.replace(context, questions=as_questions(questions))
+    if questions is None:
+        raise UsageError("kvbench.answer needs questions about a context given as text")
+    return Sample("api", context, as_questions(questions))
 
 
 def as_questions(questions: str | Question | Sequence[str | Question]) -> list[Question]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,13 @@ import torch
 from omegaconf import OmegaConf
 from test_families import WINDOW, gemma3
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import (
+    PreTrainedTokenizerFast,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    TextStreamer,
+)
 
 import kvbench
 from kvbench.api import components
@@ -155,12 +162,18 @@ def test_streamer_stopping_criteria_and_max_new_tokens(embedded, one_thread) -> 
 
     with kvbench.compress(model, "defensivekv", budget=0.2) as kv:
         full = model.generate(**inputs, max_new_tokens=12, do_sample=False, streamer=Collect(tok, skip_prompt=True))
+        streamer = TextIteratorStreamer(tok, skip_prompt=True)
+        thread = threading.Thread(target=model.generate, kwargs={**inputs, "max_new_tokens": 12, "do_sample": False,
+                                                                 "streamer": streamer})
+        thread.start()
+        streamed = "".join(streamer)
+        thread.join()
         two = model.generate(**inputs, max_new_tokens=12, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([AfterTwo()]))
         assert kv.prefill["kept_fraction"] == pytest.approx(0.2, abs=0.01)
     answer = sample.questions[0].answers[0]
     assert full.shape[1] == n + 12 and tok.decode(full[0, n:]).startswith(answer + " .")
-    assert Collect.text.strip() == tok.decode(full[0, n:], skip_special_tokens=True).strip()
+    assert Collect.text.strip() == streamed.strip() == tok.decode(full[0, n:], skip_special_tokens=True).strip()
     assert two.shape[1] == n + 2 and two[0, n:].tolist() == full[0, n : n + 2].tolist()
 
 
@@ -265,14 +278,23 @@ def test_answer_equals_the_cli_predictions(tmp_path, embedded, one_thread, metho
     run(cfg)
     records = [json.loads(x) for x in (Path(cfg.run_dir) / "predictions.jsonl").read_text().splitlines()]
     samples = load_samples(cfg.task, 2)
-    got = [a for s in samples for a in kvbench.answer(model, tok, s.context, s.questions, method=method, budget=0.2,
-                                                      protocol=protocol, task="synth_multikey_dense")]
+    got = [a for s in samples for a in kvbench.answer(model, tok, s, method=method, budget=0.2, protocol=protocol,
+                                                      task="synth_multikey_dense")]
     assert [a.prediction for a in got] == [r["prediction"] for r in records]
+    assert [a.record for a in got] == [{**r, **timings(a.record)} for a, r in zip(got, records, strict=True)]
+    as_text = [a for s in samples for a in kvbench.answer(model, tok, s.context, [q.text for q in s.questions],
+                                                          method=method, budget=0.2, protocol=protocol,
+                                                          task="synth_multikey_dense")]
+    assert [a.prediction for a in as_text] == [r["prediction"] for r in records]
     for a, r in zip(got, records, strict=True):
         assert (a.kept_fraction, a.kv_bytes, a.kv_bytes_full) == (r["kept_fraction"], r["kv_bytes_kept"],
                                                                    r["kv_bytes_full"])
         assert a.record["prompt_hash"] == r["prompt_hash"] and a.record["scores"] == r["scores"]
         assert a.prefill_s > 0 and a.compress_s > 0 and (a.decode_s_per_token is None) == (r["new_tokens"] == 1)
+
+
+def timings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k.endswith("_s") or k.endswith("_s_per_token")}
 
 
 def test_answer_without_a_task_decodes_greedily_and_takes_strings(embedded, one_thread) -> None:
