@@ -192,14 +192,17 @@ def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, context: str | 
     decoding options are a task's (``task=<conf/task option>``: its max_new_tokens, stop strings, post-processing
     and tokenization, with ``overrides`` such as ``model=<option>`` for the model keys: chat template, max_length),
     else greedy decoding of ``max_new_tokens`` (64) cut at ``stop``; ``max_new_tokens``, ``stop`` and ``chat``
-    given here win. ``**params``: the method's parameters. Returns one :class:`Answer` per question, in order.
+    given here win; questions without reference answers are not scored (``record["scores"]`` is empty).
+    ``**params``: the method's parameters. Returns one :class:`Answer` per question, in order.
     """
     opts_over = [f"task={task}"] if task else []
     m, a, cfg = components(method, budget, allocator, params, [*opts_over, f"protocol={protocol}", *overrides])
     check_compatible(m, a, protocol, None)
     m.prepare(model)
-    opts = options(cfg, model, task is not None, max_new_tokens, stop, chat)
     sample = as_sample(context, questions)
+    opts = options(cfg, model, task is not None, max_new_tokens, stop, chat)
+    if not all(q.answers for q in sample.questions):  # nothing to score against: predictions and statistics only
+        opts = dataclasses.replace(opts, metrics=[])
     run = protocols.get(protocols.protocol_name(protocol, m.episodic))
     torch.manual_seed(seed)
     with Engine(model, m, a, float(budget), backend=backend) as engine:
