@@ -18,6 +18,8 @@ CONF_DIR = str(CONF_PATH)
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> Any:
     # imported here so that --help and every usage error answer without loading torch
+    from hydra.core.hydra_config import HydraConfig
+
     from kvbench.errors import UsageError
     from kvbench.runfiles import FULL_ERRNOS
     from kvbench.validate import check_config
@@ -34,9 +36,9 @@ def main(cfg: DictConfig) -> Any:
         check_config(cfg)  # every top-level key, before torch, transformers or any data is loaded
         from kvbench.runner import run
 
-        metrics = run(cfg)
-        if "score" not in metrics:  # budget=[...]: {budget: metrics}
-            return {budget: m["score"] for budget, m in metrics.items()}
+        metrics = run(cfg, overrides=job_overrides(HydraConfig.get()))  # methods=[...] composes with them
+        if "score" not in metrics:  # budget=[...]: {budget: metrics}; methods=[...]: {(method, budget): metrics}
+            return {key: m["score"] for key, m in metrics.items()}
         return metrics["score"]
     except UsageError as err:
         print(f"kvbench: error: {err}", file=sys.stderr)
@@ -51,6 +53,12 @@ def main(cfg: DictConfig) -> Any:
         print(f"kvbench: error: no space left on the device ({err}); free some space and rerun the same command: "
               "the answers already written are kept", file=sys.stderr)
         sys.exit(2)
+
+
+def job_overrides(hydra_cfg: Any) -> list[str]:
+    """The job's overrides, with the config search path it was composed with (``hydra.searchpath``)."""
+    searchpath = [o for o in hydra_cfg.overrides.hydra if o.lstrip("+").startswith("hydra.searchpath=")]
+    return [*searchpath, *hydra_cfg.overrides.task]
 
 
 def one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:

@@ -1,16 +1,20 @@
-"""``run(cfg)``: the one execution path of kvbench, resumable, with no Hydra global state (tests and notebooks call it).
+"""``run(cfg)``: the one execution path of kvbench, resumable, with no Hydra global state (tests and notebooks call it;
+a method grid composes its methods' configs with Hydra's compose API from the overrides it is given).
 
-A single budget is a sweep of one: ``budget=0.2`` and ``budget=[0.1,0.2]`` go through the same steps, each once:
+A single budget is a sweep of one: ``budget=0.2``, ``budget=[0.1,0.2]`` and a method grid
+(``methods=[snapkv,adakv]``, each method composed as ``method=<name>``: :func:`kvbench.sweep.method_configs`) go
+through the same steps, each once for the whole job:
 
 1. validation of every top-level key (:func:`kvbench.validate.check_config`; the CLI runs it before torch loads);
-2. each budget's run directory checked, nothing written (busy, another configuration, unreadable files);
-3. method and allocator built and checked together with the protocol, ``prefill_chunk`` and the model's
+2. each run's directory checked, nothing written (busy, another configuration, unreadable files);
+3. every method and allocator built and checked together with the protocol, ``prefill_chunk`` and the model's
    capabilities (:func:`kvbench.compat.check_compatible`); the samples loaded, the data and model files identified;
 4. finished runs with the same inputs returned as they are (other inputs are refused, naming what differs);
 5. the model loaded once, then every unfinished run directory claimed (locked; ``overwrite=true`` replaces the old
    run only now);
-6. the per-sample loop, budget after budget or with one shared prefill (:mod:`kvbench.sweep`); every answer is
-   appended and flushed as soon as it is scored, under every protocol (:mod:`kvbench.protocols`);
+6. the per-sample loop, with one shared prefill for the runs that allow it (:mod:`kvbench.sweep`), then run after
+   run for the others; every answer is appended and flushed as soon as it is scored, under every protocol
+   (:mod:`kvbench.protocols`);
 7. metrics written per run; a failure marks (``error.json``) only the directories this process claimed and has not
    finished; every run that returns is passed to the configured logger (``logger=``, none by default).
 """
@@ -18,6 +22,7 @@ A single budget is a sweep of one: ``budget=0.2`` and ``budget=[0.1,0.2]`` go th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import resource
 import statistics
@@ -25,8 +30,8 @@ import subprocess
 import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,40 +58,72 @@ from kvbench.models import load_model, load_tokenizer, pick_device, resolve_sour
 from kvbench.pipeline import RunOptions
 from kvbench.results import ConfigMismatchError, CorruptRunError, RunDirBusyError, RunStore
 from kvbench.schema import SIZE_KEYS, TIMING_KEYS
-from kvbench.sweep import SweepEngine, budget_configs, fallback_reason, sweep_sample
+from kvbench.sweep import (
+    SweepEngine,
+    Variant,
+    budget_configs,
+    fallback_reason,
+    method_configs,
+    share_key,
+    sweep_sample,
+)
 from kvbench.tasks import load_samples, needs_tokenizer
 from kvbench.tasks.base import Sample
-from kvbench.validate import check_config, resolve
+from kvbench.validate import check_budget, check_config, resolve
 
 REFUSALS = (ConfigMismatchError, RunDirBusyError, CorruptRunError)  # another run's directory, not this run failing
 validate = check_config  # the public name the experiment tests and notebooks use
 
 
-def run(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT) -> dict[str, Any]:
+def run(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT, overrides: Sequence[str] | None = None
+        ) -> dict[Any, Any]:
     """Run (or resume, or return) the configuration's run directory; returns its metrics, or ``{budget: metrics}``
-    for a list of budgets (``budget=[0.1,0.2]``, every budget in its normal run directory).
+    for a list of budgets (``budget=[0.1,0.2]``, every budget in its normal run directory), or
+    ``{(method, budget): metrics}`` for a method grid (``methods=[snapkv,adakv]``: each method's config composed
+    as ``method=<name>`` with the job's ``overrides``, the command-line overrides; ``python -m kvbench`` passes
+    them).
 
     ``model_caps``: what the engine supports for this model family (the per-family adapter declares it).
     """
     if cfg.model.get("family") == "var":  # next-scale image generation: its own runner over the same engine store
         from kvbench.var.run import run as run_var
 
+        if cfg.get("methods") is not None:
+            raise UsageError("methods=[...] grids run on text models; run VAR methods one per job (method=<name>)")
         return run_var(cfg)
     check_config(cfg)
-    configs = budget_configs(cfg)
+    configs = job_configs(cfg, overrides)
     results = execute(cfg, configs, model_caps)
-    for b, one in configs.items():
-        log_run(one, results[b])
-    return results if OmegaConf.is_list(cfg.budget) else results[next(iter(configs))]
+    for key, one in configs.items():
+        log_run(one, results[key])
+    if cfg.get("methods") is not None or OmegaConf.is_list(cfg.budget):
+        return results
+    return results[next(iter(configs))]
+
+
+def job_configs(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[Hashable, DictConfig]:
+    """The runs of one job, each exactly the config of a run on its own: ``{budget: cfg}``, or for a method grid
+    ``{(method, budget): cfg}`` (nothing is claimed or loaded; a bad method or budget is one UsageError)."""
+    if cfg.get("methods") is None:
+        return budget_configs(cfg)  # type: ignore[return-value]
+    return {(name, b): one for name, grid in method_configs(cfg, overrides).items()
+            for b, one in budget_configs(grid).items()}
 
 
 @dataclass
 class Job:
-    """One budget's run: its configuration and run directory."""
+    """One run of a job: its budget, configuration and run directory. ``key`` names it in the results (the
+    budget, or ``(method, budget)`` in a method grid) and ``method`` is the method option it runs."""
 
     budget: float
     cfg: DictConfig
     store: RunStore
+    key: Hashable = None
+    method: str = ""
+
+    def __post_init__(self) -> None:
+        self.key = self.budget if self.key is None else self.key
+        self.method = self.method or str(self.cfg.method.name)
 
 
 @dataclass
@@ -103,26 +140,39 @@ class Setup:
     device: torch.device | None = None
     model: PreTrainedModel | None = None
     opts: RunOptions | None = None
+    built: dict[str, tuple[Method, Allocator]] = field(default_factory=dict)  # per method option of a grid
+
+    def of(self, job: Job) -> tuple[Method, Allocator]:
+        """The method and allocator ``job`` runs with (one instance per method, shared by its budgets)."""
+        return self.built.get(job.method, (self.method, self.allocator))
+
+    def opts_of(self, job: Job) -> RunOptions:
+        """``job``'s run options: the job's, with its method's protocol (a method config may set it)."""
+        assert self.opts is not None
+        return dataclasses.replace(self.opts, protocol=str(job.cfg.protocol))
 
 
-def execute(cfg: DictConfig, configs: dict[float, DictConfig],
-            model_caps: ModelCapabilities = ENGINE_DEFAULT) -> dict[float, dict[str, Any]]:
-    """Steps 2-7 of the module docstring for every budget's configuration; ``{budget: metrics}``."""
-    jobs = [Job(b, one, RunStore(one.run_dir, resolve(one))) for b, one in configs.items()]
+def execute(cfg: DictConfig, configs: dict[Any, DictConfig],
+            model_caps: ModelCapabilities = ENGINE_DEFAULT) -> dict[Any, dict[str, Any]]:
+    """Steps 2-7 of the module docstring for every run's configuration (``job_configs``); ``{key: metrics}``."""
+    jobs = [Job(check_budget(one.budget), one, RunStore(one.run_dir, resolve(one)), key,
+                key[0] if isinstance(key, tuple) else "") for key, one in configs.items()]
+    check_distinct(jobs)
     for job in jobs:
         if cfg.overwrite:
             job.store.discard()
         job.store.preflight()
-    setup = prepare(cfg, model_caps)
-    results = {job.budget: m for job in jobs if (m := finished(job, setup)) is not None}
-    todo = [job for job in jobs if job.budget not in results]
+    cfg = jobs[0].cfg  # what the runs share (model, task, data, seed) is in every run's config
+    setup = prepare(cfg, model_caps, {job.method: job.cfg for job in jobs})
+    results = {job.key: m for job in jobs if (m := finished(job, setup)) is not None}
+    todo = [job for job in jobs if job.key not in results]
     if todo:
         load(cfg, setup)
         try:
             for job in todo:
-                job.store.open(setup.method.inputs(), setup.data, setup.model_id)
+                job.store.open(setup.of(job)[0].inputs(), setup.data, setup.model_id)
             answer_all(cfg, setup, todo)
-            results.update({job.budget: finish(job, setup) for job in todo})
+            results.update({job.key: finish(job, setup) for job in todo})
         except Exception as err:
             for job in todo if not isinstance(err, REFUSALS) else []:  # a refusal is no failure of a run
                 with contextlib.suppress(Exception):  # the original error is what the user needs to see
@@ -131,17 +181,25 @@ def execute(cfg: DictConfig, configs: dict[float, DictConfig],
         finally:
             for job in todo:
                 job.store.unlock()
-    return {job.budget: results[job.budget] for job in jobs}
+    return {job.key: results[job.key] for job in jobs}
 
 
-def prepare(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT) -> Setup:
-    """Build and check the method and allocator, load the samples (and the tokenizer a task is built with) and
-    identify the data and model files; nothing is claimed and no model weights are loaded."""
-    method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
-    if method.family != "text":
-        raise UsageError(f"method={cfg.method.name} runs on {method.family} models (e.g. model=kvbench-tiny-var), "
-                         f"not on {cfg.model.name}")
-    check_compatible(method, allocator, str(cfg.protocol), cfg.get("prefill_chunk"), model_caps)
+def check_distinct(jobs: list[Job]) -> None:
+    """Every run of a job writes a run directory of its own."""
+    seen: dict[Path, Job] = {}
+    for job in jobs:
+        if (other := seen.setdefault(job.store.dir, job)) is not job:
+            raise UsageError(f"method={other.method} and method={job.method} would write the same run directory "
+                             f"{job.store.dir} (one method.name); run them in separate jobs")
+
+
+def prepare(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT,
+            methods: dict[str, DictConfig] | None = None) -> Setup:
+    """Build and check the method and allocator (of every method option in ``methods``, a method grid's configs;
+    by default ``cfg``'s), load the samples (and the tokenizer a task is built with) and identify the data and model
+    files; nothing is claimed and no model weights are loaded."""
+    built = {name: build_method(one, model_caps) for name, one in (methods or {cfg.method.name: cfg}).items()}
+    method, allocator = next(iter(built.values()))
     gguf_sha = cfg.model.gguf.sha256 if str(cfg.model.pretrained).startswith(GGUF_PREFIX) else None
     source = None if gguf_sha else resolve_source(str(cfg.model.pretrained))  # a missing local path fails here
     if cfg.model.get("family", "text") != "text":
@@ -154,7 +212,19 @@ def prepare(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT) -> 
         raise UsageError(f"task={cfg.task.name} gives images or video frames, which the text model "
                          f"{cfg.model.name} cannot see (they would be dropped silently); use a vision-language model")
     return Setup(method, allocator, samples, tok, data_identity(samples),
-                 {"gguf_sha256": gguf_sha} if gguf_sha else model_identity(source, cfg.model.get("revision")))
+                 {"gguf_sha256": gguf_sha} if gguf_sha else model_identity(source, cfg.model.get("revision")),
+                 built=built)
+
+
+def build_method(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT) -> tuple[Method, Allocator]:
+    """``cfg``'s method and allocator, built and checked together with its protocol, ``prefill_chunk`` and the
+    model's capabilities."""
+    method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
+    if method.family != "text":
+        raise UsageError(f"method={cfg.method.name} runs on {method.family} models (e.g. model=kvbench-tiny-var), "
+                         f"not on {cfg.model.name}")
+    check_compatible(method, allocator, str(cfg.protocol), cfg.get("prefill_chunk"), model_caps)
+    return method, allocator
 
 
 def finished(job: Job, setup: Setup) -> dict[str, Any] | None:
@@ -181,8 +251,9 @@ def load(cfg: DictConfig, setup: Setup) -> None:
     commit = getattr(setup.model.config, "_commit_hash", None)  # transformers records the hub commit it loaded
     if "hub" in setup.model_id and not setup.model_id.get("commit") and commit:
         setup.model_id = {**setup.model_id, "commit": commit}
-    check_model(setup.model, setup.method)  # family and attention features, before a directory is claimed
-    setup.method.prepare(setup.model)
+    for method, _ in setup.built.values() or [(setup.method, setup.allocator)]:
+        check_model(setup.model, method)  # family and attention features, before a directory is claimed
+        method.prepare(setup.model)
     setup.opts = run_options(cfg, setup.model)
 
 
@@ -195,31 +266,67 @@ def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, opt
 
 
 def answer_all(cfg: DictConfig, setup: Setup, jobs: list[Job]) -> None:
-    """The per-sample loop: one shared prefill for several budgets where the method allows it, else budget after
-    budget (a single budget is the second case); every record is appended as soon as it is scored."""
-    done = {job.budget: job.store.done_ids() for job in jobs}
-    reason = fallback_reason(cfg, setup.method, setup.allocator) if len(jobs) > 1 else "one budget"
-    if len(jobs) > 1 and reason:
-        print(f"[kvbench] budget sweep without a shared prefill: {reason}; running the budgets one after another",
-              file=sys.stderr)
-    if reason:
-        for i, job in enumerate(jobs):
-            method, allocator = (setup.method, setup.allocator) if i == 0 else rebuilt(cfg, setup)
-            todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in done[job.budget] for q in s.questions)]
-            torch.manual_seed(int(cfg.seed))
-            with Engine(setup.model, method, allocator, job.budget, backend=cfg.model.attn_implementation) as engine:
-                for sample in progress(cfg, todo, len(setup.samples), f"{cfg.method.name} b={job.cfg.budget}"):
-                    for record in run_sample(engine, setup.tok, sample, setup.opts, done[job.budget]):
-                        job.store.append(record)
-        return
-    stores = {job.budget: job.store for job in jobs}
-    todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in ids for ids in done.values() for q in s.questions)]
-    torch.manual_seed(int(cfg.seed))
-    with SweepEngine(setup.model, setup.method, setup.allocator, list(stores), cfg.model.attn_implementation) as eng:
-        desc = f"{cfg.method.name} b={','.join(str(j.cfg.budget) for j in jobs)} (shared prefill)"
-        for sample in progress(cfg, todo, len(setup.samples), desc):
-            for b, record in sweep_sample(eng, setup.tok, sample, setup.opts, done):
-                stores[b].append(record)
+    """The per-sample loop: one shared prefill for the runs (budgets, or methods and budgets) that allow it, then
+    the others one after another (a single run is the second case); every record is appended as soon as it is
+    scored. ``cfg``: what the runs share (the per-method settings are read from each run's config)."""
+    done = {job.key: job.store.done_ids() for job in jobs}
+    groups, alone = plan(setup, jobs)
+    used: set[str] = set()  # methods already run: a later run of one gets a fresh instance (no state carried)
+    for group in groups:
+        answer_shared(setup, group, done)
+        used.update(job.method for job in group)
+    for job in alone:
+        answer_alone(setup, job, done[job.key], fresh=job.method in used)
+        used.add(job.method)
+
+
+def plan(setup: Setup, jobs: list[Job]) -> tuple[list[list[Job]], list[Job]]:
+    """The groups of runs that share one prefill (same prompt and cache layout, nothing that changes the prefill:
+    ``kvbench.sweep.fallback_reason``) and the runs that run alone; one log line names those that could not share."""
+    reasons = {job.key: fallback_reason(job.cfg, *setup.of(job)) for job in jobs}
+    by_key: dict[tuple[str, str], list[Job]] = defaultdict(list)
+    for job in jobs:
+        if reasons[job.key] is None:
+            by_key[share_key(job.cfg, setup.of(job)[0])].append(job)
+    groups = [group for group in by_key.values() if len(group) > 1]
+    shared = {job.key for group in groups for job in group}
+    alone = [job for job in jobs if job.key not in shared]
+    why = list(dict.fromkeys(r for job in alone if (r := reasons[job.key])))
+    if len(jobs) > 1 and why:
+        if len({job.method for job in jobs}) == 1:
+            line = f"budget sweep without a shared prefill: {why[0]}; running the budgets one after another"
+        else:
+            names = ",".join(dict.fromkeys(job.method for job in alone if reasons[job.key]))
+            line = (f"method grid: {names} without a shared prefill ({'; '.join(why)}); running them after the "
+                    "shared prefill, one after another over the same model")
+        print(f"[kvbench] {line}", file=sys.stderr)
+    return groups, alone
+
+
+def answer_alone(setup: Setup, job: Job, done: set[str], fresh: bool = False) -> None:
+    """One run on the engine of its own; ``fresh``: with a new method and allocator instance."""
+    method, allocator = rebuilt(job.cfg, setup) if fresh else setup.of(job)
+    todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
+    torch.manual_seed(int(job.cfg.seed))
+    with Engine(setup.model, method, allocator, job.budget, backend=job.cfg.model.attn_implementation) as engine:
+        for sample in progress(job.cfg, todo, len(setup.samples), f"{job.cfg.method.name} b={job.cfg.budget}"):
+            for record in run_sample(engine, setup.tok, sample, setup.opts_of(job), done):
+                job.store.append(record)
+
+
+def answer_shared(setup: Setup, group: list[Job], done: dict[Hashable, set[str]]) -> None:
+    """The runs of ``group`` with one prefill per prompt (``kvbench.sweep.SweepEngine``)."""
+    first, stores = group[0], {job.key: job.store for job in group}
+    variants = {job.key: Variant(*setup.of(job), job.budget) for job in group}
+    mine = {job.key: done[job.key] for job in group}
+    todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in ids for ids in mine.values() for q in s.questions)]
+    methods = ",".join(dict.fromkeys(str(job.cfg.method.name) for job in group))
+    desc = f"{methods} b={','.join(dict.fromkeys(str(job.cfg.budget) for job in group))} (shared prefill)"
+    torch.manual_seed(int(first.cfg.seed))
+    with SweepEngine.over(setup.model, variants, first.cfg.model.attn_implementation) as eng:
+        for sample in progress(first.cfg, todo, len(setup.samples), desc):
+            for key, record in sweep_sample(eng, setup.tok, sample, setup.opts_of(first), mine):
+                stores[key].append(record)
 
 
 def rebuilt(cfg: DictConfig, setup: Setup) -> tuple[Method, Allocator]:

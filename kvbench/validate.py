@@ -49,6 +49,23 @@ def check_budgets(value: object) -> list[float]:
     return budgets
 
 
+def check_methods(value: object) -> list[str]:
+    """``methods=[a,b]`` (a method grid; or one name) as a list of distinct method options of conf/method/."""
+    from kvbench.__main__ import CONF_DIR  # the CLI's config directory (imported late: it is the entry point)
+    from kvbench.cli import unknown_option
+
+    names = list(value) if isinstance(value, list | tuple) else [value]
+    if not names:
+        raise UsageError("methods=[] names no method; give one or more, e.g. methods=[snapkv,adakv]")
+    if bad := [n for n in names if not isinstance(n, str)]:
+        raise UsageError(f"methods must name method options (conf/method/<name>.yaml), got {bad[0]!r}")
+    if len(set(names)) < len(names):
+        raise UsageError(f"methods={names} names a method twice")
+    if message := unknown_option([f"method={n}" for n in names], CONF_DIR, ("method",)):
+        raise UsageError(f"methods: {message}")
+    return names
+
+
 def safe_name(value: object, key: str, segments: bool = False) -> str:
     """``value`` if it is a safe run-directory component (with ``segments``: several joined by ``/``), else a
     UsageError naming the key. Refused: empty, ``.``/``..``, separators, absolute paths, non-ASCII or control
@@ -95,6 +112,8 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
 def check_keys(r: dict[str, Any]) -> None:
     """Types and ranges of the top-level keys (resolved config ``r``)."""
     check_budgets(r.get("budget"))
+    if r.get("methods") is not None:
+        check_methods(r["methods"])
     if r.get("protocol") not in SELECTABLE:
         raise UsageError(f"protocol={r.get('protocol')!r}; choose one of {', '.join(SELECTABLE)}")
     seed = r.get("seed")

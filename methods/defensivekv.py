@@ -40,6 +40,14 @@ class DefensiveKV(Method):
     norm_chunk: int = 256
 
     def score(self, ctx: LayerContext) -> Tensor:
+        key = f"defensivekv:{ctx.window}:{self.kernel}"  # what does not depend on the budget, once per layer
+        if key not in ctx.memo:  # (a budget sweep shares the layer's memo across budgets)
+            ctx.memo[key] = self.budget_free_scores(ctx)
+        s, ave, attn = ctx.memo[key]
+        return self.force_stage1(s, ave, attn, ctx)
+
+    def budget_free_scores(self, ctx: LayerContext) -> tuple[Tensor, Tensor, Tensor]:
+        """Steps 1-4: the scores S (H, n - w) before stage-1 forcing, ave (H, n - w) and the window attention."""
         h, w, n = ctx.n_kv_heads, ctx.window, ctx.n
         attn = ctx.window_attention().float()  # (H_q, w, n - w)
         grouped = attn.reshape(h, ctx.n_groups, w, n - w)  # (H, G, w, n - w)
@@ -49,8 +57,7 @@ class DefensiveKV(Method):
         m = pooled.amax((1, 2))  # (H, n - w)
         d = torch.maximum(m, m.mean(-1, keepdim=True))
         norms = self.value_norms(ctx, n - w)  # (H, n - w)
-        s = d * norms / norms.sum(0, keepdim=True).clamp_min(1e-30)
-        return self.force_stage1(s, ave, attn, ctx)
+        return d * norms / norms.sum(0, keepdim=True).clamp_min(1e-30), ave, attn
 
     def value_norms(self, ctx: LayerContext, tokens: int | None = None) -> Tensor:
         """N[h, j] = mean_g ||v_{h,j} W_O^{(h,g)}||_1 for the first ``tokens`` (default all n): (H_kv, tokens).

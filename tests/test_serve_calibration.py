@@ -1,5 +1,6 @@
 """The cpu profile against reality: fitted on this machine from real kvbench-tiny runs, it predicts the TTFT and
-per-token latency of real runs (one request; six requests served in turn) within 15 %."""
+per-token latency of real runs (one request; six requests served in turn) within 15 %: the full check in wall-clock
+time (``slow``, ~1 min) and a quick one that CI runs (~10-20 s, shorter requests, the engine thread's CPU time)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from test_serve_helpers import serve_cfg
 
 from kvbench.errors import UsageError
-from kvbench.serve.calibrate import relative_errors, write_calibration
+from kvbench.serve.calibrate import QUICK, calibrate, relative_errors, write_calibration
 from kvbench.serve.copybench import measure
 from kvbench.serve.run import run
 
@@ -35,6 +36,23 @@ def test_cpu_profile_predicts_real_runs_within_15_percent(tmp_path: Path) -> Non
             break
     for name, err in errors.items():
         assert err["ttft"] <= 0.15 and err["tpot"] <= 0.15, (name, err, data["validation"][name])
+
+
+def test_cost_model_fitted_on_real_runs_predicts_other_real_runs_within_15_percent_quick() -> None:
+    """CI's version of the check above: the same fit and the same comparison against real engine runs it was not
+    fitted on (other prompt lengths; one request, and four served in turn), with QUICK's shorter prompts and outputs
+    and 3 rounds. Timed in the engine thread's CPU time: on a shared CI box wall time swings with other jobs (4-5x
+    at a load average of 9 on 2 cores), CPU time does not; the slow test checks wall time. One re-measure."""
+    for _ in range(2):
+        data = calibrate(rounds=3, **QUICK, clock="cpu")
+        errors = {name: relative_errors(rows) for name, rows in data["validation"].items()}
+        if max(e for err in errors.values() for e in err.values()) <= 0.15:
+            break
+    assert set(errors) == {"single", "sequential"} and len(data["validation"]["sequential"]) == 4
+    for name, err in errors.items():
+        assert err["ttft"] <= 0.15 and err["tpot"] <= 0.15, (name, err, data["validation"][name])
+    seq = data["validation"]["sequential"]
+    assert all(a["ttft_measured_s"] < b["ttft_measured_s"] for a, b in zip(seq, seq[1:], strict=False))  # in turn
 
 
 def test_cpu_profile_is_fitted_and_runs_the_embedded_workload(tmp_path: Path) -> None:

@@ -139,21 +139,24 @@ def test_trace_replay(tmp_path: Path) -> None:
 def test_run_writes_a_deterministic_run_directory(tmp_path: Path) -> None:
     cfg = serve_cfg(*SMALL, f"paths.results={tmp_path}")
     m = run(cfg)
-    out = tmp_path / "serve/vllm/sharegpt/a100-80gb/llama-3-8b/kv=full/seed=0"
+    out = tmp_path / "serve/vllm/sharegpt/a100-80gb/llama-3-8b/kv=full/slo=ttft2-tpot0.1/seed=0"
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m))
     for name in ("config.yaml", "requests.csv", "iterations.csv", "latency.png", "memory.png"):
         assert (out / name).exists(), name
     assert run(cfg) == json.loads((out / "metrics.json").read_text())  # finished: returned as is
     with pytest.raises(UsageError, match="different configuration"):
         run(serve_cfg(*SMALL, "server.max_seqs=8", f"paths.results={tmp_path}"))
-    again = run(serve_cfg(*SMALL, f"paths.results={tmp_path}", "overwrite=true"))
-    assert again["trace_digest"] == m["trace_digest"]
+    (out / "requests.csv").unlink()
+    again = run(serve_cfg(*SMALL, f"paths.results={tmp_path}", "overwrite=true"))  # simulated again
+    assert again["trace_digest"] == m["trace_digest"] and (out / "requests.csv").exists()
+    (out / "metrics.json").unlink()  # a run killed before its last write: resumed by simulating it again
+    assert run(cfg)["trace_digest"] == m["trace_digest"] and (out / "metrics.json").exists()
     assert m["metrics"]["server"]["block_tokens"] == 16  # the replica's effective settings are recorded
     from kvbench.serve.report import main as report
 
     report([str(tmp_path)])
     table = (tmp_path / "report" / "serve.md").read_text()
-    assert "| vllm" in table and "sharegpt" in table
+    assert "| vllm" in table and "sharegpt" in table and "ttft2-tpot0.1" in table
 
 
 def test_cli_runs_and_rejects_bad_input(tmp_path: Path) -> None:

@@ -151,12 +151,18 @@ def sweep_jobs(sweep: str | Path) -> list[tuple[int, str | None, Path]]:
 
 
 def _run_ids(compose: Any, job: list[str]) -> list[str | None]:
-    """The run_id(s) of one job: one per budget for a shared-prefill budget list (``budget=[0.1,0.2]``)."""
+    """The run_id(s) of one job: one per budget for a shared-prefill budget list (``budget=[0.1,0.2]``), one per
+    method and budget for a method grid (``methods=[snapkv,adakv]``)."""
     from omegaconf import OmegaConf
 
     overrides = [o for o in job if not o.startswith("hydra")]
     try:
         cfg = compose("config", overrides=overrides)
+        if cfg.get("methods") is not None:  # each method composed as method=<name> (kvbench.sweep, loads torch)
+            from kvbench.sweep import budget_configs, method_configs
+
+            return [str(one.run_id) for grid in method_configs(cfg, overrides).values()
+                    for one in budget_configs(grid).values()]
         if not OmegaConf.is_list(cfg.budget):
             return [str(cfg.run_id)]
         return [str(compose("config", overrides=[*overrides, f"budget={b}"]).run_id) for b in cfg.budget]

@@ -17,7 +17,7 @@ from kvbench.cli import unknown_option
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 CONF_DIR = str(CONF / "serve")
-GROUPS = ("system", "workload", "hardware", "arch")
+GROUPS = ("system", "workload", "hardware", "arch", "slo")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

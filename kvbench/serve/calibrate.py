@@ -55,17 +55,22 @@ def prompt_ids(n: int, seed: int) -> torch.Tensor:
     return torch.randint(4, TINY.vocab, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def timed_request(eng: Any, n: int, out: int, seed: int) -> tuple[float, float]:
-    """One request: (seconds to the first token, prefill + argmax; wall seconds per later token, generate's loop
-    included: what a user of the engine waits per token)."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # cpu: this thread's CPU time (torch: 1 thread)
+
+
+def timed_request(eng: Any, n: int, out: int, seed: int, clock: str = "wall") -> tuple[float, float]:
+    """One request: (seconds to the first token, prefill + argmax; seconds per later token, generate's loop
+    included: what a user of the engine waits per token). ``clock="cpu"`` counts only this thread's CPU time, which
+    other jobs on a shared machine do not inflate (on an idle machine the two agree)."""
+    now = CLOCKS[clock]
     eng.reset()
-    t0 = time.perf_counter()
+    t0 = now()
     logits = eng.forward(prompt_ids(n, seed))
     int(logits.argmax())
-    ttft = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    ttft = now() - t0
+    t1 = now()
     eng.generate(logits, out)
-    return ttft, (time.perf_counter() - t1) / max(out - 1, 1)
+    return ttft, (now() - t1) / max(out - 1, 1)
 
 
 def kv_bytes_per_token(eng: Any, n: int = 100) -> float:
@@ -75,13 +80,13 @@ def kv_bytes_per_token(eng: Any, n: int = 100) -> float:
     return eng.store.nbytes() / n
 
 
-def measure_round(eng: Any, seed: int, decode_tokens: int = 32,
-                  lengths: tuple[int, ...] = PREFILL_LENGTHS) -> list[tuple[Batch, float]]:
+def measure_round(eng: Any, seed: int, decode_tokens: int = 32, lengths: tuple[int, ...] = PREFILL_LENGTHS,
+                  clock: str = "wall") -> list[tuple[Batch, float]]:
     """One pass over the prefill lengths (alternating order) and the decode steps after each."""
     order = lengths if seed % 2 == 0 else lengths[::-1]
     rows: list[tuple[Batch, float]] = []
     for n in order:
-        ttft, tpot = timed_request(eng, n, decode_tokens + 1, seed=seed * 7919 + n)
+        ttft, tpot = timed_request(eng, n, decode_tokens + 1, seed=seed * 7919 + n, clock=clock)
         rows.append((Batch(prefill=[(n, 0)]), ttft))
         rows.append((Batch(decode=[n + decode_tokens // 2]), tpot))  # the mean KV length of those steps
     return rows
@@ -121,25 +126,31 @@ def mem_total() -> float:
 
 VALIDATION = ((1024, 32),)  # a single request
 SEQUENTIAL = ((300, 16), (1200, 24), (700, 8), (1500, 20), (200, 12), (900, 16))  # a small batch, served in turn
+# (prompt, output) pairs of a quick check (~10 s: the fast test): shorter prompts and outputs, the same two cases
+QUICK = {"lengths": (64, 256, 512, 1024, 1536), "decode_tokens": 16,
+         "cases": {"single": ((768, 16),), "sequential": ((200, 8), (900, 12), (500, 8), (1200, 10))}}
 
 
-def validation_requests() -> dict[str, list[Any]]:
+def validation_requests(cases: dict[str, tuple[tuple[int, int], ...]] | None = None) -> dict[str, list[Any]]:
     from kvbench.serve.workload import Request
 
-    return {name: [Request(i, 0.0, n, o) for i, (n, o) in enumerate(lengths)]
-            for name, lengths in (("single", VALIDATION), ("sequential", SEQUENTIAL))}
+    cases = cases or {"single": VALIDATION, "sequential": SEQUENTIAL}
+    return {name: [Request(i, 0.0, n, o) for i, (n, o) in enumerate(lengths)] for name, lengths in cases.items()}
 
 
-def calibrate(rounds: int = 3) -> dict[str, Any]:
+def calibrate(rounds: int = 3, lengths: tuple[int, ...] = PREFILL_LENGTHS, decode_tokens: int = 32,
+              cases: dict[str, tuple[tuple[int, int], ...]] | None = None, clock: str = "wall") -> dict[str, Any]:
     """Measure and fit, interleaving the calibration passes with the validation runs (so both see the same load
-    on a shared machine); returns ``{"hardware", "samples", "copy", "validation", "meta"}``."""
+    on a shared machine); returns ``{"hardware", "samples", "copy", "validation", "meta"}``. ``lengths``: the
+    prefill lengths fitted; ``cases``: the validation requests (``QUICK`` holds a quick set of all three);
+    ``clock``: ``wall`` (the profile: latency as a user sees it) or ``cpu`` (the fast test on a shared machine)."""
     from kvbench.serve.copybench import measure as measure_copies
 
     copies = measure_copies(block_bytes=16 * TINY.kv_bytes_per_token_layer)
     base = {"name": "cpu", "mem_bytes": mem_total(), "weight_bw": copies.bw, "pcie_bw": copies.bw,
             "nvlink_bw": copies.bw, "copy_call_s": copies.call_s, "per_seq_s": 0.0, "batch_limit": 1,
             "gemm_flops": 1.0, "attn_flops": 1.0, "attn_bw": 1.0, "fixed_s": 0.0}
-    reqs = validation_requests()
+    reqs = validation_requests(cases)
     eng = embedded_engine()
     raw: list[tuple[Batch, float]] = []
     real: dict[str, list[list[Measured]]] = {k: [] for k in reqs}
@@ -147,9 +158,9 @@ def calibrate(rounds: int = 3) -> dict[str, Any]:
         timed_request(eng, 256, 4, 0)  # warm-up
         engine_kv = kv_bytes_per_token(eng)
         for r in range(rounds):
-            raw += measure_round(eng, r)
+            raw += measure_round(eng, r, decode_tokens, lengths, clock)
             for name, rs in reqs.items():
-                real[name].append(run_real(rs, eng, seed=1000 * r))
+                real[name].append(run_real(rs, eng, seed=1000 * r, clock=clock))
     samples = median_by_batch(raw)
     hw = {**base, **fit(samples, base)}
     cost = CostModel(TINY, Hardware(**hw))
@@ -159,12 +170,13 @@ def calibrate(rounds: int = 3) -> dict[str, Any]:
     return {"hardware": hw, "samples": rows, "validation": validation,
             "copy": {"call_s": copies.call_s, "bw": copies.bw, "rows": copies.rows},
             "engine_kv_bytes_per_token": engine_kv, "arch_kv_bytes_per_token": TINY.kv_bytes_per_token,
-            "meta": {"torch": torch.__version__, "machine": platform.machine(), "rounds": rounds,
+            "meta": {"torch": torch.__version__, "machine": platform.machine(), "rounds": rounds, "clock": clock,
                      "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
 
 
-def write_calibration(path: str | Path, rounds: int = 3) -> dict[str, Any]:
-    data = calibrate(rounds)
+def write_calibration(path: str | Path, rounds: int = 3, **options: Any) -> dict[str, Any]:
+    """:func:`calibrate` (``options``: its lengths, decode_tokens, cases, clock) into a calibration file."""
+    data = calibrate(rounds, **options)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -179,13 +191,13 @@ class Measured:
     tpot_s: float
 
 
-def run_real(requests: list[Any], eng: Any, seed: int = 0) -> list[Measured]:
+def run_real(requests: list[Any], eng: Any, seed: int = 0, clock: str = "wall") -> list[Measured]:
     """Serve ``requests`` (all arrived at t=0) one after another on the real engine, as the cpu profile models."""
-    out = []
-    t0 = time.perf_counter()
+    out, now = [], CLOCKS[clock]
+    t0 = now()
     for r in requests:
-        start = time.perf_counter()
-        ttft, tpot = timed_request(eng, r.prompt, r.output, seed + r.id)
+        start = now()
+        ttft, tpot = timed_request(eng, r.prompt, r.output, seed + r.id, clock)
         out.append(Measured(r.prompt, r.output, start - t0 + ttft, tpot))
     return out
 

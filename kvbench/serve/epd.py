@@ -7,15 +7,22 @@
   (``prompt * kv_bytes_per_token`` over NVLink);
 * Decode pool: ``D`` replicas that continue from the second token (continuous batching).
 
-``pools: null`` lets the resource allocator choose ``(E, P, D)`` for ``gpus`` GPUs: every split with at least one
-GPU per pool, the one with the lowest bottleneck utilisation ``max_i demand_i / n_i`` (each pool's device seconds
-per request, estimated from the cost model on the workload's mean request). The paper's allocator searches with a
-simulator; ours balances the same demands analytically (a deviation). Role switching is not modelled.
+``pools: null`` lets the resource allocator choose ``(E, P, D)`` for ``gpus`` GPUs, every pool at least one GPU.
+``allocator: balance`` (default): the split with the lowest bottleneck utilisation ``max_i demand_i / n_i`` (each
+pool's device seconds per request, estimated from the cost model on the workload's mean request), an analytic
+stand-in for the paper's simulator search; ``allocator: search``: that search (:meth:`EPD.search`), every split
+simulated on another draw of the workload, the best SLO attainment kept. Role switching (``role_switch``): every
+``monitor_s`` the allocator re-runs on the last window's requests and one GPU drains, spends ``switch_s`` and joins
+the pool below its target.
 
 Baselines on the same GPUs: ``aggregated`` (every GPU a vLLM-like replica that encodes its requests' images inside
 the prefill iteration) and ``pd`` (DistServe-style prefill/decode disaggregation, encoding on the prefill GPUs).
 Peak memory per pool is weights (encoder and/or LLM) + encoder activations of the images in flight
 (``encoder_act_bytes`` each, our estimate) + the peak KV.
+
+SLO attainment (also against request rate, ``rates``) uses the run's SLO; ``system=epd`` defaults to ``slo=scaled``
+(:mod:`kvbench.serve.slo`): 2 x the aggregated server's unloaded TTFT and TPOT on the median request, the same
+bounds for EPD and both baselines, and the curves are also reported at each of ``slo.scales``.
 """
 
 from __future__ import annotations
@@ -109,6 +116,7 @@ class EPD(System):
     monitor_s: float = 10.0  # role switching: allocator period and window
     switch_s: float = 5.0  # role switching: time for a GPU to change role (reload weights; our estimate)
     initial_window_s: float | None = None  # pools: null -> size from the requests of this first window only
+    allocator: str = "balance"  # balance (demands, analytically) | search (simulate every split, best SLO attainment)
 
     # -- demands and pools --------------------------------------------------------------------------------------
     def demands(self, requests: list[Request], ctx: SimContext) -> dict[str, float]:
@@ -135,7 +143,31 @@ class EPD(System):
             if len(self.pools) != 3 or sum(self.pools) != self.gpus or min(self.pools) < 1:
                 raise UsageError(f"system.pools={self.pools}: three pool sizes >= 1 summing to gpus={self.gpus}")
             return dict(zip("EPD", self.pools, strict=True))
+        if self.allocator == "search":
+            return self.search(ctx)
+        if self.allocator != "balance":
+            raise UsageError(f"system.allocator={self.allocator!r}; choose balance or search")
         return allocate(self.demands(requests, ctx), self.gpus)
+
+    def splits(self) -> list[dict[str, int]]:
+        names = "EPD" if self.mode == "epd" else "PD"
+        return [dict(zip(names, c, strict=True)) for c in itertools.product(range(1, self.gpus + 1), repeat=len(names))
+                if sum(c) == self.gpus]
+
+    def search(self, ctx: SimContext) -> dict[str, int]:
+        """The split with the highest SLO attainment (ties: lower P99 TTFT) when every split serves another draw of
+        the workload (seed + 1: the same distribution and rate, not the requests it will serve), as the paper's
+        simulation-driven allocator does (its simulator is DistServe's; ours is this one)."""
+        if ctx.slo is None:
+            raise UsageError("system.allocator=search chooses pools for an SLO; this run has none")
+        trial = build_requests(ctx.workload, ctx.seed + 1, ctx.arch.tokens_per_image)
+        probe = replace(self, role_switch=False, rates=[])
+
+        def score(sizes: dict[str, int]) -> tuple[float, float]:
+            done = probe.run_once(copy.deepcopy(trial), ctx, sizes)[1]
+            return -ctx.slo.attainment(request_rows(done)), summarize(done)["ttft_s_p99"]
+
+        return min(self.splits(), key=score)
 
     # -- one simulation -----------------------------------------------------------------------------------------
     def replica(self, env: simpy.Environment, ctx: SimContext, encoder: bool, images: int = 0) -> Replica:
@@ -193,9 +225,10 @@ class EPD(System):
             yield cl.env.timeout(mm / ctx.hw.nvlink_bw)
         least_loaded(cl.prefill).submit(r)
 
-    def run_once(self, requests: list[Request], ctx: SimContext) -> tuple[dict[str, Any], list[Seq], Cluster]:
+    def run_once(self, requests: list[Request], ctx: SimContext,
+                 sizes: dict[str, int] | None = None) -> tuple[dict[str, Any], list[Seq], Cluster]:
         env = simpy.Environment()
-        sizes = self.sizes(requests, ctx)
+        sizes = sizes or self.sizes(requests, ctx)
         cl = self.build(env, ctx, sizes, max(len(r.images) for r in requests))
 
         def arrivals() -> Any:
@@ -232,18 +265,28 @@ class EPD(System):
         m = summarize(done, ctx.slo) | {"pools": sizes, "pools_at_end": self.current(cl) if cl.encoders else sizes,
                                          "role_switches": cl.switches, "peak_mem_bytes": self.peak_memory(ctx, cl),
                                          "mm_cache_hits": cl.cache_hits, "images": cl.images_seen}
-        if self.rates:
-            m["slo_vs_rate"] = {str(rate): self.at_rate(rate, ctx) for rate in self.rates}
+        if self.rates and ctx.slo:
+            m |= self.rate_curves(ctx)
         return SimResult(m, request_rows(done))
 
-    def at_rate(self, rate: float, ctx: SimContext) -> dict[str, float | None]:
+    def at_rate(self, rate: float, ctx: SimContext) -> dict[str, list[dict[str, Any]]]:
+        """The request rows of the system and its baselines on the workload at another request rate."""
         wl = copy.deepcopy(ctx.workload)
         wl.arrival.rate = rate
+        at = replace(ctx, workload=wl)  # an allocator that searches sizes the pools for this rate
         reqs = build_requests(wl, ctx.seed, ctx.arch.tokens_per_image)
-        out = {}
-        for sysm in (self, *self.baselines().values()):
-            _, done, _ = sysm.run_once(reqs, ctx)
-            out[sysm.name] = summarize(done, ctx.slo).get("slo_attainment")
+        systems = (self, *self.baselines().values())
+        return {s.name: request_rows(s.run_once(copy.deepcopy(reqs), at)[1]) for s in systems}
+
+    def rate_curves(self, ctx: SimContext) -> dict[str, Any]:
+        """SLO attainment vs request rate (``slo_vs_rate``) and, for a scaled SLO, at each of ``slo.scales``."""
+        rows = {f"{rate:g}": self.at_rate(rate, ctx) for rate in self.rates}
+        slos = {f"{s:g}": ctx.slo.at(s) for s in (ctx.slo_rule.scales if ctx.slo_rule and ctx.slo.unloaded else ())}
+        out: dict[str, Any] = {"slo_vs_rate": {r: {n: ctx.slo.attainment(x) for n, x in v.items()}
+                                               for r, v in rows.items()}}
+        if slos:
+            out["slo_vs_rate_by_scale"] = {s: {r: {n: slo.attainment(x) for n, x in v.items()} for r, v in rows.items()}
+                                           for s, slo in slos.items()}
         return out
 
     def baselines(self) -> dict[str, System]:

@@ -2,11 +2,55 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
 PERCENTILES = (50, 90, 95, 99, 99.9)
+
+
+@dataclass(frozen=True)
+class SLO:
+    """A request meets its SLO when ``ttft <= ttft_s`` and ``tpot <= tpot_s`` (``None``: no bound). A derived SLO
+    (:mod:`kvbench.serve.slo`) also keeps how it was made: ``scale`` x the ``reference`` system's ``unloaded``
+    latency on ``request`` (its prompt, output and image count)."""
+
+    ttft_s: float | None
+    tpot_s: float | None
+    scale: float | None = None
+    reference: str | None = None
+    unloaded: dict[str, float | None] | None = None  # the reference's ttft_s / tpot_s on one request, alone
+    request: dict[str, int] | None = None
+
+    def at(self, scale: float) -> SLO:
+        """The same rule at another scale (a derived SLO only)."""
+        u = self.unloaded
+        if u is None:
+            raise ValueError("an absolute SLO has no scale")
+        return replace(self, scale=scale, ttft_s=scale * u["ttft_s"],
+                       tpot_s=scale * u["tpot_s"] if u["tpot_s"] is not None else None)
+
+    def met(self, row: dict[str, Any]) -> bool:
+        return ((self.ttft_s is None or row["ttft"] <= self.ttft_s)
+                and (self.tpot_s is None or (row["tpot"] or 0.0) <= self.tpot_s))
+
+    def attainment(self, rows: list[dict[str, Any]]) -> float | None:
+        """Share of ``rows`` (:func:`request_rows`) that meet the SLO."""
+        return float(np.mean([self.met(r) for r in rows])) if rows else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SLORule:
+    """A derived SLO: ``scale`` x the ``reference`` system's unloaded TTFT / TPOT; ``scales``: the scales at which
+    figures and the directional checks also report attainment."""
+
+    scale: float
+    reference: str | None = None
+    scales: tuple[float, ...] = ()
 
 
 def pct(values: list[float] | np.ndarray, q: float) -> float | None:
@@ -33,7 +77,7 @@ def request_rows(seqs: list[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(seqs: list[Any], slo: dict[str, float] | None = None) -> dict[str, Any]:
+def summarize(seqs: list[Any], slo: SLO | None = None) -> dict[str, Any]:
     rows = request_rows(seqs)
     if not rows:
         return {"n_requests": 0}
@@ -49,6 +93,5 @@ def summarize(seqs: list[Any], slo: dict[str, float] | None = None) -> dict[str,
     out |= distribution(tpot, "tpot_s")
     out |= distribution([r["e2e"] for r in rows], "e2e_s")
     if slo:
-        ok = [r["ttft"] <= slo["ttft_s"] and (r["tpot"] or 0.0) <= slo["tpot_s"] for r in rows]
-        out["slo_attainment"] = float(np.mean(ok))
+        out["slo_attainment"] = slo.attainment(rows)
     return out

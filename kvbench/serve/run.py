@@ -1,6 +1,6 @@
 """``run(cfg)``: one simulation into one deterministic run directory (the pure function under ``__main__``).
 
-    <results>/serve/<system>/<workload>/<hardware>/<arch>/kv=<full|method-allocator-b<budget>>/seed=<s>/
+    <results>/serve/<system>/<workload>/<hardware>/<arch>/kv=<full|method-allocator-b<budget>>/slo=<tag>/seed=<s>/
         config.yaml      resolved config + hash (+ the calibration file's SHA-256 for hardware=cpu)
         metrics.json     the system's metrics, each baseline's, and system / baseline ratios; written last
         requests.csv     one row per request and system: arrival, TTFT, TPOT, e2e, preemptions
@@ -28,6 +28,7 @@ from kvbench.serve.arch import arch_from_cfg
 from kvbench.serve.core import ServerConfig
 from kvbench.serve.hardware import hardware_from_cfg
 from kvbench.serve.kvsource import KVPolicy, kv_policy
+from kvbench.serve.slo import attainment_vs_scale, parse_slo, resolve, slo_tag
 from kvbench.serve.system import SimContext, SimResult, System
 from kvbench.serve.workload import build_requests
 
@@ -46,7 +47,8 @@ def server_config(node: Any, kv: KVPolicy) -> ServerConfig:
 
 
 def run_dir(cfg: DictConfig, kv: KVPolicy) -> Path:
-    parts = (cfg.system.name, cfg.workload.name, cfg.hardware.name, cfg.arch.name, f"kv={kv.tag}", f"seed={cfg.seed}")
+    parts = (cfg.system.name, cfg.workload.name, cfg.hardware.name, cfg.arch.name, f"kv={kv.tag}",
+             f"slo={slo_tag(cfg.get('slo'))}", f"seed={cfg.seed}")
     return Path(cfg.paths.results, "serve", *map(str, parts))
 
 
@@ -63,14 +65,15 @@ def sha256(path: str | Path) -> str:
 def context(cfg: DictConfig, kv: KVPolicy, out_dir: Path) -> SimContext:
     arch = arch_from_cfg(cfg.arch)
     hw = hardware_from_cfg(cfg.hardware, calibrate=calibrate_file)
-    slo_node = cfg.workload.get("slo") or cfg.get("slo")  # a workload may carry its own SLO
-    slo = dict(slo_node) if slo_node else None
-    return SimContext(arch, hw, server_config(cfg.server, kv), cfg.workload, int(cfg.seed), slo, out_dir)
+    slo, rule = parse_slo(cfg.get("slo"))
+    return SimContext(arch, hw, server_config(cfg.server, kv), cfg.workload, int(cfg.seed), slo=slo, slo_rule=rule,
+                      out_dir=out_dir)
 
 
 def simulate_all(system: System, cfg: DictConfig, ctx: SimContext) -> dict[str, SimResult]:
     """The system and each of its baselines on copies of the same requests."""
     requests = build_requests(cfg.workload, int(cfg.seed), ctx.arch.tokens_per_image)
+    resolve(system, requests, ctx)  # a scaled SLO: the reference system's unloaded latency, before the runs
     runs = {system.name: system.simulate(copy.deepcopy(requests), ctx)}
     for name, base in system.baselines().items():
         runs[name] = base.simulate(copy.deepcopy(requests), ctx)
@@ -120,8 +123,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     resolved = {k: v for k, v in resolved.items() if k != "figures"}
     store = RunStore(out, resolved)
     if cfg.get("overwrite"):
-        store.discard()
-    if store.complete and store.owned():
+        store.discard()  # open() moves the old files aside once the directory is claimed
+    elif store.complete and store.owned():
         return store.load_metrics()
     ctx = context(cfg, kv, out)  # may calibrate (hardware=cpu) before the directory is claimed
     inputs = {"calibration": sha256(cfg.hardware.calibration)} if cfg.hardware.get("calibration") else {}
@@ -136,12 +139,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                "baselines": {n: r.metrics for n, r in runs.items() if n != system.name},
                "baseline_over_system": ratios(runs, system.name),
                "trace_digest": {n: r.digest for n, r in runs.items()}, "config_hash": store.hash, "run_dir": str(out),
-               "headline": list(system.headline)}
+               "headline": list(system.headline), "slo": ctx.slo.as_dict() if ctx.slo else None,
+               "slo_vs_scale": attainment_vs_scale(runs, ctx.slo)}  # {} for an absolute SLO
     write_outputs(out, runs)
     if cfg.get("figures", True):
         from kvbench.serve.report import run_figures
 
-        run_figures(out, runs, system.name, system.headline)
+        run_figures(out, runs, system.name, system.headline, metrics["slo"], metrics["slo_vs_scale"])
     store.write_metrics(metrics)
     store.unlock()
     return metrics

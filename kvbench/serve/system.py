@@ -12,7 +12,7 @@ from kvbench.errors import UsageError
 from kvbench.serve.arch import Arch
 from kvbench.serve.core import Replica, ServerConfig
 from kvbench.serve.hardware import Hardware
-from kvbench.serve.metrics import request_rows, summarize
+from kvbench.serve.metrics import SLO, SLORule, request_rows, summarize
 from kvbench.serve.workload import Request, all_turns
 
 GiB = 2**30
@@ -27,7 +27,8 @@ class SimContext:
     server: ServerConfig
     workload: Any  # the workload's config node
     seed: int = 0
-    slo: dict[str, float] | None = None
+    slo: SLO | None = None  # absolute bounds; a derived one is set by kvbench.serve.slo.resolve before the runs
+    slo_rule: SLORule | None = None  # how to derive it (slo.scale)
     out_dir: Any = None  # the run directory (systems may write their own files there)
 
     def kv_bytes(self) -> float:

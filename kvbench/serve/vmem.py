@@ -135,16 +135,19 @@ def attention_times(store: DemandPagedKV, slot: int, heads: int, block_tokens: i
         return F.scaled_dot_product_attention(q, kk.transpose(0, 1)[None], vv.transpose(0, 1)[None], enable_gqa=True)
 
     torch.testing.assert_close(contiguous(), paged())  # the same attention either way
-    return AttentionTimes(best_time(contiguous, repeats), best_time(paged, repeats))
+    return AttentionTimes(*best_times((contiguous, paged), repeats))
 
 
-def best_time(fn: object, repeats: int) -> float:
-    times = []
+def best_times(fns: tuple[object, ...], repeats: int) -> list[float]:
+    """The best of ``repeats`` calls of each function, calls interleaved (a burst of load on a shared machine then
+    slows both, not one)."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [min(ts) for ts in times]
 
 
 def demo(layers: int = 3, kv_heads: int = 2, head_dim: int = 64, heads: int = 4, max_batch: int = 8,
