@@ -38,7 +38,7 @@ from kvbench.methods import REGISTRY
 from kvbench.models import load_model, pick_device
 from kvbench.pipeline import RunOptions, cache_stats
 from kvbench.registry import compose_config, set_params
-from kvbench.runner import build, run_options
+from kvbench.runner import build, build_method, run_options
 from kvbench.tasks.base import Question, Sample
 from kvbench.validate import check_budget
 
@@ -58,8 +58,12 @@ def components(method: str | Method, budget: float, allocator: str | Allocator |
     cfg = compose_config([*opts, f"budget={budget}", *overrides])
     if named:
         set_params(cfg, "method", params or {})
-    return (build(cfg.method, "method") if named else method,
-            allocator if isinstance(allocator, Allocator) else build(cfg.allocator, "allocator"), cfg)
+    if named and not isinstance(allocator, Allocator):
+        return (*build_method(cfg), cfg)  # the runner's own: built, then checked with the protocol and the model
+    m = build(cfg.method, "method") if named else method
+    a = allocator if isinstance(allocator, Allocator) else build(cfg.allocator, "allocator")
+    check_compatible(m, a, str(cfg.protocol), None)
+    return m, a, cfg
 
 
 def load(model: str = "kvbench-tiny", device: str = "auto", **params: Any) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -197,7 +201,6 @@ def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, context: str | 
     """
     opts_over = [f"task={task}"] if task else []
     m, a, cfg = components(method, budget, allocator, params, [*opts_over, f"protocol={protocol}", *overrides])
-    check_compatible(m, a, protocol, None)
     m.prepare(model)
     sample = as_sample(context, questions)
     opts = options(cfg, model, task is not None, max_new_tokens, stop, chat)

@@ -225,6 +225,8 @@ def test_refusals_are_one_clear_error_each(tiny_model, prompt, one_thread) -> No
         kvbench.compress(model, "snapkv", budget=0).__enter__()
     with pytest.raises(UsageError, match="several caches per context"):
         kvbench.compress(model, "epicache").__enter__()
+    with pytest.raises(UsageError, match="runs on var models"):
+        kvbench.compress(model, "hack").__enter__()
     assert "generate" not in vars(model) and model.config._attn_implementation == "eager"
     model.generate(ids[None], max_new_tokens=2)  # the model works as before
 
