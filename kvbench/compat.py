@@ -59,6 +59,9 @@ def check_compatible(method: Any, allocator: Any, protocol: str, prefill_chunk: 
         if protocol != REGISTRY["episodic"].requires:
             raise IncompatibleError(f"method={mname} answers many questions over per-episode caches of one "
                                     f"context; run it with protocol={REGISTRY['episodic'].requires}")
+    if prefill_chunk and not method.blockwise:
+        raise IncompatibleError(f"method={mname} scores the whole prompt in one forward (image spans, hidden states "
+                                "or its own prefill attention over all tokens); drop prefill_chunk")
     if prefill_chunk and not allocator.equal_heads and not model.ragged_blockwise_prefill:
         raise IncompatibleError(f"prefill_chunk needs an allocator that keeps equal per-head counts (uniform, "
                                 f"pyramid) for {model.family} models; {aname} gives heads different lengths, which "

@@ -53,7 +53,7 @@ def data_difference(old: dict[str, str] | None, new: dict[str, str]) -> str | No
     return f"the task's data differ in {len(differ)} of the first {n} samples ({shown})"
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     size = path.stat().st_size
     h = hashlib.sha256(f"{path.name}:{size}:".encode())
     with open(path, "rb") as f:
@@ -75,7 +75,7 @@ def files_digest(root: Path) -> str:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root)
         if not any(part.startswith(".") for part in rel.parts) and path.suffix.lower() not in DOC_SUFFIXES:
-            h.update(f"{rel.as_posix()}={_file_digest(path)}\n".encode())
+            h.update(f"{rel.as_posix()}={file_digest(path)}\n".encode())
     return h.hexdigest()[:16]
 
 

@@ -26,6 +26,11 @@ question, for the usual ``...Question: ...\\nAnswer:`` templates), as the SnapKV
 ``query_agnostic`` needs ``split=<marker>``: the prompt is cut at the marker's last occurrence, the part before it
 is compressed alone and the rest (question) is appended uncompressed, as in kvbench's query-agnostic runs.
 
+``kvbench/lmeval_tasks/`` holds an example task (``--include_path kvbench/lmeval_tasks --tasks kvbench_synth``):
+kvbench's embedded retrieval suite, built offline, scored as lm-eval scores free-form answers (strip, exact match).
+``python -m kvbench.lmeval`` checks kvbench's ``--model_args`` before lm-eval indexes its task configs (a minute),
+and loads torch only then, so ``--help`` and a bad method or budget answer in seconds.
+
 Deviations from ``HFLM``: prompts are tokenized as kvbench does (tokenizer's default special tokens, contexts
 longer than ``model.max_length`` cut in the middle, where HFLM cuts on the left), one request at a time
 (``batch_size`` is accepted and ignored), and no sampling.
@@ -33,28 +38,21 @@ longer than ``model.max_length`` cut in the middle, where HFLM cuts on the left)
 
 from __future__ import annotations
 
-import statistics
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra import compose, initialize_config_dir
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
-from kvbench.compat import ENGINE_DEFAULT, ModelCapabilities, check_compatible
-from kvbench.engine import Engine
+from kvbench.__main__ import GROUPS
+from kvbench.cli import unknown_option
 from kvbench.errors import UsageError
-from kvbench.models import load_model, pick_device
-from kvbench.pipeline import encode, prefill, stopper
-from kvbench.runner import build
 from kvbench.validate import check_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+MODEL = "kvbench.lmeval_model:KVBenchLM"  # loaded (with torch) when lm-eval builds the model, not for --help
 
 
 def _override(key: str, value: Any) -> str:
@@ -68,9 +66,12 @@ def _override(key: str, value: Any) -> str:
 
 def compose_config(overrides: dict[str, Any]):
     """kvbench's composed config (``conf/config.yaml``) with these overrides, validated like a run."""
+    args = [_override(k, v) for k, v in overrides.items()]
+    if (unknown := unknown_option(args, CONF_DIR, GROUPS)) is not None:
+        raise UsageError(unknown)  # the option and the valid ones in one line, as `python -m kvbench` says it
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
-            cfg = compose("config", overrides=[_override(k, v) for k, v in overrides.items()])
+            cfg = compose("config", overrides=args)
         except Exception as err:  # Hydra's errors name the bad key/option and list the valid ones
             raise UsageError(f"invalid kvbench model_args for lm-eval: {err}") from err
     check_config(cfg)
@@ -79,177 +80,74 @@ def compose_config(overrides: dict[str, Any]):
     return cfg
 
 
-@register_model("kvbench")
-class KVBenchLM(TemplateLM):
-    """An lm-eval model that answers with kvbench's engine under a KV-cache method and budget.
+def model_config(pretrained: Any = None, split: str | None = None, **overrides: Any):
+    """The checked kvbench config of ``KVBenchLM(pretrained, split=split, **overrides)`` (a string ``pretrained``
+    is a ``conf/model`` option or a hub id / directory); also what the CLI checks before lm-eval loads its tasks."""
+    if isinstance(pretrained, str):
+        options = {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
+        overrides = ({"model": pretrained} if pretrained in options
+                     else {"model": "hf", "model.pretrained": pretrained}) | overrides
+    cfg = compose_config(overrides)
+    if str(cfg.protocol) == "query_agnostic" and not split:
+        raise UsageError("protocol=query_agnostic needs split=<marker> (e.g. split='Question:'): the prompt part "
+                         "before the marker's last occurrence is compressed before the question is seen")
+    return cfg
 
-    Args:
-        pretrained: an in-memory ``PreTrainedModel`` (then pass ``tokenizer``), a ``conf/model`` option name
-            (``kvbench-tiny``), or a hub id / local directory (``model=hf``). Or give ``model=...`` overrides.
-        tokenizer: the tokenizer of an in-memory model.
-        split: marker at which prompts are split into context and question (needed for ``query_agnostic``).
-        max_gen_toks: default generation limit when a task sets none (lm-eval's default, 256).
-        batch_size, max_batch_size, device: lm-eval's standard arguments (``device`` becomes kvbench's unless
-            ``device`` is also a kvbench override; lm-eval's default ``cuda:0`` falls back to the CPU without CUDA).
-        model_caps: what the engine supports for this model family (the per-family adapter declares it).
-        **overrides: kvbench config overrides: ``method``, ``budget``, ``allocator``, ``protocol``,
-            ``prefill_chunk``, ``seed``, ``threads``, ``model.*``, ``method.*`` ...
-    """
 
-    def __init__(self, pretrained: Any = None, tokenizer: Any = None, split: str | None = None,
-                 max_gen_toks: int = 256, batch_size: Any = 1, max_batch_size: Any = None, device: str | None = None,
-                 model_caps: ModelCapabilities = ENGINE_DEFAULT, **overrides: Any) -> None:
-        super().__init__()
-        in_memory = pretrained is not None and not isinstance(pretrained, str)
-        if isinstance(pretrained, str):
-            options = {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
-            overrides = ({"model": pretrained} if pretrained in options
-                         else {"model": "hf", "model.pretrained": pretrained}) | overrides
-        if device is not None and "device" not in overrides:  # kvbench's own device= override wins
-            if str(device).startswith("cuda") and not torch.cuda.is_available():
-                # lm-eval's CLI asks for cuda:0 by default; like its HFLM, fall back instead of failing
-                print(f"[kvbench] lm-eval device={device} but CUDA is not available: using the CPU", file=sys.stderr)
-                device = "cpu"
-            overrides["device"] = device
-        self.cfg = cfg = compose_config(overrides)
-        self.method, self.allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
-        self.budget = float(cfg.budget)
-        self.protocol, self.split, self.max_gen_toks = str(cfg.protocol), split, int(max_gen_toks)
-        if self.protocol == "query_agnostic" and not split:
-            raise UsageError("protocol=query_agnostic needs split=<marker> (e.g. split='Question:'): the prompt part "
-                             "before the marker's last occurrence is compressed before the question is seen")
-        check_compatible(self.method, self.allocator, self.protocol, cfg.prefill_chunk, model_caps,
-                         episodic_supported=False)  # the runner's own check
-        if in_memory:
-            if tokenizer is None:
-                raise UsageError("an in-memory model needs its tokenizer: KVBenchLM(pretrained=model, tokenizer=tok)")
-            self.model, self.tokenizer = pretrained.eval(), tokenizer
-        else:
-            self.model, self.tokenizer = load_model(cfg.model, pick_device(str(cfg.device)))
-        if self.device.type == "cpu" and cfg.get("threads"):
-            torch.set_num_threads(int(cfg.threads))  # as in kvbench runs (1 by default)
-        torch.manual_seed(int(cfg.seed))
-        self.records: list[dict[str, Any]] = []  # per-request cache statistics (kept fraction, KV bytes, times)
+def lmeval_device(device: str | None) -> str | None:
+    """lm-eval's device for kvbench: its CLI asks for ``cuda:0`` by default; without CUDA, fall back to the CPU
+    (as its HFLM does) with one warning."""
+    import torch  # here, not at the top: --help and the option checks run without torch
 
-    # -- what lm-eval asks of a model ---------------------------------------------------------------------------
-    @property
-    def eot_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn("CUDA is not available: kvbench runs on the CPU", stacklevel=3)
+        return "cpu"
+    return device
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
-    @property
-    def tokenizer_name(self) -> str:
-        return str(getattr(self.tokenizer, "name_or_path", "kvbench")).replace("/", "__")
+def __getattr__(name: str) -> Any:
+    """``kvbench.lmeval.KVBenchLM``: the model class, imported on first use (it loads torch and the engine)."""
+    if name == "KVBenchLM":
+        from kvbench.lmeval_model import KVBenchLM
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        if add_special_tokens is None:
-            bos = self.tokenizer.bos_token
-            add_special_tokens = not (bos and string.startswith(bos))
-        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
+        return KVBenchLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
 
-    def engine(self) -> Engine:
-        return Engine(self.model, self.method, self.allocator, self.budget,
-                      backend=self.cfg.model.attn_implementation)
+def register() -> None:
+    """Register the lm-eval model ``kvbench`` lazily (lm-eval imports :data:`MODEL` when it is asked for)."""
+    from lm_eval.api.registry import model_registry
 
-    # -- generation ---------------------------------------------------------------------------------------------
-    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        out = []
-        eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
-        with self.engine() as engine:
-            for req in tqdm(requests, desc=f"kvbench {self.cfg.method.name} b={self.budget}", disable=disable_tqdm,
-                            file=sys.stderr):
-                context, gen_kwargs = req.args
-                kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
-                if kwargs.get("do_sample"):
-                    raise UsageError("kvbench decodes greedily; this task asks for do_sample=true (override the "
-                                     "task's generation_kwargs with do_sample: false)")
-                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-                logits = self._prompt_logits(engine, context)
-                tokens, times = engine.generate(logits, int(kwargs["max_gen_toks"]), stopper(self.tokenizer, until))
-                text = postprocess_generated_text(self.tokenizer.decode(tokens, skip_special_tokens=True), until,
-                                                  None)
-                self.records[-1].update(new_tokens=len(tokens), decode_s_per_token=statistics.fmean(times)
-                                        if times else None)
-                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-                out.append(text)
-        return out
+    model_registry.register("kvbench", target=MODEL)
 
-    def _prompt_logits(self, engine: Engine, prompt: str) -> torch.Tensor:
-        """Prefill the prompt under the protocol; the logits of the next token."""
-        context, question = prompt, ""
-        if self.split:
-            cut = prompt.rfind(self.split)
-            if cut < 0:
-                raise UsageError(f"split marker {self.split!r} is not in the prompt: {prompt[-200:]!r}")
-            context, question = prompt[:cut], prompt[cut:]
-        ctx, q = encode(self.tokenizer, context, question, False, self.cfg.model.get("max_length"))
-        if self.protocol == "query_agnostic":
-            _, stats = prefill(engine, ctx, {"context": (0, len(ctx))}, self.cfg.prefill_chunk)
-            logits = engine.forward(q)
-        else:
-            spans = {"context": (0, len(ctx)), "question": (len(ctx), len(ctx) + len(q))}
-            logits, stats = prefill(engine, ctx + q, spans, self.cfg.prefill_chunk)
-        self.records.append({**stats, "context_tokens": len(ctx), "question_tokens": len(q)})
-        return logits
 
-    # -- scoring ------------------------------------------------------------------------------------------------
-    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
-                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        """Each distinct context is compressed once; every continuation is scored over it and rolled back."""
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        by_context: dict[tuple[int, ...], list[int]] = {}
-        for i, (_, ctx, _) in enumerate(requests):
-            by_context.setdefault(tuple(ctx), []).append(i)
-        with self.engine() as engine:
-            for ctx, idx in tqdm(by_context.items(), desc="kvbench loglikelihood", disable=disable_tqdm,
-                                 file=sys.stderr):
-                logits0, stats = prefill(engine, list(ctx), {"context": (0, len(ctx))}, self.cfg.prefill_chunk)
-                snap = engine.store.snapshot()
-                for i in idx:
-                    key, _, cont = requests[i]
-                    engine.store.rollback(snap)
-                    out[i] = self._score(engine, logits0, cont)
-                    self.records.append({**stats, "context_tokens": len(ctx), "question_tokens": len(cont)})
-                    self.cache_hook.add_partial("loglikelihood", key, out[i])
-                engine.store.rollback(snap)
-        return out
-
-    @staticmethod
-    def _score(engine: Engine, logits: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
-        """Sum of log-probabilities of ``cont`` after ``logits`` (appended uncompressed), and whether it is greedy."""
-        total, greedy = 0.0, True
-        for i, token in enumerate(cont):
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (vocab,)
-            total += float(logp[token])
-            greedy = greedy and int(logp.argmax()) == token
-            if i + 1 < len(cont):
-                logits = engine.forward([token])
-        return total, greedy
-
-    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        raise UsageError("kvbench does not score loglikelihood_rolling (perplexity) tasks: under KV compression "
-                         "it depends on when the cache is compressed; use generate_until or multiple-choice tasks")
-
-    def kv_summary(self) -> dict[str, float | None]:
-        """Mean cache statistics over the requests answered so far (kept fraction, KV bytes, times)."""
-        keys = ("kept_fraction", "kv_bytes_full", "kv_bytes_kept", "prefill_s", "compress_s", "decode_s_per_token")
-        return {k: statistics.fmean(v) if (v := [r[k] for r in self.records if r.get(k) is not None]) else None
-                for k in keys}
+def check_model_args(args: Any) -> None:
+    """The kvbench part of a parsed lm-eval command line, checked before lm-eval indexes its task configs: a bad
+    method, budget or protocol answers at once (the same checks the model runs when lm-eval builds it)."""
+    options = vars(args)
+    if options.get("model") != "kvbench":
+        return
+    own = ("tokenizer", "max_gen_toks", "batch_size", "max_batch_size", "device", "model_caps")  # not overrides
+    model_config(**{k: v for k, v in (options.get("model_args") or {}).items() if k not in own})
 
 
 def main() -> None:
     """lm-eval's CLI with the ``kvbench`` model registered (``python -m kvbench.lmeval --model kvbench ...``)."""
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
 
-    cli_evaluate()
+    setup_logging()
+    parser = HarnessCLI()
+    args = parser.parse_args()
+    try:
+        check_model_args(args)
+    except UsageError as err:
+        print(f"kvbench.lmeval: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    parser.execute(args)
 
+
+register()
 
 if __name__ == "__main__":
     main()

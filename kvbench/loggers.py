@@ -2,13 +2,14 @@
 
 Local files (config.yaml, predictions.jsonl, metrics.json, the report's tables and figures) are always written; a
 logger only mirrors them to a tracking service. Logging never fails or blocks a run: wandb runs offline by default
-(``wandb sync <dir>/wandb/offline-run-*`` uploads later), online initialisation has a short timeout, and any
-error becomes a warning.
+(``wandb sync <dir>/wandb/offline-run-*`` uploads later; each offline run prints its directory and that command),
+online initialisation has a short timeout, and any error becomes a warning.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -78,7 +79,7 @@ class WandbLogger:
                 rows = [[str(r.get(c)) for c in cols] for r in records]
                 run.log({"predictions": wandb.Table(columns=cols, data=rows)})
         finally:
-            run.finish()
+            self._finish(run)
 
     def log_report(self, name: str, tables: dict[str, pd.DataFrame], figures: dict[str, Path]) -> None:
         """One wandb run holding a report's tables (wandb.Table) and figures (PNG images)."""
@@ -90,7 +91,15 @@ class WandbLogger:
             payload.update({k: wandb.Image(str(p)) for k, p in figures.items() if Path(p).suffix == ".png"})
             run.log(payload)
         finally:
-            run.finish()
+            self._finish(run)
+
+    def _finish(self, run: Any) -> None:
+        """Finish the run; an offline one says where it is and how to upload it (stderr)."""
+        offline = self.s.get("mode", "offline") == "offline"
+        where = run.settings.sync_dir if offline else None
+        run.finish()
+        if offline:
+            print(f"wandb: offline run in {where}\nwandb: upload it with: wandb sync {where}", file=sys.stderr)
 
 
 def make_logger(node: Any) -> WandbLogger | None:

@@ -59,6 +59,37 @@ class Method(ABC):
         """Bit widths, group size and residual of a ``layer_store = "quantized"`` method's cache."""
         raise NotImplementedError(f"{type(self).__name__} sets layer_store='quantized' but has no quant_spec()")
 
+    # Per-token plans instead of scores (ZipVL): ``plan(ctx)`` gives every token of the layer EVICT / LOW / HIGH
+    # (kvbench.engine.quant) and the engine applies it to the quantised layer (``layer_store = "quantized"``) at
+    # every budget, also 1.0; again while generating, every ``replan_interval()`` new tokens, for those tokens.
+    plans: ClassVar[bool] = False
+    # A plan method that computes the prefill attention of the layers it compresses itself (``prefill_attention``:
+    # ZipVL's sparse attention over its important tokens) instead of the engine's dense causal attention.
+    own_prefill_attention: ClassVar[bool] = False
+    # False when the method needs the whole prompt in one forward (GUI-KV's image spans and hidden states, ZipVL's
+    # sparse prefill): ``prefill_chunk`` is refused before the run starts (kvbench.compat).
+    blockwise: ClassVar[bool] = True
+
+    def plan(self, ctx: LayerContext) -> Tensor:
+        """(H_kv, m) plan codes (EVICT=0, LOW=1, HIGH=2) for the layer's last m tokens, m = ``ctx.queries.shape[1]``
+        (the whole prompt at prefill, the tokens added since the last plan while generating); earlier entries keep
+        the precision they have. Only called when ``plans`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} sets plans but has no plan()")
+
+    def plan_bits(self) -> tuple[int, int]:
+        """(bits of HIGH entries, bits of LOW entries); 16 = full precision."""
+        raise NotImplementedError(f"{type(self).__name__} sets plans but has no plan_bits()")
+
+    def replan_interval(self) -> int:
+        """plans: re-plan the newest tokens once this many were added since the last plan (0: never)."""
+        return 0
+
+    def prefill_attention(self, ctx: LayerContext, backend: str) -> Tensor:
+        """(n, H_q, d) prefill attention output of a fresh layer from ``ctx.queries/keys/values`` (the new tokens);
+        the same context (``memo``, ``stats``) then goes to the layer's ``plan``.
+        Only called when ``own_prefill_attention`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} sets own_prefill_attention but has no prefill_attention()")
+
     episodic: ClassVar[bool] = False  # several caches per context, questions routed (kvbench.episodic, EpiCache)
     # The model family the method runs on: "text" (the text engine, every LLM family; VLMs reuse it) or "var"
     # (next-scale image generators, kvbench.var). ``python -m kvbench`` routes by the model's family and refuses

@@ -63,7 +63,9 @@ RUN_FILES = ("config.yaml", "predictions.jsonl", "metrics.json", ERROR_FILE)
 VARIANT_FIX = ("Give the variant its own name (e.g. method.name=snapkv_w8), use another paths.results, or pass "
                "overwrite=true to discard the old run.")
 
-__all__ = ["ConfigMismatchError", "CorruptRunError", "RunDirBusyError", "RunStore", "config_hash", "load_results"]
+__all__ = ["ConfigMismatchError", "CorruptRunError", "RunDirBusyError", "RunStore", "config_hash", "finished_runs",
+           "load_results", "results_root"]
+CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
 
 
 class ConfigMismatchError(UsageError):
@@ -364,6 +366,39 @@ def _counted(records: list[dict[str, Any]], metrics: dict[str, Any]) -> list[dic
     first = list(dict.fromkeys(r.get("sample_id") for r in records))[: int(n)]
     keep = set(first)
     return [r for r in records if r.get("sample_id") in keep]
+
+
+def results_root(root: str | Path | None = None) -> Path:
+    """The results root every reader uses: ``root`` when given, else ``paths.results`` of ``conf/config.yaml``
+    resolved as a run resolves it (``KVBENCH_RESULTS``, else ``results``), so the report, status and the scripts
+    read where ``python -m kvbench`` writes."""
+    if root is not None:
+        return Path(root)
+    from omegaconf import OmegaConf
+
+    paths = OmegaConf.load(CONFIG_FILE).paths
+    return Path(str(OmegaConf.to_container(paths, resolve=True)["results"]))
+
+
+def root_text(root: str | Path | None) -> str:
+    """How a results root was chosen, for messages: ``/x`` or ``results (paths.results; set KVBENCH_RESULTS)``."""
+    return str(root) if root is not None else f"{results_root()} (paths.results; set KVBENCH_RESULTS or pass a root)"
+
+
+def existing_root(root: str | Path | None = None) -> Path:
+    """:func:`results_root`, refusing (one UsageError line) one that does not exist."""
+    path = results_root(root)
+    if not path.is_dir():
+        raise UsageError(f"results root {root_text(root)} does not exist")
+    return path
+
+
+def finished_runs(root: str | Path | None = None, samples: bool = False) -> pd.DataFrame:
+    """:func:`load_results` of :func:`results_root`, refusing (one UsageError line) a root without finished runs."""
+    df = load_results(existing_root(root), samples)
+    if df.empty:
+        raise UsageError(f"results root {root_text(root)} has no finished runs (no metrics.json)")
+    return df
 
 
 def load_results(root: str | Path, samples: bool = False) -> pd.DataFrame:

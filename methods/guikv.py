@@ -1,4 +1,5 @@
-"""GUI-KV's scoring kernels as pure tensor functions (the ``Method`` is wired to the engine's VLM inputs later).
+"""GUI-KV (``method=guikv``): SnapKV window scores + spatial saliency on the current screenshot + temporal
+redundancy of the earlier screenshots, as pure tensor kernels and the :class:`GUIKV` method.
 
 GUI-KV (Huang et al., 2025, https://arxiv.org/abs/2510.00536; code SalesforceAIResearch/GUI-KV @ b301d41,
 ``gui_kv/gui_kv_utils.py::GUIKVCluster.update_kv``), per layer at prefill, on top of SnapKV's pooled window scores
@@ -17,14 +18,29 @@ GUI-KV (Huang et al., 2025, https://arxiv.org/abs/2510.00536; code SalesforceAIR
 3. Top ``cap - W`` by score per head + the window; KV heads are repeated to the query heads first
    (per-query-head cache, G x the bytes), as the authors do.
 
-Deviation (documented choice): a current-screenshot span that reaches into the window is clipped to the scored
-prefix (the authors' slice assignment would fail on it).
+Text and other non-image tokens (the authors' ``GUIKVCluster``): they are scored by the window attention alone and
+compete with the image tokens for the same top-k; saliency touches only the current screenshot and redundancy only
+the earlier ones. A prompt without image spans is therefore scored as SnapKV with the authors' settings (sum over
+the window, average pooling 5); the authors' code needs at least one image (it indexes ``vision_start_idx[-1]``).
+
+Deviations (documented choices): a current-screenshot span that reaches into the window is clipped to the scored
+prefix, and earlier-screenshot tokens inside the window are not candidates for zeroing (the authors' slice
+assignment would fail on them). The window is ``min(8, budget)`` (the engine's clamp); the authors use
+``min(8, cap - 2)``, which differs only for budgets under 10 tokens.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor
+
+from kvbench.engine.context import LayerContext
+from kvbench.errors import UsageError
+from kvbench.method import Method
+from kvbench.ops import group_reduce, pool1d
 
 ALPHA = 2.0  # the authors' scripts: --alpha 2
 TEMPERATURE = 3.5  # --temperature 3.5
@@ -98,11 +114,12 @@ def guikv_scores(scores: Tensor, hidden: Tensor, keys: Tensor, images: list[tupl
     Returns [H, n']."""
     out = scores.float().clone()
     start, end = images[-1]
-    stop = min(end, out.shape[-1])  # a span reaching into the window is clipped (see the module docstring)
+    stop = max(start, min(end, out.shape[-1]))  # a span reaching into the window is clipped (module docstring)
     out[:, start:stop] += spatial_saliency(hidden[start:end], alpha, temperature)[: stop - start]
-    if len(images) < 2:
+    prev = span_positions(images[:-1]).to(out.device)
+    prev = prev[prev < out.shape[-1]]  # earlier-screenshot tokens in the window are kept anyway
+    if prev.numel() == 0:
         return out
-    prev = span_positions(images[:-1])
     make_basis = {"qr": qr_basis, "svd": svd_basis}[basis]
     count = n_redundant(budget_fraction, prev.numel())
     for h in range(out.shape[0]):
@@ -124,3 +141,60 @@ def group_scores(scores: Tensor, n_kv_heads: int, reduce: str = "max") -> Tensor
     if reduce == "mean":
         return grouped.mean(dim=1)
     raise ValueError(f"reduce={reduce!r}; choose max or mean")
+
+
+def visual_spans(spans: dict[str, tuple[int, int]]) -> list[tuple[int, int]]:
+    """Every ``image:<k>`` / ``frame:<k>`` span, in token order (the last is the current screenshot)."""
+    return sorted(v for k, v in spans.items() if k.startswith(("image:", "frame:")))
+
+
+@dataclass
+class GUIKV(Method):
+    """GUI-KV (https://arxiv.org/abs/2510.00536; SalesforceAIResearch/GUI-KV @ b301d41), see the module docstring.
+
+    Per layer at prefill: the window attention summed over the last ``window`` queries, average-pooled (kernel 5),
+    per query head; + ``alpha * softmax(zscore(||x_j||) / temperature)`` on the current screenshot; the
+    ``int((1 - keep / n) * n_prev)`` earlier-screenshot tokens best explained by the current screenshot's key basis
+    zeroed per head; top ``keep - window`` + the window, the same number in every layer (``allocator: uniform``).
+
+    ``cache``: ``query_head`` (the default, as the authors) repeats the KV heads to the query heads before
+    compression and keeps one token set per query head: G x the bytes of a KV-head cache at the same budget, and
+    the run's ``kv_bytes_kept`` shows it. ``kv_head`` is the GQA-aware variant (``method=guikv_gqa``, a deviation):
+    the query heads' pooled scores are reduced over each KV head's group by ``gqa`` (max or mean) and the
+    redundancy is measured on the KV head's own keys, so one token set per KV head is kept (1/G of the bytes).
+    ``basis``: ``qr`` (the authors' QR of the current screenshot's first ``rank`` keys) or ``svd`` (its top-``rank``
+    principal key subspace, ``method=guikv_svd``, a deviation).
+    """
+
+    name: str = "guikv"
+    window: int = WINDOW
+    cache: str = "query_head"
+    kernel: int = 5
+    alpha: float = ALPHA
+    temperature: float = TEMPERATURE
+    rank: int = RANK
+    basis: str = "qr"
+    gqa: str = "max"
+
+    blockwise: ClassVar[bool] = False  # the image spans and hidden states cover the whole prompt
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        pool1d(torch.zeros(1, 8), self.kernel, "avg")  # validates the kernel with a clear message
+        group_reduce(torch.zeros(1, 1), 1, self.gqa)
+        if self.basis not in ("qr", "svd"):
+            raise UsageError(f"basis={self.basis!r}; use 'qr' (the authors') or 'svd'")
+        if self.rank < 1 or self.temperature <= 0:
+            raise UsageError(f"rank={self.rank} must be >= 1 and temperature={self.temperature} > 0")
+
+    def score(self, ctx: LayerContext) -> Tensor:
+        pooled = pool1d(ctx.window_attention().sum(1), self.kernel, "avg")  # (H_q, n - w), the authors' order
+        scores = ctx.group(pooled, self.gqa)  # (H, n - w): identity for a query-head cache
+        images = visual_spans(ctx.spans)
+        if not images or ctx.hidden_states is None:
+            return scores  # no screenshot: SnapKV with the authors' settings (module docstring)
+        if ctx.hidden_states.shape[0] != ctx.n:
+            raise UsageError("GUI-KV scores the whole prompt in one forward (its image spans and hidden states); "
+                             "run it without prefill_chunk")
+        return guikv_scores(scores, ctx.hidden_states, ctx.keys, images, ctx.keep / ctx.n, self.alpha,
+                            self.temperature, self.rank, self.basis).to(scores.dtype)

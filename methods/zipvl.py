@@ -1,4 +1,5 @@
-"""ZipVL's scoring kernels as pure tensor functions (the ``Method`` and the mixed-precision store come later).
+"""ZipVL (``method=zipvl``, the paper's v1: mixed-precision KV; ``method=zipvl_evict``, v2: eviction): the scoring
+kernels as pure tensor functions and the :class:`ZipVL` method.
 
 ZipVL (He et al., 2024, https://arxiv.org/abs/2410.08584; no public code: Algorithm 1 and the tables as
 transcribed in deep-diver/ai-paper-reviewer ``content/paper-reviews/2410.08584``, the probe choice and the
@@ -15,14 +16,46 @@ normalisation from the authors' earlier ZipCache, https://arxiv.org/abs/2405.142
    fraction and a peaked distribution keeps few; per layer.
 4. The top-p tokens are the important set (:func:`important_mask`): sparse prefill attention over them and, in
    v1, high-bit KV for them and low-bit for the rest; v2 (``zipvl_evict``) drops the rest.
+5. Decoding attends over the stored cache; every 100 new tokens their scores are recomputed (probes among those
+   tokens' own queries, against the whole cache) and they are re-compressed by the same rule.
+
+How kvbench runs it (:class:`ZipVL`): the important set is one set of tokens per layer (token-level sparsity: the
+layer score is the mean over KV heads), chosen before the layer's attention. The prefill attention is computed on
+the gathered ``Q[T], K[T], V[T]`` only (causal among them), so its QK^T / AV FLOPs really are ``p^2 / n^2`` of the
+dense ones; the layer's ``prefill_attention_flops_saved`` stat is ``1 - p^2 / n^2`` and ``probe_flops_fraction``
+the probes' own cost (``2 * probes * n / n^2``), both in ``Engine.layer_stats``. The attention output of the
+unimportant tokens is 0 (reconstructed: the retrieved text does not say; the residual stream carries them through
+the layer). The KV cache goes to the quantised store as a per-token plan (``kvbench.engine.quant``): important
+tokens ``HIGH`` at ``bits_high``, the rest ``LOW`` at ``bits_low`` (ZipCache's 4 / 2 bits, reconstructed), keys per
+channel over token groups and values per token, real packed bytes; v2 evicts the rest and keeps the important ones
+in full precision. Text tokens are scored like image tokens (ZipVL's rule is modality-agnostic); the image spans are
+not needed.
+
+Known consequence of the zero-output reconstruction (measured on the text default, kvbench-tiny, 4 samples of
+synth_multikey_dense): the last prompt token is not important in layers 1 and 2 there, so its attention output is
+0 and the answer is lost (``zipvl`` 25 %, ``zipvl_evict`` 0 % exact match, against 100 % / 75 % with
+``sparse_prefill=false`` and 100 % for the full cache). Deviation, ours: ``keep_last=true`` (the default) always
+makes the last token of the compressed forward important (at the budget cap it replaces the weakest important
+token; on the same 4 samples ``zipvl`` 100 %, ``zipvl_evict`` 75 % at budget 1.0); ``keep_last=false`` is the
+plain rule. Report ``sparse_prefill=false`` next to it until the paper's handling of the unimportant queries is
+known.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from kvbench.engine.attention import causal_attention
+from kvbench.engine.context import LayerContext
+from kvbench.engine.packed import FULL
+from kvbench.engine.quant import HIGH, LOW, QuantSpec, check_bits
+from kvbench.errors import UsageError
+from kvbench.method import Method
 
 TAU = 0.975
 RECENT, RANDOM = 64, 64
@@ -42,12 +75,18 @@ def probe_scores(queries: Tensor, keys: Tensor, probes: Tensor, scale: float | N
 
     queries: [H_q, n, d] and keys: [H_kv, n, d] post-RoPE; probes: [p] query positions (sorted). Token j's score
     is ``sum_i A'[i, j] / #{i : probe_i >= j}``; tokens no probe can see score 0."""
-    h_q, n, d = queries.shape
-    h_kv = keys.shape[0]
+    return probe_attention(queries[:, probes], keys, probes, scale)
+
+
+def probe_attention(probe_queries: Tensor, keys: Tensor, probes: Tensor, scale: float | None = None) -> Tensor:
+    """:func:`probe_scores` from the probes' own queries: probe_queries [H_q, p, d] at cache positions ``probes``
+    [p] (sorted), keys [H_kv, n, d]. Returns [H_kv, n]."""
+    h_q, _, d = probe_queries.shape
+    h_kv, n = keys.shape[:2]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     k = keys.float().repeat_interleave(h_q // h_kv, dim=0)  # [H_q, n, d]
-    logits = queries[:, probes].float() @ k.transpose(1, 2) * scale  # [H_q, p, n]
-    visible = probes[:, None] >= torch.arange(n)[None, :]  # [p, n] causal: probe i sees j <= probes[i]
+    logits = probe_queries.float() @ k.transpose(1, 2) * scale  # [H_q, p, n]
+    visible = probes[:, None] >= torch.arange(n, device=keys.device)[None, :]  # [p, n] probe i sees j <= probes[i]
     attn = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)  # [H_q, p, n]
     seen = visible.sum(0).clamp(min=1)  # [n] probes that can attend to j
     per_q = attn.sum(1) / seen  # [H_q, n]
@@ -73,7 +112,7 @@ def adaptive_ratio(scores: Tensor, tau: float = TAU) -> float:
 
 def important_mask(scores: Tensor, count: int) -> Tensor:
     """Boolean mask of the ``count`` highest-scoring tokens: [n]."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     mask[scores.flatten().topk(min(count, scores.numel())).indices] = True
     return mask
 
@@ -82,3 +121,114 @@ def attention_flops_saved(counts: list[int], n: int) -> float:
     """Fraction of prefill attention FLOPs (QK^T and AV, causal) saved by attending among each layer's ``counts[l]``
     important tokens only: ``1 - sum_l p_l^2 / (L n^2)`` (token-level sparse attention costs p^2 instead of n^2)."""
     return 1.0 - sum(p * p for p in counts) / (len(counts) * n * n)
+
+
+@dataclass
+class ZipVL(Method):
+    """ZipVL v1 (https://arxiv.org/abs/2410.08584): adaptive important tokens per layer, sparse prefill attention over
+    them, mixed-precision KV (see the module docstring for how kvbench runs it and what is reconstructed).
+
+    Every token is kept (at ``bits_high`` or ``bits_low``), so the budget is not a token budget: run with
+    ``budget=1.0`` (the engine refuses others); the memory held is set by tau and the bit widths
+    (``kv_bytes_kept``). ``zipvl_evict`` (v2) evicts the unimportant tokens instead.
+
+    Parameters:
+        tau: the attention-mass threshold of the adaptive ratio (0.975; the paper also runs 0.96).
+        recent, random: probe queries (the last ``recent`` + ``random`` earlier ones; reconstructed from ZipCache).
+        bits_high, bits_low: 2 | 4 | 8 | 16 (16 = full precision). group_size: tokens per key group (per channel),
+        channels per value group (per token).
+        sparse_prefill: attend among the important tokens only at prefill (False: dense prefill attention, only
+        the KV compression; an ablation).
+        keep_last: the last token of each compressed forward is always important (deviation, ours: with the
+        zero-output reconstruction an unimportant last prompt token has attention output 0 and the first
+        generated token is lost; False: the plain top-p rule).
+        recompress_every: re-compress the newest tokens after this many (100, the paper; 0 = never).
+        seed: of the random probes (one generator per layer: the same probes in every run and budget fork).
+    """
+
+    name: str = "zipvl"
+    tau: float = 0.975
+    recent: int = RECENT
+    random: int = RANDOM
+    bits_high: int = 4
+    bits_low: int = 2
+    group_size: int = 32
+    sparse_prefill: bool = True
+    keep_last: bool = True
+    recompress_every: int = 100
+    seed: int = 0
+
+    compresses: ClassVar[bool] = False  # every token is kept, at one of two precisions
+    shares_prefill: ClassVar[bool] = False  # the sparse prefill attention changes the prefill itself
+    plans: ClassVar[bool] = True
+    own_prefill_attention: ClassVar[bool] = True
+    layer_store: ClassVar[str] = "quantized"
+    keeps_window: ClassVar[bool] = False  # no always-kept window: the recent tokens compete like the others
+    blockwise: ClassVar[bool] = False  # the sparse prefill attends among the important tokens of the whole prompt
+    unimportant: ClassVar[int] = LOW  # the plan code of the tokens outside the important set
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.tau <= 1:
+            raise UsageError(f"tau={self.tau} must be in (0, 1]")
+        if self.recent < 1 or self.random < 0 or self.recompress_every < 0:
+            raise UsageError(f"recent={self.recent} must be >= 1, random={self.random} and "
+                             f"recompress_every={self.recompress_every} >= 0")
+        check_bits(self.bits_high, "bits_high", allow_full=True)
+        check_bits(self.bits_low, "bits_low", allow_full=True)
+        self.quant_spec()
+
+    def quant_spec(self) -> QuantSpec:
+        """Nothing is flushed (``residual=None``): every token waits in full precision for its plan."""
+        packed = self.bits_low if self.bits_low != FULL else 8  # the spec's bits are unused without a residual
+        return QuantSpec(packed, packed, self.group_size, None)
+
+    def plan_bits(self) -> tuple[int, int]:
+        return self.bits_high, self.bits_low
+
+    def replan_interval(self) -> int:
+        return self.recompress_every
+
+    def score(self, ctx: LayerContext) -> Tensor:
+        """Never called (``plans``): the layer score is :meth:`important`'s."""
+        raise NotImplementedError("ZipVL plans its tokens (plan())")
+
+    def important(self, ctx: LayerContext) -> Tensor:
+        """(m,) bool: the important set among the layer's last m tokens (m = ``ctx.queries.shape[1]``), from probes
+        among those tokens' queries against all n cached keys; the layer's stats go to ``ctx.stats``."""
+        m, n = ctx.queries.shape[1], ctx.n
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.layer_idx)
+        local = probe_positions(m, self.recent, self.random, gen).to(ctx.keys.device)  # (p,) within the m
+        scores = probe_attention(ctx.queries[:, local], ctx.keys, local + (n - m), ctx.scaling)  # (H_kv, n)
+        layer_scores = scores[:, n - m:].mean(0)  # (m,) token-level: one set for all heads
+        count = min(adaptive_count(layer_scores, self.tau), ctx.keep)
+        mask = important_mask(layer_scores, count)
+        if self.keep_last and not bool(mask[-1]):  # deviation: the last token's output makes the next token
+            if count >= ctx.keep and count > 0:  # at the budget cap: the weakest important token makes room
+                mask[layer_scores.masked_fill(~mask, float("inf")).argmin()] = False
+            mask[-1] = True
+        count = int(mask.sum())
+        saved = attention_flops_saved([count], m) if self.sparse_prefill else 0.0
+        ctx.stats.update(important_tokens=count, important_ratio=count / m, prefill_attention_flops_saved=saved,
+                         probe_flops_fraction=2 * len(local) * n / (m * m))
+        return mask
+
+    def prefill_attention(self, ctx: LayerContext, backend: str) -> Tensor:
+        """Causal attention among the important tokens only; 0 at the others. -> (n, H_q, d)."""
+        keep = self.important(ctx)
+        ctx.memo["zipvl_important"] = keep
+        q, k, v = ctx.queries[None], ctx.keys[None], ctx.values[None]  # (1, H, n, d)
+        if not self.sparse_prefill:
+            return causal_attention(q, k, v, ctx.scaling, backend)[0]
+        idx = keep.nonzero().squeeze(1)  # (p,) in token order: causal among them = causal by position
+        out = q.new_zeros(q.shape[2], q.shape[1], q.shape[3])  # (n, H_q, d)
+        out[idx] = causal_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], ctx.scaling, backend)[0]
+        return out
+
+    def plan(self, ctx: LayerContext) -> Tensor:
+        """(H, m) codes: ``HIGH`` for the important tokens, ``unimportant`` (LOW; v2: EVICT) for the others."""
+        keep = ctx.memo.get("zipvl_important")
+        keep = self.important(ctx) if keep is None else keep
+        codes = torch.full(keep.shape, self.unimportant, dtype=torch.int8, device=keep.device)
+        codes[keep] = HIGH
+        return codes.expand(ctx.n_kv_heads, -1)

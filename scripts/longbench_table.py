@@ -16,7 +16,7 @@ import math
 import pandas as pd
 
 from kvbench.errors import UsageError
-from kvbench.results import load_results
+from kvbench.results import finished_runs
 from kvbench.tasks import longbench as lb
 
 KEYS = ["model.name", "method.name", "allocator.name", "protocol", "budget"]
@@ -52,11 +52,15 @@ def table(df: pd.DataFrame, average: str = "en16", e: bool = False) -> pd.DataFr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", default="results", help="results root (paths.results)")
+    parser.add_argument("--results", default=None, help="results root (default: paths.results, i.e. "
+                        "$KVBENCH_RESULTS or results)")
     parser.add_argument("--average", default="en16", choices=AVERAGES)
     parser.add_argument("--e", action="store_true", help="LongBench-E buckets instead of LongBench")
     args = parser.parse_args()
-    print(table(load_results(args.results), args.average, args.e).to_markdown(floatfmt=".2f"))
+    try:
+        print(table(finished_runs(args.results), args.average, args.e).to_markdown(floatfmt=".2f"))
+    except UsageError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Needle heatmap of one finished run: rows = depth percent, columns = context length, cell = mean score x 100 over
-the repeats (the pivot of NeedleBench's summariser and of KV papers' heatmaps), plus the overall mean.
+the repeats (the pivot of NeedleBench's summariser and of KV papers' heatmaps), plus the overall mean. Depths are
+shown in percent whether the task records percents (NeedleBench) or fractions (synth_needle), by the report's rule
+(``kvbench.report.plots.depth_percent``).
 
     python scripts/needle_heatmap.py RUN_DIR [--metric needlebench_origin] [--png heatmap.png]
 
@@ -14,20 +16,19 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import UsageError
-from kvbench.results import load_results
+from kvbench.report.plots import needle_grid, with_depth_percent
+from kvbench.results import finished_runs
 
 
 def heatmap(run_dir: str | Path, metric: str | None = None) -> tuple[pd.DataFrame, float, str]:
     """(depth x length pivot of the metric x 100, overall mean x 100, metric name) of one run directory."""
-    df = load_results(run_dir, samples=True)
-    if df.empty:
-        raise UsageError(f"no finished run under {run_dir}")
+    df = finished_runs(run_dir, samples=True)
     scores = [c for c in df.columns if c.startswith("scores.")]
     metric = metric or scores[0].split(".", 1)[1]
     if f"scores.{metric}" not in df or "meta.depth" not in df:
         raise UsageError(f"{run_dir} has no per-depth {metric!r} scores (metrics: {[c[7:] for c in scores]})")
-    df = df.assign(score=100 * df[f"scores.{metric}"].astype(float))
-    pivot = df.pivot_table(index="meta.depth", columns="meta.target_length", values="score", aggfunc="mean")
+    df = with_depth_percent(df.assign(score=100 * df[f"scores.{metric}"].astype(float)))
+    pivot = needle_grid(df, value="score")
     pivot.index.name, pivot.columns.name = "depth %", "tokens"
     return pivot, float(df["score"].mean()), metric
 
@@ -38,7 +39,10 @@ def main() -> None:
     parser.add_argument("--metric", default=None, help="a metric of the run (default: its first)")
     parser.add_argument("--png", default=None, help="also draw the heatmap into this file")
     args = parser.parse_args()
-    pivot, overall, metric = heatmap(args.run_dir, args.metric)
+    try:
+        pivot, overall, metric = heatmap(args.run_dir, args.metric)
+    except UsageError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(pivot.to_markdown(floatfmt=".1f"))
     print(f"\noverall {metric}: {overall:.2f}")
     if args.png:

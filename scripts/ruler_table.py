@@ -13,7 +13,7 @@ import re
 import pandas as pd
 
 from kvbench.errors import UsageError
-from kvbench.results import load_results
+from kvbench.results import finished_runs
 from kvbench.tasks.ruler import TASKS
 
 KEYS = ["model.name", "method.name", "allocator.name", "protocol", "budget"]
@@ -40,9 +40,13 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", default="results", help="results root (paths.results)")
+    parser.add_argument("--results", default=None, help="results root (default: paths.results, i.e. "
+                        "$KVBENCH_RESULTS or results)")
     args = parser.parse_args()
-    print(table(load_results(args.results)).to_markdown(floatfmt=".2f"))
+    try:
+        print(table(finished_runs(args.results)).to_markdown(floatfmt=".2f"))
+    except UsageError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -325,13 +325,14 @@ def _masked_eager(module, query, key, value, attention_mask, scaling=None, dropo
 
 def masked_reference_logits(model, ids: Tensor, n: int, kept: list[list[Tensor]]) -> Tensor:
     """Logits of every token of ``ids`` when rows >= n see, in layer l and KV head h, only the prompt positions
-    ``kept[l][h]`` plus the tokens from n on (causally); rows < n are ordinary causal attention."""
+    ``kept[l][h]`` plus the tokens from n on (causally); rows < n are ordinary causal attention. ``kept[l]`` may
+    also hold one entry per query head (a ``cache: query_head`` method)."""
     big = len(ids)
     for layer_idx, heads in enumerate(kept):
         allowed = torch.ones(N_HEADS, big, big, dtype=torch.bool).tril()
         for hq in range(N_HEADS):
             row = torch.zeros(n, dtype=torch.bool)
-            row[heads[hq // G].long()] = True
+            row[heads[hq // (N_HEADS // len(heads))].long()] = True
             allowed[hq, n:, :n] = row
         _REF_ALLOWED[layer_idx] = allowed
     AttentionInterface.register(REF_ATTN, _masked_eager)

@@ -61,7 +61,7 @@ def record(i: int, score: int, budget: float, depth: float, length: int) -> dict
     return {"id": f"s{i}/q0", "sample_id": f"s{i}", "question_id": "q0", "prediction": "k1" if score else "k9",
             "references": ["k1"], "scores": {"exact_match": float(score)}, "kept_fraction": budget,
             "kv_bytes_full": KV_FULL, "kv_bytes_kept": budget * KV_FULL, "compressed_tokens": 100,
-            "peak_kv_bytes": budget * KV_FULL, "peak_mem_bytes": None, "prefill_s": 0.1, "compress_s": 0.01,
+            "peak_kv_bytes": budget * KV_FULL, "peak_mem_bytes": None, "prefill_s": 0.1, "compress_s": 0.01 * budget,
             "decode_s_per_token": 0.002, "meta": {"kind": "needle", "target_length": length, "depth": depth}}
 
 
@@ -120,17 +120,19 @@ def test_summary_mean_std_over_seeds_and_percent_of_full(summary) -> None:
 def test_paper_table_matches_hand_computed_numbers(summary) -> None:
     t = paper_table(summary)
     assert list(t.columns) == ["ta", "tb", "Avg.", "% of full"]
-    b5 = t.xs(("m", "query_aware", 0.5), level=["model", "protocol", "budget"])
+    assert list(t.index.names) == ["model", "protocol", "budget", "n", "method"]
+    assert set(t.index.get_level_values("n")) == {"4"}  # 4 questions per run on every task
+    b5 = t.xs(("m", "query_aware", 0.5, "4"), level=["model", "protocol", "budget", "n"])
     assert list(b5.index) == ["fullkv", "streamingllm", "snapkv"]  # reference first, then the fixed order
     assert b5.loc["fullkv"].tolist() == [100.0, 75.0, 87.5, 100.0]
     assert b5.loc["snapkv"].tolist() == pytest.approx([75.0, 50.0, 62.5, 100 * 62.5 / 87.5])
     assert b5.loc["streamingllm"].tolist() == pytest.approx([37.5, 12.5, 25.0, 100 * 25 / 87.5])
-    b2 = t.xs(("m", "query_aware", 0.2), level=["model", "protocol", "budget"])
+    b2 = t.xs(("m", "query_aware", 0.2, "4"), level=["model", "protocol", "budget", "n"])
     assert b2.loc["snapkv", "Avg."] == 37.5 and b2.loc["snapkv", "% of full"] == pytest.approx(100 * 37.5 / 87.5)
     assert b2.loc["streamingllm", "ta"] == 0.0 and math.isnan(b2.loc["streamingllm", "Avg."])  # tb missing
-    only_a = paper_table(summary, avg_tasks=["ta"]).xs(("m", "query_aware", 0.5), level=[0, 1, 2])
+    only_a = paper_table(summary, avg_tasks=["ta"]).xs(("m", "query_aware", 0.5, "4"), level=[0, 1, 2, 3])
     assert only_a.loc["snapkv", "Avg."] == 75.0 and only_a.loc["snapkv", "% of full"] == 75.0
-    std = paper_table(summary, value="std").xs(("m", "query_aware", 0.5), level=[0, 1, 2])
+    std = paper_table(summary, value="std").xs(("m", "query_aware", 0.5, "4"), level=[0, 1, 2, 3])
     assert std.loc["streamingllm", "ta"] == pytest.approx(17.6777, abs=1e-3)
     with pytest.raises(UsageError, match="not in the table"):
         paper_table(summary, tasks=["ta"], avg_tasks=["tb"])
@@ -166,7 +168,7 @@ def test_figures_have_labels_and_legends(root, summary) -> None:
     line = next(li for li in ax.get_lines() if li.get_label() == "snapkv")
     assert line.get_color() == method_color("snapkv") and list(line.get_ydata()) == [50.0, 75.0]
     p = pareto(summary, x="kv_bytes_kept")
-    assert "MiB" in p.axes[0].get_xlabel() and p.axes[0].get_legend() is not None
+    assert "MiB" in p.axes[0].get_xlabel() and p.legends  # beside the axes, never over a point
     heat = needle_heatmaps(load_results(root, samples=True), budget=0.5, task="ta")
     titles = [a.get_title() for a in heat.axes if a.get_title()]
     assert titles == ["fullkv (full cache): 100.0", "streamingllm: 37.5", "snapkv: 75.0"]
@@ -190,9 +192,9 @@ def test_write_report_files(root, tmp_path) -> None:
     assert all(p.stat().st_size > 0 for p in files.values())
     md = (tmp_path / "rep" / "table.md").read_text()
     lines = [" ".join(line.replace("|", " ").split()) for line in md.splitlines()]
-    assert "0.5 snapkv **75.0** **50.0** **62.5** **71.4**" in lines
-    assert "0.5 streamingllm 37.5 ± 17.7 12.5 ± 17.7 25.0 28.6" in lines
-    assert "0.2 streamingllm 0.0 - - -" in lines
+    assert "0.5 4 snapkv **75.0** **50.0** **62.5** **71.4**" in lines
+    assert "0.5 4 streamingllm 37.5 ± 17.7 12.5 ± 17.7 25.0 28.6" in lines
+    assert "0.2 4 streamingllm 0.0 - - -" in lines
     tex = (tmp_path / "rep" / "table.tex").read_text()
     assert "\\toprule" in tex and "\\textbf{75.0}" in tex and "\\% of full" in tex
     runs = pd.read_csv(tmp_path / "rep" / "runs.csv")
@@ -221,7 +223,7 @@ def test_bad_report_options_are_one_error_and_write_nothing(root, tmp_path, caps
 
     assert main([str(root), "--out", str(tmp_path / "bad"), *args]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    assert main([str(tmp_path / "empty_root")]) == 2 and "no finished runs" in capsys.readouterr().err
+    assert main([str(tmp_path / "empty_root")]) == 2 and "empty_root does not exist" in capsys.readouterr().err
 
 
 def test_per_question_rows_are_the_ones_the_metrics_count(tmp_path) -> None:
@@ -243,9 +245,9 @@ def test_several_protocols_and_budget_kinds_are_kept_apart(summary) -> None:
     tokens = summary[summary.budget == 0.5].assign(budget=128.0)
     both = pd.concat([summary, other, tokens], ignore_index=True)
     t = paper_table(both)
-    assert t.loc[("m", "query_agnostic", 0.5, "snapkv"), "ta"] == 37.5
-    assert t.loc[("m", "query_aware", 128.0, "snapkv"), "ta"] == 75.0
-    assert t.loc[("m", "query_agnostic", 0.5, "snapkv"), "% of full"] == pytest.approx(100 * 62.5 / 87.5)
+    assert t.loc[("m", "query_agnostic", 0.5, "4", "snapkv"), "ta"] == 37.5
+    assert t.loc[("m", "query_aware", 128.0, "4", "snapkv"), "ta"] == 75.0
+    assert t.loc[("m", "query_agnostic", 0.5, "4", "snapkv"), "% of full"] == pytest.approx(100 * 62.5 / 87.5)
     with pytest.raises(UsageError, match="several protocols"):
         budget_curves(both)
     with pytest.raises(UsageError, match="pass kind="):

@@ -211,14 +211,16 @@ class CachedNorm(Method):
 
 
 def grid_variants(model: torch.nn.Module) -> dict:
-    """Every evicting method that shares its prefill and runs on ``model`` (CompressKV has calibrations of the tiny
-    Llama only), each its own instance, at two budgets; and two instances of one memo-caching method with different
-    parameters."""
+    """Every evicting method with a KV-head cache that shares its prefill and runs on ``model`` (CompressKV has
+    calibrations of the tiny Llama only), each its own instance, at two budgets; and two instances of one
+    memo-caching method with different parameters. (One engine stores its layers one way: the query-head methods,
+    guikv, are forked on their own in tests/test_sweep.py.)"""
     variants = {}
     for name in PREFILL_METHODS:
         method, allocator = load_method(name)
         cfg = OmegaConf.create({"method": {"name": name}, "allocator": {"name": "a"}})
-        if layer_store(name) != "evict" or fallback_reason(cfg, method, allocator) is not None:
+        if (layer_store(name) != "evict" or method.cache != "kv_head"
+                or fallback_reason(cfg, method, allocator) is not None):
             continue
         with contextlib.suppress(UsageError):  # the runner's own check: a calibration for this model
             method.prepare(model)

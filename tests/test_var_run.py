@@ -70,3 +70,47 @@ def test_cli(tmp_path) -> None:
                           "task=var_class"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "agreement  tokens" in res.stdout and "both CFG streams" in res.stdout
+
+
+def run_dir_of(tmp_path: Path, method: str = "hack") -> Path:
+    return tmp_path / "var_class" / "kvbench-tiny-var" / method / "budget=0.3" / "seed=0"
+
+
+def test_the_run_directory_records_its_inputs_and_refuses_others(tmp_path) -> None:
+    """kvbench.results.RunStore: config hash, method input files and model identity in config.yaml; a finished
+    run of another calibration file or another config is refused naming what differs; overwrite=true reruns."""
+    import shutil
+
+    import yaml
+
+    from kvbench.results import ConfigMismatchError
+    from kvbench.var.load import ASSETS
+
+    cal = tmp_path / "cal.json"
+    shutil.copy(ASSETS / "kvbench-tiny-var" / "hack_calibration.json", cal)
+    args = ("method=hack", "budget=0.3", f"method.calibration={cal}", f"paths.results={tmp_path / 'r'}", *SMALL)
+    first = run(composed(*args))
+    stored = yaml.safe_load((run_dir_of(tmp_path / "r") / "config.yaml").read_text())
+    assert stored["inputs"]["hack_calibration"] == first["inputs"]["hack_calibration"]
+    assert stored["model"]["local"] and len(stored["config_hash"]) == 16
+    cal.write_text(cal.read_text().replace('"settings"', '"note": "recalibrated", "settings"'))
+    with pytest.raises(ConfigMismatchError, match="other input files .*hack_calibration"):
+        run(composed(*args))
+    with pytest.raises(ConfigMismatchError, match="differing keys: .*task.cfg"):
+        run(composed(*args, "task.cfg=2.0"))
+    again = run(composed(*args, "overwrite=true"))
+    assert again["inputs"]["hack_calibration"] != first["inputs"]["hack_calibration"]
+    assert run(composed(*args)) == again, "the rerun's inputs are now the recorded ones"
+
+
+def test_a_run_directory_held_by_another_process_is_refused(tmp_path) -> None:
+    from kvbench.results import RunDirBusyError, RunStore
+
+    holder = RunStore(run_dir_of(tmp_path, "fullkv"), {})
+    holder.lock()
+    try:
+        with pytest.raises(RunDirBusyError, match="another process"):
+            run(composed("method=fullkv", "budget=0.3", f"paths.results={tmp_path}", *SMALL))
+    finally:
+        holder.unlock()
+    assert not (run_dir_of(tmp_path, "fullkv") / "config.yaml").exists()

@@ -141,6 +141,9 @@ class Engine:
         self.layer_keep: list[int] | None = None  # probe eviction: tokens per KV head each layer keeps
         self.attention_mask: Tensor | None = None  # (n, n) bool for a fresh-cache forward instead of causal
         self._hidden: dict[int, Tensor] = {}
+        self._plan_queries: dict[int, list[Tensor]] = {}  # plans: queries of the tokens added since the last plan
+        self._prefill_ctx: dict[int, LayerContext] = {}  # own_prefill_attention: its context, reused by the plan
+        self.layer_stats: dict[int, dict[str, Any]] = {}  # per-layer scalars a plan method reported at prefill
         self._hooks: list[Any] = []
         self._saved_impl: Any = None
 
@@ -176,6 +179,7 @@ class Engine:
         self.compress_seconds = 0.0
         self.decode_budget = {}
         self._pending = {}
+        self._plan_queries, self._prefill_ctx, self.layer_stats = {}, {}, {}
 
     def snapshot(self) -> Any:
         """A point to ``rollback`` to; a full copy when decode-time eviction may evict tokens before it or the
@@ -199,6 +203,7 @@ class Engine:
 
     def rollback(self, snap: Any) -> None:
         self.store.rollback(snap)
+        self._plan_queries = {}  # tokens added after the snapshot are gone; earlier unplanned ones are planned HIGH
 
     @torch.inference_mode()
     def forward(self, ids: Tensor | list[int], compress: bool = False, decoding: bool = False) -> Tensor:
@@ -224,7 +229,7 @@ class Engine:
         start = self.store.next_position
         self._positions = torch.arange(start, start + n, device=self.device)
         self._step_end = start + n  # the logical length once the forward is done (no device sync to read it)
-        self._compress = compress and self.method.compresses
+        self._compress = compress and (self.method.compresses or self.method.plans)
         self._decoding = decoding
         self._pending = {}  # cross-layer allocation plans over the layers scored in this forward
         return self.adapter.position_ids(start, n, self.device)
@@ -282,8 +287,7 @@ class Engine:
         if i in self.windows:
             return self._attend_local(i, query, key, value, scale)
         if layer is None:
-            out = (causal_attention(query, key, value, scale, self.backend) if self.attention_mask is None
-                   else masked_attention(query, key, value, self.attention_mask, scale))
+            out = self._prefill_attention(module, query, key, value, scale)
             layer = self.layer_kind.build(key[0], value[0], self._positions)
             self.store.layers[i] = layer
         else:
@@ -292,6 +296,8 @@ class Engine:
         self.store.track_peak()
         if self._compress:
             self._compress_layer(module, query[0], layer, scale)
+        elif self.method.plans:
+            self._replan(module, query[0], layer, scale)
         elif self._decoding and self.method.decode_evict and i in self.decode_budget:
             self._evict_on_decode(module, query[0], layer, scale)
         return out
@@ -321,11 +327,56 @@ class Engine:
             layer.select(local.last_tokens(k.shape[1], window, layer.n_heads, layer.lens.device))
         return out
 
+    def _prefill_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, scale: float
+                           ) -> Tensor:
+        """A fresh layer's attention: dense causal (or ``attention_mask``), or the method's own when it declares
+        ``own_prefill_attention`` (its context is kept for the layer's plan). (1, Hq, q, d) x 3 -> (1, q, Hq, d)."""
+        if self.attention_mask is not None:
+            return masked_attention(query, key, value, self.attention_mask, scale)
+        if not (self._compress and self.method.own_prefill_attention):
+            return causal_attention(query, key, value, scale, self.backend)
+        ctx = self._plan_context(module, query[0], key[0], value[0], self._positions, scale)
+        self._prefill_ctx[module.layer_idx] = ctx
+        return self.method.prefill_attention(ctx, self.backend)[None]
+
+    def _plan_context(self, module: nn.Module, queries: Tensor, keys: Tensor, values: Tensor, positions: Tensor,
+                      scale: float) -> LayerContext:
+        return LayerContext(
+            layer_idx=module.layer_idx, n_layers=self.n_layers, module=module, queries=queries, keys=keys,
+            values=values, positions=positions, window=0, keep=tokens_per_head(self.budget, queries.shape[1]),
+            scaling=scale, hidden_states=self._hidden.get(module.layer_idx), spans=self.spans,
+        )
+
+    def _plan_layer(self, module: nn.Module, queries: Tensor, layer: Any, scale: float) -> None:
+        """plans: apply the method's plan for the layer's last q tokens (q = ``queries.shape[1]``)."""
+        t0 = sync_time(self.device)
+        ctx = self._prefill_ctx.pop(module.layer_idx, None)
+        if ctx is None:
+            view = layer_view(layer)
+            ctx = self._plan_context(module, queries, view.keys, view.values, view.positions, scale)
+        layer.apply_tail_plan(self.method.plan(ctx), *self.method.plan_bits())
+        if self._compress:
+            self.layer_stats[module.layer_idx] = dict(ctx.stats)
+        self.compress_seconds += sync_time(self.device) - t0
+
+    def _replan(self, module: nn.Module, query: Tensor, layer: Any, scale: float) -> None:
+        """plans: keep the queries of the tokens not planned yet; plan those tokens once ``replan_interval()`` came
+        (ZipVL's re-compression every 100 generated tokens). query (Hq, q, d)."""
+        every, i = self.method.replan_interval(), module.layer_idx
+        if every <= 0:
+            return
+        self._plan_queries.setdefault(i, []).append(query)  # at most ``every`` tokens' queries per layer
+        if sum(q.shape[1] for q in self._plan_queries[i]) >= every:
+            self._plan_layer(module, torch.cat(self._plan_queries.pop(i), dim=1), layer, scale)
+
     def _compress_layer(self, module: nn.Module, queries: Tensor, layer: LayerKV, scale: float) -> None:
-        """Score a (global) layer right after its attention and keep what the allocator grants.
+        """Score a (global) layer right after its attention and keep what the allocator grants (a plan method:
+        apply its plan, ``_plan_layer``).
 
         A ragged layer (per-head lengths from an earlier block) is scored through its left-padded view
         (``kvbench.engine.view``), so block-wise prefill works with every allocator through this one path."""
+        if self.method.plans:
+            return self._plan_layer(module, queries, layer, scale)
         keep = tokens_per_head(self.budget, int(self._positions[-1]) + 1)  # of all tokens seen, evicted or not
         window = min(self.method.window, keep, queries.shape[1])  # never more than this forward's queries
         default = default_decode_budget(self.budget, int(self._positions[-1]) + 1, self.method.window)

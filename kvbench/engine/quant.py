@@ -277,6 +277,23 @@ class QuantLayerKV:
                 todo = ((flat == code) & (side.bits == FULL)).nonzero().squeeze(1)
                 setattr(self, name, self._quantize(side, todo, bits, per_channel) if len(todo) else side)
 
+    def pending_tokens(self) -> int:
+        """Tokens per head not yet planned or flushed (the newest ones; every head appends the same tokens)."""
+        return int(self.k.pending.sum()) // max(self.n_heads, 1)
+
+    def apply_tail_plan(self, tail: Tensor, bits_high: int, bits_low: int) -> None:
+        """``apply_plan`` for the last m entries of every head, tail (H, m) codes; every earlier entry keeps the
+        representation it has (planned ``HIGH`` when it is at ``bits_high`` or still in full precision, ``LOW``
+        when at ``bits_low``): the re-plan of the newest tokens while generating (ZipVL)."""
+        h, m = tail.shape
+        bits = self.k.bits
+        plan = torch.where(bits == bits_low, LOW, HIGH).to(torch.int8)
+        plan[bits == bits_high] = HIGH
+        ends = cu_from_lens(self.lens)[1:]  # (H,) one past each head's last row
+        rows = (ends[:, None] - m + torch.arange(m, device=ends.device)[None, :]).reshape(-1)  # (H * m,)
+        plan[rows] = tail.reshape(-1).to(torch.int8).to(plan.device)
+        self.apply_plan(plan, bits_high, bits_low)
+
     def _check_plan(self, plan: Tensor) -> Tensor:
         flat = plan.reshape(-1) if plan.dim() == 2 else plan
         if plan.dim() == 2 and (not self.uniform or tuple(plan.shape) != (self.n_heads, int(self.lens[0]))):
@@ -330,10 +347,21 @@ LAYER_STORES = ("evict", "quantized")
 
 def layer_kind(method: Method, allocator: Allocator, budget: float) -> LayerKind:
     """The layer kind of ``method.layer_store``, after checking that method, allocator and budget go together."""
+    if method.own_prefill_attention and not method.plans:
+        raise UsageError(f"{type(method).__name__} sets own_prefill_attention, which the engine runs for plan methods "
+                         "only (plans = True)")
+    if method.layer_store == "evict" and method.plans:
+        raise UsageError(f"{type(method).__name__} sets plans (per-token precisions): it needs layer_store='quantized'")
     if method.layer_store == "evict":
         return LayerKind("evict", LayerKV.from_dense, _attend_evicting, LayerKV.nbytes)
     if method.layer_store != "quantized":
         raise UsageError(f"{type(method).__name__}.layer_store={method.layer_store!r}; use one of {LAYER_STORES}")
+    if method.plans and allocator.name != "uniform":
+        raise UsageError(f"method={method.name} decides per token how many it keeps (its plan), so "
+                         f"allocator={allocator.name} would be ignored; drop the allocator override")
+    if method.plans and method.quant_spec().residual is not None:
+        raise UsageError(f"{type(method).__name__} plans its tokens: its QuantSpec needs residual=None (nothing "
+                         "flushed behind the plan's back)")
     if not method.compresses and budget != 1.0:
         raise UsageError(
             f"method={method.name} quantises every token and evicts none: its memory is set by its bit widths, "

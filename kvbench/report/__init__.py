@@ -10,27 +10,32 @@ The public API used by notebooks and ``python -m kvbench.report``::
     write_report(root)                                        # everything above as CSV/Markdown/LaTeX, PNG/PDF
 """
 
-from kvbench.report.build import errors, write_report
-from kvbench.report.plots import (
-    RESOURCES,
-    budget_curves,
-    budget_kind,
-    needle_heatmaps,
-    needle_rows,
-    pareto,
-    pareto_front,
-    save,
-)
-from kvbench.report.stats import N_RESAMPLES, bootstrap_ci, run_intervals
-from kvbench.report.status import scan as run_status
-from kvbench.report.style import METHOD_ORDER, method_color, method_order
-from kvbench.report.tables import add_labels, paper_table, relative_to_full, summarize, to_latex, to_markdown
-from kvbench.results import load_results
+from __future__ import annotations
 
-__all__ = [
-    "METHOD_ORDER", "N_RESAMPLES", "RESOURCES", "add_labels", "bootstrap_ci", "budget_curves", "budget_kind",
-    "errors", "load_results", "method_color", "method_order", "needle_heatmaps", "needle_rows", "paper_table",
-    "pareto", "pareto_front",
-    "relative_to_full", "run_intervals", "run_status", "save", "summarize", "to_latex", "to_markdown",
-    "write_report",
-]  # fmt: skip
+from importlib import import_module
+from typing import Any
+
+#: public name -> the module that defines it; imported on first use, so that ``python -m kvbench.report --help``
+#: and its usage errors answer without loading pandas, matplotlib and scipy
+_EXPORTS = {
+    "errors": "build", "write_report": "build",
+    "RESOURCES": "plots", "budget_curves": "plots", "budget_kind": "plots", "needle_heatmaps": "plots",
+    "needle_rows": "plots", "pareto": "plots", "pareto_front": "plots", "save": "plots",
+    "N_RESAMPLES": "stats", "bootstrap_ci": "stats", "run_intervals": "stats",
+    "run_status": "status",
+    "METHOD_ORDER": "style", "method_color": "style", "method_order": "style",
+    "add_labels": "tables", "paper_table": "tables", "relative_to_full": "tables", "summarize": "tables",
+    "to_latex": "tables", "to_markdown": "tables",
+}  # fmt: skip
+_RENAMED = {"run_status": "scan"}
+__all__ = sorted([*_EXPORTS, "load_results"])
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load_results":
+        from kvbench.results import load_results
+
+        return load_results
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"kvbench.report.{_EXPORTS[name]}"), _RENAMED.get(name, name))

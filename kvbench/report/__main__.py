@@ -27,7 +27,8 @@ def _report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kvbench.report",
                                 description="Tables (CSV/Markdown/LaTeX) and figures (PNG/PDF) of a results root. "
                                             "`python -m kvbench.report status <root>` lists run states.")
-    p.add_argument("root", help="results root (paths.results)")
+    p.add_argument("root", nargs="?", default=None,
+                   help="results root (default: paths.results, i.e. $KVBENCH_RESULTS or results)")
     p.add_argument("--out", help="output directory (default <root>/report)")
     p.add_argument("--tasks", help="comma-separated tasks of the table (default: all)")
     p.add_argument("--avg-tasks", help="comma-separated tasks of the Avg. column (default: the table's tasks)")
@@ -46,7 +47,8 @@ def _status_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kvbench.report status",
                                 description="Finished, partial, failed, started and (with --sweep) pending runs. "
                                             "Exit status 1 when a run failed.")
-    p.add_argument("root", help="results root (paths.results)")
+    p.add_argument("root", nargs="?", default=None,
+                   help="results root (default: paths.results, i.e. $KVBENCH_RESULTS or results)")
     p.add_argument("--sweep", help="a Hydra multirun directory (holding multirun.yaml): list every job of its grid")
     p.add_argument("--all", action="store_true", help="also list the finished runs")
     return p
@@ -71,15 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *args, **kwargs: f"kvbench.report: warning: {message}\n"
     try:
         if argv and argv[0] == "status":
+            args = _status_parser().parse_args(argv[1:])  # before the imports: --help and bad options answer at once
             from kvbench.report.status import main as status
 
-            args = _status_parser().parse_args(argv[1:])
             return status(args.root, args.sweep, args.all)
+        args = _report_parser().parse_args(argv)
+        budgets = _budgets(args.budgets)
+        from kvbench.results import existing_root
+
+        existing_root(args.root)  # a mistyped root answers before matplotlib loads
         from kvbench.report.build import write_report
         from kvbench.report.stats import N_RESAMPLES
 
-        args = _report_parser().parse_args(argv)
-        budgets = _budgets(args.budgets)
         files = write_report(args.root, args.out, _list(args.tasks), _list(args.avg_tasks), budgets,
                              _list(args.formats) or ["png"], args.reference, args.resamples or N_RESAMPLES,
                              args.seed, wandb_logger(args.wandb_project, args.wandb_mode) if args.wandb else None)

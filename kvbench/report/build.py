@@ -32,7 +32,7 @@ from kvbench.report.tables import (
     to_markdown,
     write_table,
 )
-from kvbench.results import load_results
+from kvbench.results import finished_runs, load_results, results_root
 
 SAMPLE_VIEW = ["task", "model", "protocol", "label", "budget", "seed", "id", "prediction", "references",
                "main_score", "reference_score"]
@@ -66,11 +66,12 @@ def _stem(*parts: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "-", "_".join(str(p) for p in parts))
 
 
-def write_report(root: str | Path, out: str | Path | None = None, tasks: Sequence[str] | None = None,
+def write_report(root: str | Path | None = None, out: str | Path | None = None, tasks: Sequence[str] | None = None,
                  avg_tasks: Sequence[str] | None = None, budgets: Sequence[float] | None = None,
                  formats: Sequence[str] = ("png", "pdf"), reference: str = REFERENCE,
                  n_resamples: int = N_RESAMPLES, seed: int = SEED, logger: Any = None) -> dict[str, Path]:
-    """Write the report of ``root`` into ``out`` (default ``<root>/report``); returns the files by name.
+    """Write the report of ``root`` (default :func:`kvbench.results.results_root`: ``$KVBENCH_RESULTS`` or
+    ``results``) into ``out`` (default ``<root>/report``); returns the files by name.
 
     Files: ``table.{csv,md,tex}`` (paper table), ``summary.csv`` (one row per configuration with CI and % of full
     cache), ``runs.csv`` (one row per run with its bootstrap CI), figures ``curves_*``, ``pareto_memory_*``,
@@ -78,10 +79,12 @@ def write_report(root: str | Path, out: str | Path | None = None, tasks: Sequenc
     ``logger`` (a :class:`kvbench.loggers.WandbLogger`) also receives the tables and PNG figures.
     """
     check_formats(formats)
-    out = Path(out) if out else Path(root) / "report"
-    runs = load_results(root)
-    if runs.empty:
-        raise UsageError(f"no finished runs under {root} (see `python -m kvbench.report status {root}`)")
+    given, root = root, results_root(root)
+    out = Path(out) if out else root / "report"
+    try:
+        runs = finished_runs(given)
+    except UsageError as err:
+        raise UsageError(f"{err}: nothing to report (see `python -m kvbench.report status {root}`)") from None
     samples = load_results(root, samples=True)
     summary = relative_to_full(summarize(runs, samples, n_resamples, seed), reference)
     table = paper_table(summary, tasks, avg_tasks, budgets, reference)  # bad tasks/budgets fail before any write
@@ -95,9 +98,9 @@ def write_report(root: str | Path, out: str | Path | None = None, tasks: Sequenc
     per_run.to_csv(out / "runs.csv", index=False)
     files.update({"summary": out / "summary.csv", "runs": out / "runs.csv"})
     files.update({f"table.{k}": p for k, p in write_table(table, out, "table", std, reference=reference).items()})
-    figures = _figures(summary, samples, out, tasks, formats, reference)
+    figures, skipped = _figures(summary, samples, out, tasks, formats, reference)
     files.update(figures)
-    _index(out, table, std, figures, reference)
+    _index(out, table, std, figures, skipped, reference)
     files["index"] = out / "index.md"
     if logger is not None:
         from kvbench.loggers import _safely
@@ -109,14 +112,17 @@ def write_report(root: str | Path, out: str | Path | None = None, tasks: Sequenc
 
 
 def _figures(summary: pd.DataFrame, samples: pd.DataFrame, out: Path, tasks: Sequence[str] | None,
-             formats: Sequence[str], reference: str) -> dict[str, Path]:
+             formats: Sequence[str], reference: str) -> tuple[dict[str, Path], dict[str, str]]:
+    """Every figure of the report (files by name) and the figures skipped, with why (a warning each)."""
     files: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
 
     def emit(fig_fn: Any, stem: str, *args: Any, **kwargs: Any) -> None:
         try:
             fig = fig_fn(*args, **kwargs)
-        except UsageError as err:  # e.g. a configuration missing a task: skip that figure, say why
-            warnings.warn(f"{stem}: {err}", stacklevel=2)
+        except UsageError as err:  # a figure that would be empty (no method ran every task, ...): skip, say why
+            skipped[stem] = str(err)
+            warnings.warn(f"{stem}: skipped: {err}", stacklevel=2)
             return
         for path in save(fig, out, stem, formats):
             files[path.name] = path
@@ -135,14 +141,21 @@ def _figures(summary: pd.DataFrame, samples: pd.DataFrame, out: Path, tasks: Seq
             for b in sorted(grp.loc[grp["method"] != reference, "budget"].unique()):
                 emit(needle_heatmaps, _stem("needle", task, model, protocol, f"budget={format_budget(b)}"), grp,
                      budget=b, reference=reference)
-    return files
+    return files, skipped
 
 
-def _index(out: Path, table: pd.DataFrame, std: pd.DataFrame | None, figures: dict[str, Path], reference: str
-           ) -> None:
+def _index(out: Path, table: pd.DataFrame, std: pd.DataFrame | None, figures: dict[str, Path],
+           skipped: dict[str, str], reference: str) -> None:
     pngs = sorted(p.name for p in figures.values() if p.suffix == ".png")
-    text = ["# kvbench report", "", "Scores are the task's main metric (0-100); `Avg.` is the mean over the table's",
-            f"tasks; `% of full` = Avg. / Avg. of `{reference}` x 100. Best compressed value per budget in bold.", "",
+    text = ["# kvbench report", "",
+            "Scores are the task's main metric (0-100); `n` is the number of questions per run of each task (one",
+            "number when the tasks agree, else one per task). Rows run on other questions (another `limit`) are a",
+            "separate block with the reference run on the same questions; `Avg.` is the mean over the table's tasks;",
+            f"`% of full` = Avg. / Avg. of `{reference}` in the same block x 100. The best compressed value of a",
+            "block is bold where the block has two or more different values.", "",
             to_markdown(table, std, reference=reference), "## Figures", ""]
-    text += [f"![{name}]({name})" for name in pngs]
+    text += [f"![{name}]({name})" for name in pngs] or ["(none)"]
+    if skipped:
+        text += ["", "## Figures not drawn", ""]
+        text += [f"* `{stem}`: {why}" for stem, why in sorted(skipped.items())]
     (out / "index.md").write_text("\n".join(text) + "\n")

@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 from kvbench.errors import UsageError
-from kvbench.results import ASIDE, ERROR_FILE, LOCK_FILE, RunStore, read_config
+from kvbench.results import ASIDE, ERROR_FILE, LOCK_FILE, RunStore, existing_root, read_config, root_text
 from kvbench.runfiles import CorruptRunError, read_json, read_predictions
 
 STATES = ("finished", "running", "partial", "failed", "started", "corrupt", "pending")
@@ -81,11 +81,9 @@ def _is_run_config(path: Path) -> bool:
         return False
 
 
-def scan(root: str | Path, sweep: str | Path | None = None) -> pd.DataFrame:
+def scan(root: str | Path | None = None, sweep: str | Path | None = None) -> pd.DataFrame:
     """One row per run directory under ``root`` (columns :data:`COLUMNS`); with ``sweep``, one per sweep job."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UsageError(f"results root {root} does not exist")
+    root = existing_root(root)
     rows = {}
     for cfg in sorted(root.rglob("config.yaml")):
         if _is_run_config(cfg):
@@ -183,8 +181,11 @@ def format_status(df: pd.DataFrame, show_all: bool = False) -> str:
     return f"{head}\n\n{body}\n"
 
 
-def main(root: str, sweep: str | None = None, show_all: bool = False) -> int:
+def main(root: str | None = None, sweep: str | None = None, show_all: bool = False) -> int:
     """Print the status; the exit status is 1 when a run failed or is corrupt, else 0."""
     df = scan(root, sweep)
+    if df.empty:
+        print(f"no runs under {root_text(root)} (no run directory with a config.yaml)")
+        return 0
     print(format_status(df, show_all), end="")
     return int(df["state"].isin(["failed", "corrupt"]).any())

@@ -15,6 +15,8 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from kvbench.results import results_root  # noqa: E402
+
 
 def cdf(ax: Any, values: list[float], label: str) -> None:
     v = np.sort(np.asarray(values, dtype=float))
@@ -225,7 +227,7 @@ def kv_figure(df: pd.DataFrame, path: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    root = Path(argv[0] if argv else "results")
+    root = results_root(argv[0] if argv else None)  # KVBENCH_RESULTS / paths.results, as every reader
     df = load_serve(root / "serve" if (root / "serve").exists() else root)
     if df.empty:
         print(f"no kvbench.serve runs under {root}")

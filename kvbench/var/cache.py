@@ -5,8 +5,9 @@ doubled batch) times H heads; row ``s * H + h`` is head h of stream s. Both stre
 bytes. Each scale step appends the scale's pn^2 keys/values to every row (positions = the tokens' index in VAR's
 flattened sequence of L = sum pn^2 tokens), then the scale's queries attend over every cached entry of their row:
 block-causal across scales, bidirectional within one, no mask (VAR's ``attn_bias=None`` inference). Rows may hold
-different numbers of tokens after a compression (per-head budgets); attention then pads each row's keys and masks
-the padding, which is exact.
+different numbers of tokens after a compression (per-head budgets); attention then pads each row's keys and
+masks the padding, which is exact. Infinity's keys arrive post-RoPE (its cache holds rotated keys); its text
+cross-attention K/V are the condition, counted in ``condition_bytes``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class VarKVCache:
     attention_s: float = 0.0
     records: list[StepRecord] = field(default_factory=list)
     synchronize: bool = False  # cuda: synchronise around attention so that attention_s is device time
+    condition_bytes: int = 0  # cross-attention K/V of a text condition (Infinity), both streams: computed once,
+    # held for the whole generation and never compressed; counted apart from the cache's bytes
 
     def __post_init__(self) -> None:
         self.layers = [None] * self.n_blocks

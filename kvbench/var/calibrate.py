@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from kvbench.var.bundle import Bundle, VarBundle
 from kvbench.var.compress import ScaleContext, VarMethod
-from kvbench.var.generate import generate
 from kvbench.var.hack import VERSION, head_statistic, labels_from
 from kvbench.var.model import VAR
 from kvbench.var.quant import VQVAE
@@ -41,7 +41,7 @@ class VarianceProbe(VarMethod):
         return torch.stack([torch.stack(self.rows[b]).mean(0) for b in sorted(self.rows)])
 
 
-def weights_digest(var: VAR) -> str:
+def weights_digest(var: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(var.state_dict().items()):
         h.update(k.encode())
@@ -51,17 +51,23 @@ def weights_digest(var: VAR) -> str:
 
 def calibrate(var: VAR, vae: VQVAE, classes: list[int], seeds: list[int], min_step: int,
               sampling: dict[str, Any], probe: VarianceProbe | None = None) -> Tensor:
-    """(blocks, H) statistics averaged over classes x seeds (one image per pair, batch of all classes per seed)."""
-    if not 0 <= min_step < len(var.cfg.patch_nums):
-        raise ValueError(f"min_step must be in [0, {len(var.cfg.patch_nums)})")
+    """(blocks, H) statistics of a VAR model averaged over classes x seeds (batch of all classes per seed)."""
+    return calibrate_bundle(VarBundle(var, vae), classes, seeds, min_step, sampling, probe)
+
+
+def calibrate_bundle(bundle: Bundle, conditions: list[Any], seeds: list[int], min_step: int,
+                     sampling: dict[str, Any], probe: VarianceProbe | None = None) -> Tensor:
+    """(blocks, H) statistics averaged over conditions (classes or prompts) x seeds, one batch per seed."""
+    n_scales = len(bundle.shape[2])
+    if not 0 <= min_step < n_scales:
+        raise ValueError(f"min_step must be in [0, {n_scales})")
     probe = probe or VarianceProbe(min_step)
-    labels = torch.tensor(classes, device=next(var.parameters()).device)
     for seed in seeds:
-        generate(var, vae, labels, seed=seed, method=probe, budget=1.0, decode=False, **sampling)
+        bundle.sample(list(conditions), seed, method=probe, budget=1.0, decode=False, **sampling)
     return probe.statistic()
 
 
-def record(model: str, var: VAR, statistic: Tensor, settings: dict[str, Any]) -> dict[str, Any]:
+def record(model: str, var: nn.Module, statistic: Tensor, settings: dict[str, Any]) -> dict[str, Any]:
     labels = labels_from(statistic, "gap")
     return {"method": "hack", "version": VERSION, "model": model, "weights_sha256": weights_digest(var),
             "statistic": [[round(float(x), 6) for x in row] for row in statistic],

@@ -57,6 +57,7 @@ class Generation:
     image: Tensor | None
     cache: VarKVCache
     logits: list[Tensor] = field(default_factory=list)  # per scale, the guided logits (B, pn^2, V) (if kept)
+    token_bits: int = 0  # bitwise tokens (Infinity): the d bits of each integer label; 0 for codebook indices
 
 
 def start_tokens(var: VAR, labels: Tensor) -> tuple[Tensor, Tensor]:

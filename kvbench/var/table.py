@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from kvbench.results import results_root
+
 
 def load(root: Path, task: str, model: str) -> pd.DataFrame:
     rows = []
@@ -19,6 +21,7 @@ def load(root: Path, task: str, model: str) -> pd.DataFrame:
         rows.append({"method": m["run"]["method"], "budget": m["run"]["budget"], "seed": m["run"]["seed"],
                      "tokens %": 100 * m["score"]["token_agreement"],
                      "last scale %": 100 * m["token_agreement_by_scale"][-1],
+                     **({"bits %": 100 * m["bit_agreement"]} if "bit_agreement" in m else {}),
                      "PSNR dB": m["score"]["psnr"], "SSIM": m["score"]["ssim"],
                      "peak KV %": 100 * m["peak_kv_bytes"] / m["full_peak_kv_bytes"],
                      "final KV %": 100 * m["final_kv_bytes"] / m["full_final_kv_bytes"],
@@ -35,11 +38,11 @@ def table(df: pd.DataFrame) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("results", nargs="?", type=Path, default=Path("results"))
+    ap.add_argument("results", nargs="?", type=Path, default=None, help="results root (default: paths.results)")
     ap.add_argument("--task", default="var_class")
     ap.add_argument("--model", default="kvbench-tiny-var")
     args = ap.parse_args()
-    print(table(load(args.results, args.task, args.model)))
+    print(table(load(results_root(args.results), args.task, args.model)))
 
 
 if __name__ == "__main__":
