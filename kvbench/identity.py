@@ -26,7 +26,18 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 
 def digest(obj: Any) -> str:
     """sha256 (16 hex chars) of an object's canonical JSON."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_canonical, ensure_ascii=False).encode()
+                          ).hexdigest()[:16]
+
+
+def _canonical(obj: Any) -> Any:
+    """A JSON stand-in for a non-JSON value: an in-memory image by its pixels (its ``repr`` holds a memory address,
+    different in every process), anything else by ``str``."""
+    from PIL import Image
+
+    if isinstance(obj, Image.Image):
+        return {"image_sha256": hashlib.sha256(obj.tobytes()).hexdigest(), "size": obj.size, "mode": obj.mode}
+    return str(obj)
 
 
 def sample_digest(sample: Any) -> str:

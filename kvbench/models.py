@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from kvbench import gguf
@@ -121,6 +127,23 @@ def load_tokenizer(spec: Any) -> PreTrainedTokenizerBase:
         raise _load_error(spec, source, kwargs, err) from err
 
 
+def load_vision_processors(spec: Any, with_processor: bool) -> tuple[Any, Any, str]:
+    """A vision-language model's image processor (the PIL variant without torchvision), with ``with_processor``
+    its transformers processor (LLaVA-style models; Qwen-VL placeholders kvbench expands itself), and the resolved
+    source."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    source, kwargs = _source(spec)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+        processor = AutoProcessor.from_pretrained(source, **kwargs) if with_processor else None
+    except Exception as err:
+        if not _translated(err, source):
+            raise
+        raise _load_error(spec, source, kwargs, err) from err
+    return image_processor, processor, source
+
+
 def load_model(spec: Any, device: torch.device, tokenizer: PreTrainedTokenizerBase | None = None
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a ``conf/model/*.yaml`` node (pretrained, revision, dtype, ...)."""
@@ -133,8 +156,8 @@ def load_model(spec: Any, device: torch.device, tokenizer: PreTrainedTokenizerBa
     try:
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(source, **kwargs)
         # the engine replaces the attention function; "sdpa" only decides what transformers builds at load time
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[spec.dtype], attn_implementation="sdpa",
-                                                     **kwargs)
+        auto = AutoModelForImageTextToText if spec.get("family", "text") == "vl" else AutoModelForCausalLM
+        model = auto.from_pretrained(source, dtype=DTYPES[spec.dtype], attn_implementation="sdpa", **kwargs)
     except Exception as err:
         if not _translated(err, source):
             raise

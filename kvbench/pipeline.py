@@ -20,9 +20,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kvbench.engine.engine import Engine, sync_time
+from kvbench.engine.vl import Prompt
+from kvbench.errors import UsageError
 from kvbench.metrics import score_prediction
 from kvbench.prompt import encode_joint, postprocess_text
-from kvbench.tasks.base import Question, Sample
+from kvbench.tasks.base import IMAGE, VIDEO, Question, Sample
 
 SPLIT = "\u241eKVBENCH-SPLIT\u241e"
 BULKY_META = ("turns",)  # per-context structures (a conversation's turns) not copied into every question's record
@@ -45,6 +47,8 @@ class RunOptions:
             ``first_line``). eos_ids: extra end-of-sequence ids (the model's generation_config).
         eos_strings: strings whose token (the last of ``encode(s)``, LongBench's samsum "\n") also ends decoding.
         min_new_tokens: end-of-sequence ids are suppressed for this many first tokens (HF ``min_length``).
+        vision: a vision-language model's prompt encoder (``kvbench.multimodal.VisionEncoder``), or None for a
+            text model. Its prompts carry their images / frames (:func:`vision_prompt`).
     """
 
     protocol: str
@@ -62,6 +66,7 @@ class RunOptions:
     eos_ids: list[int] = field(default_factory=list)
     eos_strings: list[str] = field(default_factory=list)
     min_new_tokens: int = 0
+    vision: Any = None
 
 
 def encode(tok: PreTrainedTokenizerBase, context: str, question: str, chat: bool, max_length: int | None,
@@ -157,7 +162,12 @@ def timed_prefill(engine: Engine, ids: list[int], spans: dict[str, tuple[int, in
                   ) -> tuple[torch.Tensor, float]:
     """Fresh cache, compressed prefill; the last logits and the seconds it took (compression included)."""
     engine.reset()
-    engine.spans = spans
+    engine.spans = {**spans, **ids.spans} if isinstance(ids, Prompt) else spans
+    if isinstance(ids, Prompt):  # a vision-language prompt: its pixel inputs go with its (one) prefill forward
+        if chunk and chunk < len(ids):
+            raise UsageError("prefill_chunk cannot cut a prompt with images or video frames into blocks (the model "
+                             "merges their features into one forward); run without prefill_chunk")
+        engine.vision = ids.vision
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     t0 = sync_time(engine.device)
@@ -205,15 +215,80 @@ def query_aware(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, to
 def question_prompt(tok: PreTrainedTokenizerBase, sample: Sample, q: Question, opts: RunOptions
                     ) -> tuple[list[int], dict[str, tuple[int, int]], dict[str, int]]:
     """Query-aware prompt of one question: token ids, spans, and the token counts recorded with it."""
-    ctx, q_ids = encode_question(tok, sample.context, q, opts)
+    if opts.vision is not None:
+        ctx, q_ids = vision_prompt(tok, sample, q, opts)
+    else:
+        check_text_only(sample)
+        ctx, q_ids = encode_question(tok, sample.context, q, opts)
     spans = {"context": (0, len(ctx)), "question": (len(ctx), len(ctx) + len(q_ids))}
-    return ctx + q_ids, spans, {"context_tokens": len(ctx), "question_tokens": len(q_ids)}
+    ids = Prompt(ctx + q_ids, ctx.vision, ctx.spans) if isinstance(ctx, Prompt) else ctx + q_ids
+    return ids, spans, {"context_tokens": len(ctx), "question_tokens": len(q_ids)}
 
 
 def context_prompt(tok: PreTrainedTokenizerBase, sample: Sample, opts: RunOptions) -> list[int]:
     """Query-agnostic context ids, encoded with the sample's first question (truncation leaves room for it), so a
     resumed run compresses exactly the context an uninterrupted one did."""
+    if opts.vision is not None:
+        return vision_prompt(tok, sample, sample.questions[0], opts)[0]
+    check_text_only(sample)
     return encode_question(tok, sample.context, sample.questions[0], opts)[0]
+
+
+def question_ids(tok: PreTrainedTokenizerBase, sample: Sample, q: Question, opts: RunOptions) -> list[int]:
+    """The ids of a question appended over the sample's (compressed) context."""
+    if opts.vision is not None:
+        return tok(vision_texts(tok, sample, q, opts)[1], add_special_tokens=False).input_ids
+    return encode_question(tok, sample.context, q, opts)[1]
+
+
+def check_text_only(sample: Sample) -> None:
+    """A text model's prompt never drops a sample's images silently."""
+    if sample.images or len(sample.frames):
+        raise UsageError(f"sample {sample.id} has images or video frames, which a text model cannot see; use a "
+                         "vision-language model (family: vl)")
+
+
+def chat_turns(sample: Sample, question: str) -> list[dict[str, Any]]:
+    """The sample's chat turns with string contents (images as :data:`~kvbench.tasks.base.IMAGE` placeholders), the
+    question text after the last user turn's content."""
+    turns = sample.messages or [{"role": "user", "content": sample.context}]
+    out = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "".join(
+        IMAGE if c["type"] == "image" else c.get("text", "") for c in m["content"])} for m in turns]
+    last = max(i for i, m in enumerate(out) if m["role"] == "user")
+    out[last] = {**out[last], "content": out[last]["content"] + question}
+    return out
+
+
+def vision_texts(tok: PreTrainedTokenizerBase, sample: Sample, q: Question, opts: RunOptions) -> tuple[str, str]:
+    """A vision-language prompt's context and question texts: with ``chat`` the tokenizer's chat template over
+    the sample's turns, split at the question (kvpress's approach, as :func:`encode`); else context and question.
+    The question (and the template's suffix, then ``answer_prefix``) is text only."""
+    if opts.chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(chat_turns(sample, SPLIT + q.text), tokenize=False,
+                                       add_generation_prompt=True, **opts.chat_kwargs)
+        prefix, suffix = text.split(SPLIT)
+        return prefix, suffix + q.answer_prefix
+    return sample.context, q.text + q.answer_prefix
+
+
+def vision_prompt(tok: PreTrainedTokenizerBase, sample: Sample, q: Question, opts: RunOptions
+                  ) -> tuple[Prompt, list[int]]:
+    """The context as a :class:`Prompt` (ids, pixel inputs, image / frame spans) and the question's ids. A prompt
+    longer than ``max_length`` is refused: it cannot be cut in the middle of an image; context and question are
+    tokenized separately (``tokenize: joint`` is refused)."""
+    if opts.tokenize != "separate":
+        raise UsageError(f"task.tokenize={opts.tokenize} is not supported for vision-language prompts (their images "
+                         "are expanded in the context); use tokenize: separate")
+    prefix, suffix = vision_texts(tok, sample, q, opts)
+    if IMAGE in suffix or VIDEO in suffix:
+        raise UsageError(f"sample {sample.id}: images go in the context, not in question {q.id}'s text")
+    ctx = opts.vision.encode(tok, prefix, sample.images, sample.frames)
+    q_ids = tok(suffix, add_special_tokens=False).input_ids
+    if opts.max_length and len(ctx) + len(q_ids) > opts.max_length:
+        raise UsageError(f"sample {sample.id}: the prompt has {len(ctx) + len(q_ids)} tokens with its images, more "
+                         f"than model.max_length={opts.max_length}; an image cannot be cut, so raise max_length or "
+                         "use fewer or smaller images / frames")
+    return ctx, q_ids
 
 
 def query_agnostic(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, todo: list[Question],
@@ -234,7 +309,7 @@ def ask_questions(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, 
     for q in todo:
         engine.rollback(snap)
         engine.store.reset_peak()
-        _, q_ids = encode_question(tok, sample.context, q, opts)
+        q_ids = question_ids(tok, sample, q, opts)
         t0 = sync_time(engine.device)
         q_logits = engine.forward(q_ids)
         extra = {"question_s": sync_time(engine.device) - t0, "question_tokens": len(q_ids),

@@ -48,13 +48,15 @@ from kvbench import protocols
 from kvbench.budget import Allocator, compression_ratio
 from kvbench.compat import ENGINE_DEFAULT, ModelCapabilities, check_compatible
 from kvbench.engine import Engine
+from kvbench.engine.adapters import adapter_for
 from kvbench.engine.engine import check_model
 from kvbench.errors import UsageError
 from kvbench.gguf import PREFIX as GGUF_PREFIX
 from kvbench.identity import data_identity, model_identity
 from kvbench.loggers import log_run
 from kvbench.method import Method
-from kvbench.models import load_model, load_tokenizer, pick_device, resolve_source
+from kvbench.models import load_model, load_tokenizer, load_vision_processors, pick_device, resolve_source
+from kvbench.multimodal import VisionEncoder, vision_encoder
 from kvbench.pipeline import RunOptions
 from kvbench.results import ConfigMismatchError, CorruptRunError, RunDirBusyError, RunStore
 from kvbench.schema import SIZE_KEYS, TIMING_KEYS
@@ -200,15 +202,17 @@ def prepare(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT,
     files; nothing is claimed and no model weights are loaded."""
     built = {name: build_method(one, model_caps) for name, one in (methods or {cfg.method.name: cfg}).items()}
     method, allocator = next(iter(built.values()))
+    family = cfg.model.get("family", "text")
     gguf_sha = cfg.model.gguf.sha256 if str(cfg.model.pretrained).startswith(GGUF_PREFIX) else None
     source = None if gguf_sha else resolve_source(str(cfg.model.pretrained))  # a missing local path fails here
-    if cfg.model.get("family", "text") != "text":
-        raise UsageError(f"model={cfg.model.name} is a {cfg.model.family!r} model; the engine's vision-language "
-                         "inputs (images and frames through the model adapter, 3-D M-RoPE positions) are not wired "
-                         "yet, so it cannot run here (the VLM tasks' scorers and kvbench-tiny-vl are in place)")
+    if family not in ("text", "vl"):
+        raise UsageError(f"model={cfg.model.name} is a {family!r} model, which this runner does not run")
+    if family == "vl" and cfg.get("prefill_chunk"):
+        raise UsageError(f"prefill_chunk cannot cut the prompts of the vision-language model {cfg.model.name} into "
+                         "blocks (the model merges its image features in one forward); run without prefill_chunk")
     tok = load_tokenizer(cfg.model) if needs_tokenizer(cfg.task) else None  # tasks built in the model's tokens
     samples = load_samples(cfg.task, cfg.limit, tokenizer=tok)
-    if any(s.images or s.frames for s in samples):
+    if family != "vl" and any(s.images or len(s.frames) for s in samples):
         raise UsageError(f"task={cfg.task.name} gives images or video frames, which the text model "
                          f"{cfg.model.name} cannot see (they would be dropped silently); use a vision-language model")
     return Setup(method, allocator, samples, tok, data_identity(samples),
@@ -220,9 +224,9 @@ def build_method(cfg: DictConfig, model_caps: ModelCapabilities = ENGINE_DEFAULT
     """``cfg``'s method and allocator, built and checked together with its protocol, ``prefill_chunk`` and the
     model's capabilities."""
     method, allocator = build(cfg.method, "method"), build(cfg.allocator, "allocator")
-    if method.family != "text":
-        raise UsageError(f"method={cfg.method.name} runs on {method.family} models (e.g. model=kvbench-tiny-var), "
-                         f"not on {cfg.model.name}")
+    if method.family not in ("text", cfg.model.get("family", "text")):  # text methods also run on a VLM's decoder
+        raise UsageError(f"method={cfg.method.name} runs on {method.family} models (e.g. model=kvbench-tiny-"
+                         f"{'vl' if method.family == 'vl' else 'var'}), not on {cfg.model.name}")
     check_compatible(method, allocator, str(cfg.protocol), cfg.get("prefill_chunk"), model_caps)
     return method, allocator
 
@@ -255,6 +259,15 @@ def load(cfg: DictConfig, setup: Setup) -> None:
         check_model(setup.model, method)  # family and attention features, before a directory is claimed
         method.prepare(setup.model)
     setup.opts = run_options(cfg, setup.model)
+    if cfg.model.get("family", "text") == "vl":  # prompts carry their images / frames
+        setup.opts.vision = load_vision(cfg.model, setup.model, setup.tok)
+
+
+def load_vision(spec: DictConfig, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> VisionEncoder:
+    """A vision-language model's prompt encoder (its image processor, LLaVA's processor)."""
+    family = adapter_for(model).family
+    image_processor, processor, source = load_vision_processors(spec, with_processor=family == "llava")
+    return vision_encoder(model, tok, image_processor, source, processor)
 
 
 def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, opts: RunOptions, skip: set[str]
@@ -270,13 +283,17 @@ def answer_all(cfg: DictConfig, setup: Setup, jobs: list[Job]) -> None:
     the others one after another (a single run is the second case); every record is appended as soon as it is
     scored. ``cfg``: what the runs share (the per-method settings are read from each run's config)."""
     done = {job.key: job.store.done_ids() for job in jobs}
-    groups, alone = plan(setup, jobs)
+    hook = history_hook(cfg, setup.samples)
+    groups, alone = plan(setup, jobs) if hook is None else ([], jobs)
+    if hook is not None and len(jobs) > 1:
+        print("[kvbench] no shared prefill: each prompt holds the model's own earlier outputs (history: model); "
+              "running the runs one after another", file=sys.stderr)
     used: set[str] = set()  # methods already run: a later run of one gets a fresh instance (no state carried)
     for group in groups:
         answer_shared(setup, group, done)
         used.update(job.method for job in group)
     for job in alone:
-        answer_alone(setup, job, done[job.key], fresh=job.method in used)
+        answer_alone(setup, job, done[job.key], fresh=job.method in used, hook=hook)
         used.add(job.method)
 
 
@@ -303,15 +320,19 @@ def plan(setup: Setup, jobs: list[Job]) -> tuple[list[list[Job]], list[Job]]:
     return groups, alone
 
 
-def answer_alone(setup: Setup, job: Job, done: set[str], fresh: bool = False) -> None:
-    """One run on the engine of its own; ``fresh``: with a new method and allocator instance."""
+def answer_alone(setup: Setup, job: Job, done: set[str], fresh: bool = False, hook: Any = None) -> None:
+    """One run on the engine of its own; ``fresh``: with a new method and allocator instance; ``hook``: the task's
+    ``history_hook``, rebuilding each sample from this run's earlier raw predictions (resumed ones included)."""
     method, allocator = rebuilt(job.cfg, setup) if fresh else setup.of(job)
     todo = [s for s in setup.samples if any(f"{s.id}/{q.id}" not in done for q in s.questions)]
+    own = {r["sample_id"]: r["raw_prediction"] for r in job.store.predictions().records} if hook else {}
     torch.manual_seed(int(job.cfg.seed))
     with Engine(setup.model, method, allocator, job.budget, backend=job.cfg.model.attn_implementation) as engine:
         for sample in progress(job.cfg, todo, len(setup.samples), f"{job.cfg.method.name} b={job.cfg.budget}"):
-            for record in run_sample(engine, setup.tok, sample, setup.opts_of(job), done):
+            for record in run_sample(engine, setup.tok, hook(sample, own) if hook else sample, setup.opts_of(job),
+                                     done):
                 job.store.append(record)
+                own[record["sample_id"]] = record["raw_prediction"]
 
 
 def answer_shared(setup: Setup, group: list[Job], done: dict[Hashable, set[str]]) -> None:
@@ -327,6 +348,14 @@ def answer_shared(setup: Setup, group: list[Job], done: dict[Hashable, set[str]]
         for sample in progress(first.cfg, todo, len(setup.samples), desc):
             for key, record in sweep_sample(eng, setup.tok, sample, setup.opts_of(first), mine):
                 stores[key].append(record)
+
+
+def history_hook(cfg: DictConfig, samples: list[Sample]) -> Any:
+    """The task's ``history_hook`` (a dotted path to ``f(sample, predictions) -> Sample``) when some sample's prompt
+    is built from earlier samples' raw predictions (``meta["history_of"]``: AgentNetBench ``history: model``), else
+    None. Samples then run in task order, run after run."""
+    hook = cfg.task.get("history_hook")
+    return get_object(hook) if hook and any(s.meta.get("history_of") for s in samples) else None
 
 
 def rebuilt(cfg: DictConfig, setup: Setup) -> tuple[Method, Allocator]:

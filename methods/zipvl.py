@@ -128,9 +128,11 @@ class ZipVL(Method):
     """ZipVL v1 (https://arxiv.org/abs/2410.08584): adaptive important tokens per layer, sparse prefill attention over
     them, mixed-precision KV (see the module docstring for how kvbench runs it and what is reconstructed).
 
-    Every token is kept (at ``bits_high`` or ``bits_low``), so the budget is not a token budget: run with
-    ``budget=1.0`` (the engine refuses others); the memory held is set by tau and the bit widths
-    (``kv_bytes_kept``). ``zipvl_evict`` (v2) evicts the unimportant tokens instead.
+    Every token is kept (at ``bits_high`` or ``bits_low``). ``budget=1.0`` is the paper's rule (as many important
+    tokens as tau says; the memory held is set by tau and the bit widths, ``kv_bytes_kept``); a smaller budget caps
+    each layer's important tokens (high precision, and the sparse prefill's tokens) at the budget, the rest at
+    ``bits_low`` (a kvbench choice, not in the paper, as in ``zipvl_evict``, for comparisons at equal budgets).
+    ``zipvl_evict`` (v2) evicts the unimportant tokens instead.
 
     Parameters:
         tau: the attention-mass threshold of the adaptive ratio (0.975; the paper also runs 0.96).

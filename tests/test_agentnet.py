@@ -112,10 +112,24 @@ def test_fixture_loads_and_run_trajectory_feeds_outputs_back() -> None:
     seen = []
     anb.run_trajectory(traj, FIX / "images", lambda smp: seen.append(smp.context) or f"ANSWER{len(seen)}")
     assert "Step 1:\nANSWER1" in seen[1] and "Step 2:\nANSWER2" in seen[2]
-    with pytest.raises(UsageError, match="run_trajectory"):
-        anb.load(FIX, history="model")
     with pytest.raises(UsageError, match="action_format"):
         anb.load(FIX, action_format="seeclick")
+
+
+def test_history_model_rebuilds_each_step_from_the_earlier_raw_outputs() -> None:
+    samples = anb.load(FIX, history="model")
+    assert [s.meta["history_of"] for s in samples[:3]] == [[], ["s_fixture_a/0"], ["s_fixture_a/0", "s_fixture_a/1"]]
+    assert anb.with_own_history(samples[0], {}) is samples[0]  # the first step has no history
+    with pytest.raises(UsageError, match="s_fixture_a/1"):
+        anb.with_own_history(samples[2], {"s_fixture_a/0": "x"})
+    step = anb.with_own_history(samples[2], {"s_fixture_a/0": "OUT0", "s_fixture_a/1": "OUT1"})
+    traj = json.loads((FIX / "s_fixture_a.json").read_text())
+    ref = anb.step_sample(traj, 2, FIX / "images", own={0: "OUT0", 1: "OUT1"})
+    assert step.id == samples[2].id and step.context == ref.context and step.messages == ref.messages
+    assert "Step 1:\nOUT0" in step.context and "Step 2:\nOUT1" in step.context
+    assert step.images == samples[2].images and step.questions[0].answers == samples[2].questions[0].answers
+    ground_truth = anb.load(FIX)
+    assert "history_of" not in ground_truth[2].meta and ground_truth[2].context == samples[2].context
 
 
 def test_official_scores_follow_the_authors_tables() -> None:

@@ -20,8 +20,9 @@ from kvbench.models import ModelLoadError, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "models"
-REAL = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")
-              if re.match(r"^[\w.-]+/[\w.-]+$", str(yaml.safe_load(p.read_text())["pretrained"])))
+REAL = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")  # text models (VLMs: test_adapters_vl_configs)
+              if re.match(r"^[\w.-]+/[\w.-]+$", str(yaml.safe_load(p.read_text())["pretrained"]))
+              and yaml.safe_load(p.read_text()).get("family", "text") == "text")
 FAMILY = {"meta-llama": "llama", "mistralai": "mistral", "Qwen/Qwen2.5": "qwen2", "Qwen/Qwen3": "qwen3"}
 
 

@@ -255,8 +255,8 @@ def test_plan_methods_refuse_other_allocators_and_budgets(tiny_model) -> None:
     method, _ = load_method("zipvl_evict")
     with pytest.raises(UsageError, match="allocator"):
         Engine(tiny_model("llama"), method, load_method("adakv")[1], budget=1.0)
-    with pytest.raises(UsageError, match="budget=1.0"):
-        Engine(tiny_model("llama"), load_method("zipvl")[0], Uniform(), budget=0.5)
+    with pytest.raises(UsageError, match="budget=1.0"):  # a quantising method without a plan has no token budget
+        Engine(tiny_model("llama"), load_method("kivi")[0], Uniform(), budget=0.5)
     for bad in ({"tau": 0.0}, {"bits_high": 3}, {"recent": 0}):
         with pytest.raises(UsageError):
             ZipVL(**bad)
@@ -296,3 +296,14 @@ def test_zipvl_keep_last_makes_the_last_token_important_within_the_same_count_at
     assert ours[-1] and torch.equal(ours[:-1], plain[:-1])  # added on top below the cap
     capped = ZipVL(recent=4, random=2, tau=0.5).important(ctx(int(plain.sum())))
     assert capped[-1] and int(capped.sum()) == int(plain.sum())  # at the cap it replaces the weakest
+
+
+def test_zipvl_below_budget_one_caps_its_high_precision_tokens_and_keeps_every_token(tiny_model) -> None:
+    free, _ = run(tiny_model("llama"), "zipvl", 1.0)
+    capped, _ = run(tiny_model("llama"), "zipvl", 0.1)
+    cap = int(0.1 * N)
+    for i, layer in enumerate(capped["layers"]):
+        p = capped["layer_stats"][i]["important_tokens"]
+        assert p == min(cap, free["layer_stats"][i]["important_tokens"])
+        assert layer.precision_counts()["k"] == {4: p * N_KV_HEADS, 2: (N - p) * N_KV_HEADS}  # nothing evicted
+        assert layer.nbytes() == mixed_bytes(p, N, N_KV_HEADS, HEAD_DIM)

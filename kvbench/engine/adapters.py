@@ -8,8 +8,11 @@ has no adapter, or that uses an attention feature the engine does not implement,
 naming the feature, before anything runs.
 
 Families: ``llama`` (Llama, Mistral, Qwen2, Qwen3, SmolLM2 and other Llama-architecture checkpoints: global
-causal attention, optionally Mistral's or Qwen2's sliding window) and ``gemma3`` (Gemma-3 text: 5 local
-sliding-window layers per global layer, q/k norms, ``query_pre_attn_scalar`` scaling passed by the model).
+causal attention, optionally Mistral's or Qwen2's sliding window), ``gemma3`` (Gemma-3 text: 5 local
+sliding-window layers per global layer, q/k norms, ``query_pre_attn_scalar`` scaling passed by the model), and the
+vision-language families (:mod:`kvbench.engine.vl`): ``qwen2_vl`` (Qwen2-VL, Qwen2.5-VL: M-RoPE, 3-D positions)
+and ``llava`` (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision: image features merged into a Llama / Qwen2 language
+model's input embeddings, 1-D positions). A vision-language model is matched on its top-level ``model_type``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from kvbench.engine.vl import TOKEN_TYPES, VisionInputs, check_no_vision_tokens, mrope_positions, token_types
 from kvbench.errors import UsageError
 
 
@@ -60,6 +64,7 @@ class ModelAdapter:
 
     family: ClassVar[str] = "llama"
     model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3")
+    vision: ClassVar[bool] = False  # takes image / video inputs (matched on the top-level model_type)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -90,8 +95,14 @@ class ModelAdapter:
         """Positions of n new tokens after ``start`` logical tokens: (1, n). Eviction never shifts them."""
         return torch.arange(start, start + n, device=device)[None]
 
-    def forward(self, ids: Tensor, position_ids: Tensor) -> Tensor:
+    def positions(self, ids: Tensor, start: int, vision: VisionInputs | None) -> Tensor:
+        """The position ids the model is called with for the new tokens ids (n,) after ``start`` logical tokens."""
+        return self.position_ids(start, ids.numel(), ids.device)
+
+    def forward(self, ids: Tensor, position_ids: Tensor, vision: VisionInputs | None = None) -> Tensor:
         """Run the new tokens ids (n,); the logits of the last one, (vocab,)."""
+        if vision is not None:
+            raise UsageError(f"a {self.family!r} text model cannot take image or video inputs")
         out = self.model(input_ids=ids[None], position_ids=position_ids, use_cache=False, logits_to_keep=1)
         return out.logits[0, -1]
 
@@ -103,7 +114,80 @@ class Gemma3Adapter(ModelAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("gemma3_text",)
 
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (ModelAdapter, Gemma3Adapter)
+class VisionAdapter(ModelAdapter):
+    """A vision-language model: the decoder's self-attention runs through the engine, the vision tower keeps its
+    own attention (the attention implementation is switched on the text config only). The pixel inputs go with the
+    prompt's first forward; the model merges the vision features into the input embeddings itself."""
+
+    vision: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.top = model.config
+        self.vision_ids = (self.top_field("image_token_id", "image_token_index"),
+                           self.top_field("video_token_id", "video_token_index"))
+
+    def top_field(self, *names: str) -> int | None:
+        """The first of ``names`` the top-level config declares (families name their token ids differently)."""
+        fields = self.top.to_dict()
+        return next((fields[n] for n in names if fields.get(n) is not None), None)
+
+    def model_inputs(self, ids: Tensor, vision: VisionInputs | None) -> dict[str, Tensor]:
+        """The pixel inputs of the forward (checked: a prompt's vision tokens never run without them; a decoded token
+        is whatever the model generated)."""
+        if vision is None:
+            if ids.numel() > 1:
+                check_no_vision_tokens(ids, self.vision_ids)
+            return {}
+        return vision.to(ids.device)
+
+    def forward(self, ids: Tensor, position_ids: Tensor, vision: VisionInputs | None = None) -> Tensor:
+        out = self.model(input_ids=ids[None], position_ids=position_ids, use_cache=False, logits_to_keep=1,
+                         **self.model_inputs(ids, vision))
+        return out.logits[0, -1]
+
+
+class Qwen2VLAdapter(VisionAdapter):
+    """Qwen2-VL and Qwen2.5-VL (and their fine-tunes: UI-TARS-1.5): M-RoPE with 3-D (t, h, w) positions.
+
+    The prefill's positions and ``rope_deltas`` come from the model's own ``get_rope_index``; every later token is
+    at its logical index + ``rope_deltas`` on all three axes (:mod:`kvbench.engine.vl`), however many entries the
+    cache still holds. A prompt without vision inputs starting a fresh cache has ``rope_deltas`` 0."""
+
+    family: ClassVar[str] = "qwen2_vl"
+    model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl", "qwen2_5_vl")
+    ROPE_KEYS: ClassVar[tuple[str, ...]] = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.rope_delta = 0
+
+    def positions(self, ids: Tensor, start: int, vision: VisionInputs | None) -> Tensor:
+        """(3, 1, n): the model's ``get_rope_index`` for a prompt with vision inputs, else index + rope_deltas."""
+        if vision is None:
+            self.rope_delta = 0 if start == 0 else self.rope_delta
+            return mrope_positions(start, ids.numel(), self.rope_delta, ids.device)
+        if start != 0:
+            raise UsageError("image / video inputs must come with the first forward of a fresh cache")
+        tensors = vision.to(ids.device)
+        rope = {k: tensors[k] for k in self.ROPE_KEYS if k in tensors}
+        if TOKEN_TYPES:  # of the whole prompt (a question may follow the context the pixel inputs came with)
+            rope["mm_token_type_ids"] = token_types(ids, *self.vision_ids)
+        position_ids, deltas = self.model.model.get_rope_index(ids[None], **rope)
+        self.rope_delta = int(deltas.reshape(-1)[0])
+        return position_ids
+
+
+class LlavaAdapter(VisionAdapter):
+    """LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision: image features replace the ``<image>`` tokens of a Llama / Qwen2
+    language model's input embeddings; positions are 1-D (the base rule: eviction never shifts them)."""
+
+    family: ClassVar[str] = "llava"
+    model_types: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "llava_onevision")
+
+
+# vision-language adapters first: a LLaVA wraps a language model the text adapters would match
+ADAPTERS: tuple[type[ModelAdapter], ...] = (Qwen2VLAdapter, LlavaAdapter, ModelAdapter, Gemma3Adapter)
 
 
 def config_fields(config: Any) -> dict[str, Any]:
@@ -135,10 +219,17 @@ def check_features(fields: dict[str, Any]) -> None:
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter of ``model``'s family; one clear error for a family without one."""
-    model_type = model.config.get_text_config().model_type
+    top_type, model_type = model.config.model_type, model.config.get_text_config().model_type
+    wrapper = model.config.get_text_config() is not model.config  # a multimodal model around a language model
     for cls in ADAPTERS:
-        if model_type in cls.model_types:
+        if cls.vision == wrapper and (top_type if wrapper else model_type) in cls.model_types:
             return cls(model)
+    if wrapper:  # its image inputs need an adapter of its own
+        known = sorted(t for cls in ADAPTERS if cls.vision for t in cls.model_types)
+        raise UnsupportedModelError(
+            f"model type {top_type!r} (language model {model_type!r}) is a multimodal model without a kvbench engine "
+            f"adapter (vision-language ones: {', '.join(known)}); its image inputs would be dropped, so it is refused"
+        )
     check_features(config_fields(model.config.get_text_config()))  # a known-unsupported feature names itself
     known = sorted(t for cls in ADAPTERS for t in cls.model_types)
     raise UnsupportedModelError(

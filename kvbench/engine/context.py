@@ -32,7 +32,7 @@ class LayerContext:
         scaling: the attention softmax scale (1/sqrt(d) for these models).
         hidden_states: (q, hidden) the attention module's input for the same forward (post input-norm), or None.
         spans: named token ranges [start, end) in cache coordinates, e.g. {"context": (0, 900), "question": ...};
-            future multimodal runs add image/frame spans here.
+            vision-language prompts add ``image:<k>`` / ``frame:<k>`` (in order of appearance; ``kvbench.engine.vl``).
         memo: scratch space shared by the method and its allocator for this layer (cached attention etc.).
         stats: per-layer scalars a cross-layer allocator reads after scoring (e.g. CAKE's layer preference).
         pad: (H_kv,) leading padding columns per KV head when the layer's heads hold different lengths (the

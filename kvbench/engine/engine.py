@@ -35,6 +35,7 @@ from kvbench.engine.context import LayerContext
 from kvbench.engine.quant import layer_kind
 from kvbench.engine.store import KVStore, LayerKV
 from kvbench.engine.view import head_indices, layer_view, mask_padding, valid_candidates
+from kvbench.engine.vl import VisionInputs
 from kvbench.ops import topk_per_head
 
 if TYPE_CHECKING:  # kvbench.method imports the engine's LayerContext
@@ -130,6 +131,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.store = KVStore(self.n_layers)
         self.spans: dict[str, tuple[int, int]] = {}
+        self.vision: VisionInputs | None = None  # the pixel inputs of the prompt a fresh cache is prefilled with
         self.compress_seconds = 0.0
         self.decode_budget: dict[int, tuple[int, int]] = {}  # layer -> (kept candidates, window) after prefill
         self._pending: dict[int, LayerScores] = {}  # cross-layer allocation: scored layers awaiting their counts
@@ -176,6 +178,7 @@ class Engine:
         """Start a new, empty cache (a new sample)."""
         self.store = KVStore(self.n_layers)
         self.spans = {}
+        self.vision = None
         self.compress_seconds = 0.0
         self.decode_budget = {}
         self._pending = {}
@@ -210,29 +213,31 @@ class Engine:
         """Run q new tokens over the cache; return the logits of the last one, (vocab,).
 
         With ``compress=True`` every layer is compressed right after its attention in this forward; ``decoding``
-        marks a decode step (a method with ``decode_evict`` evicts then).
+        marks a decode step (a method with ``decode_evict`` evicts then). The first forward of a fresh cache takes
+        ``self.vision`` (a vision-language prompt's pixel inputs) with it.
         """
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
-        position_ids = self.begin(ids.numel(), compress, decoding)
+        start = self.begin(ids.numel(), compress, decoding)
+        vision = self.vision if start == 0 else None
         try:
-            logits = self.adapter.forward(ids, position_ids)
+            logits = self.adapter.forward(ids, self.adapter.positions(ids, start, vision), vision)
         except BaseException:
             self.end(advance=False)
             raise
         self.end()
         return logits
 
-    def begin(self, n: int, compress: bool = False, decoding: bool = False) -> Tensor:
-        """Prepare the attention of a forward of n new tokens after the cache; their position ids, (1, n), from
-        the logical length. ``forward`` brackets the model call with ``begin``/``end``; a caller that runs the
-        model itself (``kvbench.engine.hfcache``: transformers' ``generate``) does the same."""
+    def begin(self, n: int, compress: bool = False, decoding: bool = False) -> int:
+        """Prepare the attention of a forward of n new tokens after the cache; returns the logical length before
+        it (where their positions start). ``forward`` brackets the model call with ``begin``/``end``; a caller that
+        runs the model itself (``kvbench.engine.hfcache``: transformers' ``generate``) does the same."""
         start = self.store.next_position
         self._positions = torch.arange(start, start + n, device=self.device)
         self._step_end = start + n  # the logical length once the forward is done (no device sync to read it)
         self._compress = compress and (self.method.compresses or self.method.plans)
         self._decoding = decoding
         self._pending = {}  # cross-layer allocation plans over the layers scored in this forward
-        return self.adapter.position_ids(start, n, self.device)
+        return start
 
     def end(self, advance: bool = True) -> None:
         """After the forward ``begin`` prepared: the logical length moves past its tokens (unless it failed)."""
@@ -254,7 +259,7 @@ class Engine:
         self._positions = torch.arange(start, start + ids.numel(), device=self.device)
         self._probe = True
         try:
-            self.adapter.forward(ids, self.adapter.position_ids(start, ids.numel(), self.device))
+            self.adapter.forward(ids, self.adapter.positions(ids, start, None))
         finally:
             self._probe = False
 

@@ -362,7 +362,7 @@ def layer_kind(method: Method, allocator: Allocator, budget: float) -> LayerKind
     if method.plans and method.quant_spec().residual is not None:
         raise UsageError(f"{type(method).__name__} plans its tokens: its QuantSpec needs residual=None (nothing "
                          "flushed behind the plan's back)")
-    if not method.compresses and budget != 1.0:
+    if not method.compresses and not method.plans and budget != 1.0:  # a plan method caps its HIGH tokens by it
         raise UsageError(
             f"method={method.name} quantises every token and evicts none: its memory is set by its bit widths, "
             f"not by a token budget. Run it with budget=1.0 (got budget={budget})."

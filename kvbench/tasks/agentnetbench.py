@@ -17,11 +17,12 @@ The question is that prompt text; its answer is scored by ``agentnet_step`` with
 History text (``history``):
 
 * ``model``: GUI-KV's protocol, the model's **own** earlier output for step j, ``Step j+1:\\n<output>``. A step's
-  prompt then depends on the previous step's prediction, so trajectories run step by step: use
-  :func:`run_trajectory` with a ``generate(sample) -> str`` callable. The loader refuses ``history=model`` until the
-  runner feeds predictions back (one clear message).
-* ``ground_truth`` (the default until then): the authors' fallback for steps without an own output,
-  ``## Observation / ## Thought / ## Action`` from the annotated inner monologue.
+  prompt then depends on the previous steps' predictions: each sample names them (``meta["history_of"]``, the
+  sample ids of its earlier steps) and the runner, which runs a trajectory's steps in order, rebuilds it with the
+  task's ``history_hook`` (:func:`with_own_history`) from the raw predictions of those steps (a resumed run reads
+  them from its predictions file). Outside the runner: :func:`run_trajectory` with a ``generate(sample) -> str``.
+* ``ground_truth``: the authors' fallback for steps without an own output, ``## Observation / ## Thought /
+  ## Action`` from the annotated inner monologue.
 
 Deviations: the authors' OpenCUA branch attaches history screenshots to the wrong steps (its ``elif`` hangs on
 the image check and reuses a stale path); kvbench gives both models the UI-TARS layout. Step scores follow GUI-KV's
@@ -236,6 +237,36 @@ def step_sample(traj: Mapping[str, Any], k: int, image_root: Path, action_format
                   messages=messages, meta={"trajectory": traj["task_id"], "step": k, "n_images": len(images)})
 
 
+def own_history_sample(path: Path, traj: Mapping[str, Any], k: int, image_root: Path, action_format: str,
+                       image_slots: int, max_history: int) -> Sample:
+    """Step ``k`` for ``history=model`` before the earlier outputs are known: the ground-truth layout, with what
+    :func:`with_own_history` needs to rebuild it (the earlier steps' sample ids, the trajectory file)."""
+    sample = step_sample(traj, k, image_root, action_format, None, image_slots, max_history)
+    sample.meta.update(history_of=[f"{traj['task_id']}/{j}" for j in range(max(0, k - max_history), k)],
+                       source=str(path), image_root=str(image_root), action_format=action_format,
+                       image_slots=image_slots, max_history=max_history)
+    return sample
+
+
+def with_own_history(sample: Sample, predictions: Mapping[str, str]) -> Sample:
+    """The task's ``history_hook``: step ``sample`` rebuilt with the model's own raw outputs of its earlier steps
+    (``predictions``: sample id -> raw prediction); a sample without ``meta["history_of"]`` is returned as it is."""
+    earlier = sample.meta.get("history_of")
+    if not earlier:
+        return sample
+    missing = [sid for sid in earlier if sid not in predictions]
+    if missing:
+        raise UsageError(f"AgentNetBench step {sample.id} (history=model) needs the model's output of {missing[0]} "
+                         "first; run a trajectory's steps in order (no limit that cuts a trajectory before it)")
+    m = sample.meta
+    traj = json.loads(Path(m["source"]).read_text())
+    own = {int(sid.rsplit("/", 1)[1]): predictions[sid] for sid in earlier}
+    rebuilt = step_sample(traj, m["step"], Path(m["image_root"]), m["action_format"], own, m["image_slots"],
+                          m["max_history"])
+    rebuilt.meta.update({k: v for k, v in m.items() if k not in rebuilt.meta})
+    return rebuilt
+
+
 def _check(action_format: str, history: str, image_slots: int) -> None:
     if action_format not in FORMATS:
         raise UsageError(f"task.loader.action_format={action_format!r}; choose one of {', '.join(FORMATS)}")
@@ -249,10 +280,6 @@ def load(data_dir: str | Path, action_format: str = "uitars", history: str = "gr
          max_history: int = 10, limit: int | None = None) -> list[Sample]:
     """Every step of every trajectory (in file, then step order) as one sample (``limit``: the first steps)."""
     _check(action_format, history, image_slots)
-    if history == "model":
-        raise UsageError("task.loader.history=model makes each step's prompt depend on the model's previous "
-                         "output; the runner cannot feed predictions back yet. Run trajectories with "
-                         "kvbench.tasks.agentnetbench.run_trajectory, or use task.loader.history=ground_truth.")
     files = trajectory_files(hub.require(data_dir, BENCHMARK, "AgentNetBench"))
     if not files:
         raise hub.DataMissingError(hub.missing_message(BENCHMARK, "AgentNetBench", Path(data_dir) / "*.json"))
@@ -263,7 +290,9 @@ def load(data_dir: str | Path, action_format: str = "uitars", history: str = "gr
         for k in range(len(traj["steps"])):
             if limit is not None and len(samples) >= limit:
                 return samples
-            samples.append(step_sample(traj, k, root, action_format, None, image_slots, max_history))
+            samples.append(own_history_sample(path, traj, k, root, action_format, image_slots, max_history)
+                           if history == "model" else
+                           step_sample(traj, k, root, action_format, None, image_slots, max_history))
     return samples
 
 

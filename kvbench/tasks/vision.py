@@ -202,11 +202,10 @@ def qwen_vl_inputs(text: str, images: Sequence[Any], frames: Sequence[Any], toke
 
 
 def token_types_required() -> bool:
-    """transformers 5 Qwen-VL models take (and need) ``mm_token_type_ids`` (0 text, 1 image, 2 video); 4.x has no
-    such input and refuses it."""
-    import transformers
+    """transformers 5 Qwen-VL models take (and need) ``mm_token_type_ids`` (``kvbench.engine.vl.TOKEN_TYPES``)."""
+    from kvbench.engine.vl import TOKEN_TYPES
 
-    return int(transformers.__version__.split(".")[0]) >= 5
+    return TOKEN_TYPES
 
 
 def load_vl(path: str | os.PathLike) -> tuple[Any, tuple[Any, Any]]:
