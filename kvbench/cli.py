@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: kvbench's config tree (``conf/``): beside the package in a checkout, and installed beside it by ``pip install``
+#: (pyproject.toml's package data), so one rule finds it in both.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("model", "method", "allocator", "task")  # the config groups whose option names are checked up front
+
 
 def unknown_option(argv: list[str], conf_dir: str | Path, groups: tuple[str, ...]) -> str | None:
     """A message for a ``group=option`` that names no config file under ``conf_dir`` (Hydra's own message omits

@@ -145,9 +145,9 @@ class SweepEngine(Engine):
         self.forks = {k: Fork(self.variants[k], KVStore(self.n_layers)) for k in keys}
         self._forking = True
 
-    def forward(self, ids: Tensor | list[int], compress: bool = False) -> Tensor:
+    def forward(self, ids: Tensor | list[int], compress: bool = False, decoding: bool = False) -> Tensor:
         if not (self._forking and compress):
-            return super().forward(ids, compress)
+            return super().forward(ids, compress, decoding)
         self._forking, self._splitting, lead = False, True, self.method
         # the forward compresses when any variant does (fullkv's fork takes the full layers as they are)
         self.method = next((f.variant.method for f in self.forks.values() if f.variant.method.compresses), lead)

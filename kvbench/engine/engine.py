@@ -4,10 +4,12 @@ How it plugs in: inside ``with Engine(...)`` every attention module's ``config._
 registered ``"kvbench"`` attention function, and the model is called with ``use_cache=False`` and explicit
 ``position_ids``. The attention function therefore receives the post-RoPE q/k/v of the *new* tokens only; it
 stores k/v in the engine's ``KVStore`` and attends over it. This needs no transformers ``Cache`` internals (which
-changed between 4.57 and 5.x). What differs between model families (which modules are the attention layers,
-their KV heads and sliding windows, how positions are built and the model is called, which config routes the
-attention) is declared by the family's adapter (``kvbench.engine.adapters``); a model without one, or with an
-attention feature the engine does not implement, is refused with one message naming it.
+changed between 4.57 and 5.x); transformers' own ``generate`` runs over the same attention through a thin
+``Cache`` shim whose forwards are bracketed by ``begin``/``end`` (``kvbench.engine.hfcache``). What differs
+between model families (which modules are the attention layers, their KV heads and sliding windows, how positions
+are built and the model is called, which config routes the attention) is declared by the family's adapter
+(``kvbench.engine.adapters``); a model without one, or with an attention feature the engine does not implement, is
+refused with one message naming it.
 
 Prefill attention always uses the full K/V; right after a layer's attention the engine scores that layer with its
 own window queries (methods_core §1.1) and keeps only the selected entries, so later layers of the same prefill
@@ -134,6 +136,7 @@ class Engine:
         self.decode_budget: dict[int, tuple[int, int]] = {}  # layer -> (kept candidates, window) after prefill
         self._pending: dict[int, LayerScores] = {}  # cross-layer allocation: scored layers awaiting their counts
         self._positions: Tensor | None = None
+        self._step_end = 0
         self._compress = False
         self._decoding = False
         self._probe = False
@@ -206,25 +209,42 @@ class Engine:
         self._plan_queries = {}  # tokens added after the snapshot are gone; earlier unplanned ones are planned HIGH
 
     @torch.inference_mode()
-    def forward(self, ids: Tensor | list[int], compress: bool = False) -> Tensor:
+    def forward(self, ids: Tensor | list[int], compress: bool = False, decoding: bool = False) -> Tensor:
         """Run q new tokens over the cache; return the logits of the last one, (vocab,).
 
-        With ``compress=True`` every layer is compressed right after its attention in this forward. The first
-        forward of a fresh cache takes ``self.vision`` (a vision-language prompt's pixel inputs) with it.
+        With ``compress=True`` every layer is compressed right after its attention in this forward; ``decoding``
+        marks a decode step (a method with ``decode_evict`` evicts then). The first forward of a fresh cache takes
+        ``self.vision`` (a vision-language prompt's pixel inputs) with it.
         """
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
-        start = self.store.next_position
-        self._positions = torch.arange(start, start + ids.numel(), device=self.device)
-        self._compress = compress and (self.method.compresses or self.method.plans)
-        self._pending = {}  # cross-layer allocation plans over the layers scored in this forward
+        start = self.begin(ids.numel(), compress, decoding)
         vision = self.vision if start == 0 else None
         try:
             logits = self.adapter.forward(ids, self.adapter.positions(ids, start, vision), vision)
-        finally:
-            self._compress = False
-            self._hidden.clear()
-        self.store.next_position = start + ids.numel()
+        except BaseException:
+            self.end(advance=False)
+            raise
+        self.end()
         return logits
+
+    def begin(self, n: int, compress: bool = False, decoding: bool = False) -> int:
+        """Prepare the attention of a forward of n new tokens after the cache; returns the logical length before
+        it (where their positions start). ``forward`` brackets the model call with ``begin``/``end``; a caller that
+        runs the model itself (``kvbench.engine.hfcache``: transformers' ``generate``) does the same."""
+        start = self.store.next_position
+        self._positions = torch.arange(start, start + n, device=self.device)
+        self._step_end = start + n  # the logical length once the forward is done (no device sync to read it)
+        self._compress = compress and (self.method.compresses or self.method.plans)
+        self._decoding = decoding
+        self._pending = {}  # cross-layer allocation plans over the layers scored in this forward
+        return start
+
+    def end(self, advance: bool = True) -> None:
+        """After the forward ``begin`` prepared: the logical length moves past its tokens (unless it failed)."""
+        self._compress = self._decoding = False
+        self._hidden.clear()
+        if advance:
+            self.store.next_position = self._step_end
 
     @torch.inference_mode()
     def probe(self, ids: Tensor | list[int]) -> None:
@@ -253,11 +273,7 @@ class Engine:
             if len(tokens) == max_new_tokens or (should_stop is not None and should_stop(tokens)):
                 break
             t0 = sync_time(self.device)
-            self._decoding = True
-            try:
-                logits = self.forward([tokens[-1]])
-            finally:
-                self._decoding = False
+            logits = self.forward([tokens[-1]], decoding=True)
             times.append(sync_time(self.device) - t0)
         return tokens, times
 
