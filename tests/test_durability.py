@@ -99,7 +99,7 @@ def test_repeated_sigkill_during_an_episodic_context(tmp_path) -> None:
 
 
 def test_sigint_is_one_line_and_leaves_a_resumable_run(tmp_path) -> None:
-    args = ("task=synth_multikey_dense", "method=snapkv", "limit=8", "budget=0.2")
+    args = ("task=synth_multikey_dense", "method=snapkv", "limit=32", "budget=0.2")  # 32: cannot end before the signal
     root = tmp_path / "r"
     cfg = config(root, *args)
     pred = Path(cfg.run_dir) / "predictions.jsonl"
@@ -113,7 +113,7 @@ def test_sigint_is_one_line_and_leaves_a_resumable_run(tmp_path) -> None:
     assert not (Path(cfg.run_dir) / "error.json").exists() and not (Path(cfg.run_dir) / "metrics.json").exists()
     n = len(complete_lines(pred))
     metrics = run(cfg)
-    assert metrics["n_questions"] == 8 and n >= 1 and len(complete_lines(pred)) == 8
+    assert metrics["n_questions"] == 32 and n >= 1 and len(complete_lines(pred)) == 32
 
 
 def limit_file_size(n_bytes: int):
