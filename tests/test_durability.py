@@ -103,7 +103,9 @@ def test_sigint_is_one_line_and_leaves_a_resumable_run(tmp_path) -> None:
     root = tmp_path / "r"
     cfg = config(root, *args)
     pred = Path(cfg.run_dir) / "predictions.jsonl"
-    proc = start(root, args)
+    # a shell's background job inherits SIGINT ignored (and Python keeps it ignored): restore the default, as a
+    # terminal's Ctrl-C finds it
+    proc = start(root, args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert wait_for(pred, lambda n: n >= 1, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
