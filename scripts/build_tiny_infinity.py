@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 
 import torch
-from build_tiny_var import centre_tap  # scripts/ is on sys.path when this file runs as a script
+from build_tiny_var import smooth_decoder  # scripts/ is on sys.path when this file runs as a script
 
 from kvbench.var.infinity.bsq import BitVAE, BitVAEConfig
 from kvbench.var.infinity.load import build, save_embedded
@@ -110,20 +110,7 @@ def write_head(model: Infinity, block: int, head: int, role: str, g: torch.Gener
 
 def write_decoder(vae: BitVAE, g: torch.Generator) -> None:
     """Smooth decoder: identity residual blocks, blurred upsampling, a random 1 x 1 mix of the bits into RGB."""
-    dec, blur = vae.decoder, torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
-    z = vae.cfg.bits
-    centre_tap(dec.conv_in, z)
-    for block in [dec.mid.block_1, dec.mid.block_2] + [b for level in dec.up for b in level.block]:
-        block.conv2.weight.data.zero_()
-        block.conv2.bias.data.zero_()
-    for attn in [dec.mid.attn_1] + [a for level in dec.up for a in level.attn]:
-        attn.proj_out.weight.data.zero_()
-        attn.proj_out.bias.data.zero_()
-    for level in dec.up[1:]:
-        centre_tap(level.upsample.conv, dec.conv_in.out_channels, blur)
-    dec.conv_out.weight.data.zero_()
-    dec.conv_out.bias.data.zero_()
-    dec.conv_out.weight.data[:, :z, 1, 1] = torch.randn(3, z, generator=g) * 0.6
+    smooth_decoder(vae.decoder, vae.cfg.bits, g, 0.6)
 
 
 def make() -> tuple[Infinity, BitVAE, object]:

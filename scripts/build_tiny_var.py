@@ -162,11 +162,19 @@ def centre_tap(conv: torch.nn.Conv2d, channels: int, kernel: torch.Tensor | None
 
 
 def write_decoder(vae, g: torch.Generator) -> None:
-    """A smooth decoder: residual branches off (identity blocks), blurred nearest upsampling, and a random 1x1
-    mix of the latent channels into RGB after the last GroupNorm; Phi and post_quant_conv are identities. Images
-    are then blurred renderings of f_hat, so close latents give close pixels."""
-    dec, blur = vae.decoder, torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    """A smooth decoder (:func:`smooth_decoder`) after the last GroupNorm; Phi and post_quant_conv are identities.
+    Images are then blurred renderings of f_hat, so close latents give close pixels."""
     z = vae.cfg.z_channels
+    smooth_decoder(vae.decoder, z, g, 0.35)
+    centre_tap(vae.post_quant_conv, z)
+    for phi in vae.quantize.quant_resi.qresi_ls:
+        centre_tap(phi, z)
+
+
+def smooth_decoder(dec: torch.nn.Module, z: int, g: torch.Generator, gain: float) -> None:
+    """Residual branches off (identity blocks), blurred nearest upsampling, and a random 1x1 mix (std ``gain``) of
+    the first ``z`` channels into RGB (the VQGAN-style decoders of VAR and of the tiny Infinity)."""
+    blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
     centre_tap(dec.conv_in, z)
     for block in [dec.mid.block_1, dec.mid.block_2] + [b for level in dec.up for b in level.block]:
         block.conv2.weight.data.zero_()
@@ -178,10 +186,7 @@ def write_decoder(vae, g: torch.Generator) -> None:
         centre_tap(level.upsample.conv, dec.conv_in.out_channels, blur)
     dec.conv_out.weight.data.zero_()
     dec.conv_out.bias.data.zero_()
-    dec.conv_out.weight.data[:, :z, 1, 1] = torch.randn(3, z, generator=g) * 0.35
-    centre_tap(vae.post_quant_conv, z)
-    for phi in vae.quantize.quant_resi.qresi_ls:
-        centre_tap(phi, z)
+    dec.conv_out.weight.data[:, :z, 1, 1] = torch.randn(3, z, generator=g) * gain
 
 
 def main() -> None:
