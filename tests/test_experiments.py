@@ -14,6 +14,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from kvbench.budget import check_budget
+from kvbench.results import config_hash
 from kvbench.runner import build, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +77,32 @@ def test_an_experiment_runs_as_a_sweep_and_the_command_line_narrows_it(tmp_path)
     done = sorted(p.parent.relative_to(tmp_path / "r").as_posix() for p in (tmp_path / "r").rglob("metrics.json"))
     assert done == [f"synth_needle/kvbench-tiny/snapkv/uniform/query_aware/budget={b}/seed=0"
                     for b in ("0.05", "0.1", "0.2")]  # one job: the experiment's budgets, only snapkv
+
+
+def _runs_of_cell(name: str, cell: list[str]) -> list[tuple[str, str]]:
+    """(run_dir, config hash) of the runs one grid cell writes for the first method of a ``methods`` grid (the
+    method's name is a level of every run directory), each budget of a budget list."""
+    methods = [c for c in cell if c.startswith("methods=")]
+    rest = [c for c in cell if not c.startswith("methods=")]
+    first = [f"method={methods[0].split('=', 1)[1].strip('[]').split(',')[0]}"] if methods else []
+    cfg = composed(f"+experiment={name}", *rest, *first)
+    out = []
+    for budget in list(cfg.budget) if OmegaConf.is_list(cfg.budget) else [cfg.budget]:
+        cfg.budget = budget
+        out.append((str(cfg.run_dir), config_hash(OmegaConf.to_container(cfg, resolve=True))))
+    return out
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_no_two_runs_of_an_experiment_share_a_run_directory(name: str) -> None:
+    """Two cells that differ in any hashed key (e.g. only in task.loader.lengths) get their own directories;
+    sharing one would be refused as a config mismatch halfway through the grid."""
+    sweep = grid(name)
+    if any(k == "task" and not (CONF / "task" / f"{v}.yaml").exists() for k, vs in sweep.items() for v in vs):
+        sweep.pop("task")  # the LongBench tasks are not in this checkout
+    keys = list(sweep)
+    owner: dict[str, str] = {}
+    for values in itertools.product(*(sweep[k] for k in keys)):
+        for run_dir, digest in _runs_of_cell(name, [f"{k}={v}" for k, v in zip(keys, values, strict=True)]):
+            assert owner.setdefault(run_dir, digest) == digest, f"two configurations of {name} share {run_dir}"
+    assert owner
