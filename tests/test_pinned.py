@@ -114,7 +114,7 @@ def test_fetch_hub_files_checks_and_records_the_resolved_commit(tmp_path, monkey
 #: Sources whose commit could not be found offline (documented in their modules); everything else is a sha.
 UNPINNED = {("needlebench", "REVISION"), ("ruler", "ESSAY_REVISION"),
             # hub datasets of the VLM benchmarks whose commits could not be checked from here (prepare records them)
-            ("agentnetbench", "REVISION"), ("screenspot", "PRO_REVISION"), ("videomme", "REVISION")}
+            ("agentnetbench", "REVISION"), ("screenspot", "PRO_REVISION")}
 
 
 def test_every_benchmark_source_is_pinned_to_a_commit() -> None:

@@ -33,7 +33,9 @@ from kvbench.tasks.vision import VideoFrames
 
 BENCHMARK = "videomme"
 REPO_ID = "lmms-lab/Video-MME"
-REVISION = "main"  # no commit could be checked from here: prepare records the resolved one and every SHA-256
+#: The snapshot directory of many public Video-MME downloads (not checked against the hub from here); ``prepare``
+#: also records the commit the hub resolves it to and every file's SHA-256 in ``source.json``.
+REVISION = "ead1408f75b618502df9a1d8e0950166bf0a2a0b"
 PARQUET = "videomme/test-00000-of-00001.parquet"
 DURATIONS = ("short", "medium", "long")
 INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video. Respond with "
