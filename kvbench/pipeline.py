@@ -148,7 +148,19 @@ def cache_stats(engine: Engine, n: int) -> dict[str, Any]:
         "kv_bytes_kept": nbytes,
         "kv_bytes_full": round(engine.layer_kind.full_bytes(store.layers) / entries * full_entries),
         "kept_per_layer": [sum(lens) for lens in store.lengths()],
+        **layer_stats(engine),
     }
+
+
+def layer_stats(engine: Engine) -> dict[str, dict[str, list[float | None]]]:
+    """``{"layer_stats": {stat: [value per layer]}}``: the numeric per-layer scalars the method reported while
+    compressing (e.g. ZipVL's ``prefill_attention_flops_saved``; None for a layer that did not report it), or
+    nothing when it reported none."""
+    per_layer = engine.layer_stats
+    names = sorted({k for stats in per_layer.values() for k, v in stats.items() if isinstance(v, int | float)})
+    if not names:
+        return {}
+    return {"layer_stats": {k: [per_layer.get(i, {}).get(k) for i in range(engine.n_layers)] for k in names}}
 
 
 def prefill(engine: Engine, ids: list[int], spans: dict[str, tuple[int, int]], chunk: int | None = None

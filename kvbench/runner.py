@@ -464,6 +464,7 @@ def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float,
         **({"score_by_category": {k: {m: 100 * statistics.fmean(r["scores"][m] for r in rs) for m in names}
                                   for k, rs in sorted(by_category.items())}} if by_category else {}),
         **official_scores(records, cfg["task"]),
+        **method_stats(records),
         **sizes,
         "peak_kv_bytes": max((r["peak_kv_bytes"] for r in records), default=None),
         "peak_mem_bytes": max((r["peak_mem_bytes"] for r in records if r["peak_mem_bytes"]), default=None),
@@ -473,6 +474,17 @@ def aggregate(records: list[dict[str, Any]], cfg: dict[str, Any], budget: float,
         "env": {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device)},
         "kvbench": build_info(),
     }
+
+
+def method_stats(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``{"method_stats": {stat: mean over questions of the mean over layers}}`` of the records' ``layer_stats``
+    (layers that did not report a stat are left out of its mean), or nothing."""
+    per_question: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        for name, values in (r.get("layer_stats") or {}).items():
+            if reported := [v for v in values if v is not None]:
+                per_question[name].append(statistics.fmean(reported))
+    return {"method_stats": {k: statistics.fmean(v) for k, v in sorted(per_question.items())}} if per_question else {}
 
 
 def official_scores(records: list[dict[str, Any]], task: dict[str, Any]) -> dict[str, Any]:
@@ -506,6 +518,8 @@ def format_table(m: dict[str, Any], run_dir: str | None = None) -> str:
     if m.get("score_by_category"):
         rows.insert(3, ("by category", "  ".join(f"{k}: {next(iter(v.values())):.1f}"
                                                  for k, v in m["score_by_category"].items())))
+    if m.get("method_stats"):
+        rows.append(("method", "  ".join(f"{k}={v:.3g}" for k, v in m["method_stats"].items())))
     if run_dir:
         rows.append(("run dir", str(run_dir)))
     width = max(len(k) for k, _ in rows)

@@ -51,6 +51,7 @@ class PredictionRecord(TypedDict):
     episode: NotRequired[int]  # episodic: the routed episode
     n_episodes: NotRequired[int]
     layer_keep: NotRequired[list[int]]
+    layer_stats: NotRequired[dict[str, list[float | None]]]  # what the method reported per layer while compressing
 
 
 class BuildInfo(TypedDict):
@@ -79,6 +80,9 @@ class RunMetrics(TypedDict):
     score_by_length: dict[str, dict[str, float]]
     score_by_category: NotRequired[dict[str, dict[str, float]]]
     official: NotRequired[dict[str, Any]]  # the task's official_scores hook
+    # each per-layer statistic of the records' layer_stats, averaged over layers, then over questions (ZipVL:
+    # prefill_attention_flops_saved, the fraction of the dense prefill attention FLOPs skipped, every layer alike)
+    method_stats: NotRequired[dict[str, float]]
     kept_fraction: Annotated[float | None, SIZE]
     kv_bytes_full: Annotated[float | None, SIZE]
     kv_bytes_kept: Annotated[float | None, SIZE]

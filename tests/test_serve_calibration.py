@@ -42,7 +42,8 @@ def test_cost_model_fitted_on_real_runs_predicts_other_real_runs_within_15_perce
     """CI's version of the check above: the same fit and the same comparison against real engine runs it was not
     fitted on (other prompt lengths; one request, and four served in turn), with QUICK's shorter prompts and outputs
     and 5 rounds. Timed in the engine thread's CPU time: on a shared CI box wall time swings with other jobs (4-5x
-    at a load average of 9 on 2 cores), CPU time does not; the slow test checks wall time. Up to two re-measures (a full make test once saw 19 % TPOT on the first)."""
+    at a load average of 9 on 2 cores), CPU time does not; the slow test checks wall time.
+    Up to two re-measures (a full make test once saw 19 % TPOT on the first)."""
     for _ in range(3):
         data = calibrate(rounds=5, **QUICK, clock="cpu")
         errors = {name: relative_errors(rows) for name, rows in data["validation"].items()}

@@ -71,3 +71,21 @@ def test_prefill_chunk_and_text_models_are_refused(tmp_path: Path) -> None:
         run(config(tmp_path, "task=synth_gui", "method=snapkv", "prefill_chunk=64", "limit=1"))
     with pytest.raises(UsageError, match="cannot see"):
         run(config(tmp_path, "task=synth_gui", "model=kvbench-tiny", "method=snapkv", "limit=1"))
+
+
+def test_zipvl_run_records_its_prefill_flops_saved_per_layer_and_per_run(tmp_path: Path) -> None:
+    """ZipVL's per-layer statistics reach predictions.jsonl (one value per layer) and metrics.json (their mean):
+    the prefill attention FLOPs saved is 1 - ratio^2 in every layer; a method that reports none writes neither."""
+    cfg = config(tmp_path, "task=synth_gui", "method=zipvl", "budget=0.1", "limit=1")
+    m = run(cfg)
+    rec = lines(cfg.run_dir)[0]
+    stats = rec["layer_stats"]
+    n_layers = len(rec["kept_per_layer"])
+    assert len(stats["prefill_attention_flops_saved"]) == len(stats["important_ratio"]) == n_layers
+    for saved, ratio in zip(stats["prefill_attention_flops_saved"], stats["important_ratio"], strict=True):
+        assert saved == pytest.approx(1 - ratio**2)
+        assert 0 < ratio <= 0.1 + 1 / rec["compressed_tokens"]  # budget 0.1 caps the high-precision tokens
+    per_question = [sum(r["layer_stats"]["prefill_attention_flops_saved"]) / n_layers for r in lines(cfg.run_dir)]
+    assert m["method_stats"]["prefill_attention_flops_saved"] == pytest.approx(sum(per_question) / len(per_question))
+    snap = config(tmp_path, "task=synth_gui", "method=snapkv", "budget=0.1", "limit=1")
+    assert "method_stats" not in run(snap) and "layer_stats" not in lines(snap.run_dir)[0]
