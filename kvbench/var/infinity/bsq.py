@@ -13,10 +13,16 @@ Bitwise self-correction (Infinity's training trick: flip a fraction of the bits 
 re-quantise, so the model learns to correct its own errors) only changes training; ``flip_bits`` implements the
 flip for completeness and the builder's tests, not the inference path.
 
-``BitVAE``: the released tokenizer (``infinity_vae_d32_reg.pth``: a FLUX-style conv autoencoder with 3-D conv
-variants) is not implemented; its module names are not ours and loading it is refused with one message. The tiny
-model uses VAR's VQGAN-style decoder (``kvbench.var.vae``) on the d-channel latent. The quantiser's buffer is named
-as the authors' (``quantizer.lfq.mask``: the bit weights 2^(d-1) ... 1, for integer labels).
+``BitVAE``: the encoder / decoder of ``kvbench.var.vae`` on the d-channel latent. The released tokenizer
+(``infinity_vae_d32_reg.pth``, the authors' ``bsq_vae/flux_vqgan.py``) is that same latent-diffusion conv
+autoencoder in its image configuration (2-D convs, ``cnn_attention='no'``: no self-attention anywhere; base 128
+channels, ch_mult (1, 2, 4, 4, 4), 2 blocks, GroupNorm(32, 1e-6), SiLU, nearest-2x upsampling then a 3x3 conv,
+right/bottom-padded stride-2 downsampling): :func:`released_vae_config` reads that configuration off a checkpoint's
+shapes and :func:`released_vae_state` maps its names onto ours (the authors wrap every conv and norm in a module,
+``conv1.conv.weight`` / ``norm1.norm.weight``; their loader takes either form, and so do we). The tiny model keeps
+self-attention in the middle and the lowest level (``attention``, VAR's layout). The quantiser's buffer is named as
+the authors' (``quantizer.lfq.mask``: the bit weights 2^(d-1) ... 1, for integer labels); the image is
+``(clamp(decode, -1, 1) + 1) / 2``, as Infinity's ``autoregressive_infer`` returns it before the BGR flip.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kvbench.errors import UsageError
 from kvbench.var.vae import Decoder, Encoder
 
 
@@ -91,12 +98,14 @@ def flip_bits(bits: Tensor, rate: float, generator: torch.Generator) -> Tensor:
 
 @dataclass(frozen=True)
 class BitVAEConfig:
-    """The d-bit tokenizer: ``bits`` latent channels, a VQGAN-style decoder (``kvbench.var.vae``)."""
+    """The d-bit tokenizer: ``bits`` latent channels, the conv autoencoder of ``kvbench.var.vae`` (``attention``:
+    self-attention in the middle and at the lowest level, as VAR's; the released Infinity tokenizer has none)."""
 
     bits: int = 32
     ch: int = 160
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
+    attention: bool = True
 
     @property
     def downsample(self) -> int:
@@ -109,7 +118,8 @@ class BitVAE(nn.Module):
     def __init__(self, cfg: BitVAEConfig, sides: tuple[int, ...]) -> None:
         super().__init__()
         self.cfg = cfg
-        kw = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, z_channels=cfg.bits)
+        kw = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, z_channels=cfg.bits,
+                  using_sa=cfg.attention, using_mid_sa=cfg.attention)
         self.encoder, self.decoder = Encoder(**kw), Decoder(**kw)
         self.quantizer = MultiScaleBSQ(cfg.bits, sides)
 
@@ -120,3 +130,34 @@ class BitVAE(nn.Module):
     def img_to_bits(self, img: Tensor) -> list[Tensor]:
         """Image (B, 3, H, W) in [-1, 1] -> per-scale bits."""
         return self.quantizer.f_to_bits(self.encoder(img))
+
+
+def released_vae_config(state: dict[str, Tensor]) -> BitVAEConfig:
+    """The configuration of a released Infinity tokenizer, read off its decoder's shapes (either naming): bits =
+    ``conv_in``'s input channels, one level per ``decoder.up.<i>``, ``ch * ch_mult[i]`` = that level's output
+    channels, ``num_res_blocks`` = its blocks - 1, attention iff ``decoder.mid.attn_1`` exists."""
+    def weight(name: str) -> Tensor:
+        return state.get(f"decoder.{name}.weight", state.get(f"decoder.{name}.conv.weight"))
+
+    if weight("conv_in") is None:
+        raise UsageError("not an Infinity tokenizer state dict: no decoder.conv_in weight (expected the 'vae' entry "
+                         "of infinity_vae_d32_reg.pth)")
+    levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("decoder.up.")})
+    outs = [weight(f"up.{i}.block.0.conv1").shape[0] for i in levels]
+    blocks = {int(k.split(".")[4]) for k in state if k.startswith("decoder.up.0.block.")}
+    return BitVAEConfig(bits=weight("conv_in").shape[1], ch=outs[0], ch_mult=tuple(o // outs[0] for o in outs),
+                        num_res_blocks=len(blocks) - 1,
+                        attention=any(k.startswith("decoder.mid.attn_1.") for k in state))
+
+
+def released_vae_state(state: dict[str, Tensor], vae: BitVAE) -> dict[str, Tensor]:
+    """A released tokenizer's state dict under our names: the authors' ``<conv>.conv.<p>`` / ``<norm>.norm.<p>``
+    wrappers unwrapped (names already ours are kept); a name that is neither is left as is, so the strict load
+    names it."""
+    ours = set(vae.state_dict())
+    out = {}
+    for key, value in state.items():
+        head, _, param = key.rpartition(".")
+        unwrapped = head.rpartition(".")[0] + "." + param if head.endswith((".conv", ".norm")) else key
+        out[key if key in ours or unwrapped not in ours else unwrapped] = value
+    return out

@@ -5,8 +5,10 @@
 Released: ``model.pretrained`` = ``infinity_2b_reg.pth`` loads strictly into ``Infinity(InfinityConfig())`` after
 ``released_state`` (the authors' ``load_state_dict`` drops the training buffers ``lvl_1L``,
 ``attn_bias_for_masking``, ``Infinity_visible_kvlen``, ``Infinity_invisible_qlen`` and fits ``cfg_uncond`` to
-``text_maxlen``); its tokenizer ``infinity_vae_d32_reg.pth`` is not implemented (``kvbench.var.infinity.bsq``), so a
-released run stops with one message after the transformer checks.
+``text_maxlen``); its tokenizer ``model.vae`` = ``infinity_vae_d32_reg.pth`` (the ``vae`` entry, as the authors'
+``vae_model`` loads it) strictly into ``BitVAE(released_vae_config(...))`` after ``released_vae_state``; the text
+encoder ``model.text_encoder`` (``google/flan-t5-xl`` at a pinned revision, or a local folder) through transformers.
+Every file is checked to exist before the multi-GB transformer is read.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from kvbench.errors import UsageError
-from kvbench.var.infinity.bsq import BitVAE, BitVAEConfig
+from kvbench.var.infinity.bsq import BitVAE, BitVAEConfig, released_vae_config, released_vae_state
 from kvbench.var.infinity.model import Infinity, InfinityConfig
 from kvbench.var.infinity.schedule import scale_sides
-from kvbench.var.infinity.text import TextEncoder, byte_tokenizer, tiny_t5
+from kvbench.var.infinity.text import TextEncoder, byte_tokenizer, pretrained_t5, tiny_t5
 from kvbench.var.load import ASSETS
 
 TRAINING_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
@@ -91,16 +93,38 @@ def released_state(state: dict[str, Tensor], model: Infinity) -> dict[str, Tenso
 
 
 def load_released(spec: Any, device: str | torch.device = "cpu") -> tuple[Infinity, BitVAE, TextEncoder]:
-    path = str(spec.pretrained)
+    path, vae_path = str(spec.pretrained), spec.get("vae")
     if not Path(path).is_file():
         raise UsageError(f"Infinity checkpoint {path!r} not found: download infinity_2b_reg.pth (hub "
                          "FoundationVision/Infinity) and set model.pretrained")
-    scale_sides(str(spec.get("h_div_w", "1:1")), str(spec.get("pn", "1M")))  # one message for an unknown schedule
+    if vae_path is None or not Path(str(vae_path)).is_file():
+        raise UsageError(f"Infinity tokenizer {vae_path!r} not found: download infinity_vae_d32_reg.pth (hub "
+                         "FoundationVision/Infinity) and set model.vae")
+    sides = scale_sides(str(spec.get("h_div_w", "1:1")), str(spec.get("pn", "1M")))  # one message for a bad one
+    vae = load_released_vae(str(vae_path), sides)
     model = Infinity(InfinityConfig()).eval()
+    if model.cfg.bits != vae.cfg.bits:
+        raise UsageError(f"{path} predicts {model.cfg.bits} bits per token, the tokenizer {vae_path} has "
+                         f"{vae.cfg.bits}: use the tokenizer released with the transformer")
+    text = pretrained_t5(str(spec.text_encoder), spec.get("text_encoder_revision"), device)  # before the big read
     model.load_state_dict(released_state(torch.load(path, map_location="cpu", weights_only=True), model), strict=True)
-    raise UsageError("Infinity's released tokenizer (infinity_vae_d32_reg.pth, a FLUX-style autoencoder) is not "
-                     "implemented in kvbench yet: the transformer loads, images cannot be decoded. Use "
-                     "model=kvbench-tiny-infinity, or contribute the decoder (kvbench/var/infinity/bsq.py)")
+    return model.to(device), vae.to(device), text
+
+
+def load_released_vae(path: str, sides: tuple[int, ...]) -> BitVAE:
+    """A released Infinity tokenizer file (``{"vae": state dict}``, or the state dict itself) as a ``BitVAE``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("vae", state) if isinstance(state, dict) else state
+    vae = BitVAE(released_vae_config(state), sides).eval()
+    mapped = released_vae_state(state, vae)
+    ours = vae.state_dict()
+    missing, unexpected = sorted(set(ours) - set(mapped)), sorted(set(mapped) - set(ours))
+    wrong = [k for k in set(ours) & set(mapped) if ours[k].shape != mapped[k].shape]
+    if missing or unexpected or wrong:
+        raise UsageError(f"{path} is not an Infinity tokenizer kvbench can load ({vae.cfg}): missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {sorted(wrong)[:3]}")
+    vae.load_state_dict(mapped, strict=True)
+    return vae
 
 
 def load_infinity(spec: Any, device: str | torch.device = "cpu") -> tuple[Infinity, BitVAE, TextEncoder]:
