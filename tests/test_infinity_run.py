@@ -139,41 +139,6 @@ def test_mismatched_models_and_tasks_are_one_clear_error(tmp_path, model, task, 
     assert not list(tmp_path.rglob("*")), "nothing written before the inputs are checked"
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's byte -> printable-character table (for a tiny CLIP vocabulary written here)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    """A CLIP model built offline from a config (random weights) with a byte-level vocabulary, saved as a folder."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    out = tmp_path_factory.mktemp("clip")
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
-    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
-    (out / "vocab.json").write_text(json.dumps(vocab))
-    (out / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"))
-    text = {"vocab_size": 514, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "max_position_embeddings": 77}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "image_size": 32, "patch_size": 8}
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out)
-    image = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image, tokenizer=tok).save_pretrained(out)
-    return out
-
-
 def test_clip_score_is_100_times_the_clipped_cosine(tiny_clip, tiny) -> None:
     """Against the embeddings computed through the CLIP towers and projections by hand."""
     from kvbench.var.metrics import clip_score, load_clip

@@ -17,7 +17,7 @@ torchmetrics defines it, ``100 * max(cos(E_image, E_text), 0)`` with transformer
 ``CLIPProcessor`` (``task.clip_model``: ``openai/clip-vit-large-patch14``, torchmetrics' default, from a local
 folder or the hub cache). Deviation: computed with transformers directly, not through torchmetrics'
 ``CLIPScore`` (1.9 calls ``get_image_features`` and expects a tensor, which transformers 5 no longer returns; and
-open_clip needs torchvision). GenEval (object detection with Mask2Former) is not implemented.
+open_clip needs torchvision). GenEval: :mod:`kvbench.var.geneval`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from kvbench.errors import UsageError
 PSNR_IDENTICAL = 100.0
 OFFLINE = ("token_agreement", "psnr", "ssim")
 DISTRIBUTION = ("fid", "inception_score", "precision_recall")
-TEXT = ("clip_score",)  # needs the prompts: text-conditioned models only
+TEXT = ("clip_score", "geneval")  # need the prompts: text-conditioned models only (geneval: kvbench.var.geneval)
 
 
 def token_agreement(tokens: list[Tensor], ref: list[Tensor]) -> Tensor:

@@ -15,6 +15,7 @@ are still the same; otherwise it is refused naming what differs (``overwrite=tru
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from kvbench.var.baselines import var_method
 from kvbench.var.bundle import Bundle, load_bundle
 from kvbench.var.compress import VarMethod
 from kvbench.var.generate import Generation
+from kvbench.var.geneval import GenEval, load_geneval
+from kvbench.var.geneval import summary as geneval_summary
 from kvbench.var.load import ASSETS
 from kvbench.var.metrics import (
     DISTRIBUTION,
@@ -135,7 +138,8 @@ class Setup:
     budget: float
     device: torch.device
     distribution: list[str]
-    clip: tuple[Any, Any] | None = None  # CLIPModel, CLIPProcessor when the task asks for clip_score
+    clip: tuple[Any, Any] | None = None  # CLIPModel, CLIPProcessor when the task asks for clip_score or geneval
+    geneval: GenEval | None = None
 
 
 def setup(cfg: DictConfig, method: Any) -> Setup:
@@ -151,8 +155,10 @@ def setup(cfg: DictConfig, method: Any) -> Setup:
     wanted = [m for m in task.metrics if m in DISTRIBUTION]
     if wanted:  # fail before generating anything when the packages are missing
         fidelity_metrics(wanted, None, task.fid_reference, check_only=True)
-    clip = load_clip(str(task.clip_model)) if "clip_score" in task.metrics else None
-    return Setup(bundle, task, method, scorer, budget, device, wanted, clip)
+    clip = load_clip(str(task.clip_model)) if {"clip_score", "geneval"} & set(task.metrics) else None
+    geneval = (load_geneval(str(task.geneval_detector), clip, dict(task.geneval), device)
+               if "geneval" in task.metrics else None)
+    return Setup(bundle, task, method, scorer, budget, device, wanted, clip, geneval)
 
 
 def generate_all(s: Setup, run_seed: int, out_dir: Path) -> list[dict[str, Any]]:
@@ -163,13 +169,21 @@ def generate_all(s: Setup, run_seed: int, out_dir: Path) -> list[dict[str, Any]]
         ref = s.bundle.sample(conditions, seed, **s.task.sampling())
         out = s.bundle.sample(conditions, seed, method=s.scorer, budget=s.budget, **s.task.sampling())
         batches.append(compare(out, ref))
-        if s.clip is not None:  # the method's images and the full cache's, against their prompts
+        if "clip_score" in s.task.metrics:  # the method's images and the full cache's, against their prompts
             batches[-1] |= {"clip_score": clip_score(out.image, conditions, s.clip),
                             "full_clip_score": clip_score(ref.image, conditions, s.clip)}
+        if s.geneval is not None:
+            batches[-1] |= {"geneval": geneval_rows(s, out.image, k), "full_geneval": geneval_rows(s, ref.image, k)}
         if s.task.save_images:
             save_grid(out_dir / f"grid_seed{k}.png", ref.image, out.image)
             save_images(out_dir / "images", out.image, k, s.task)
     return batches
+
+
+def geneval_rows(s: Setup, images: torch.Tensor, seed: int) -> list[dict[str, Any]]:
+    """GenEval's result row of each image of one seed's batch (one image per prompt)."""
+    return [{"image": s.task.image_name(seed, i), **s.geneval.score(img, meta)}
+            for i, (img, meta) in enumerate(zip(images, s.task.metadata, strict=True))]
 
 
 def model_files(spec: Any) -> dict[str, Any]:
@@ -184,6 +198,12 @@ def model_files(spec: Any) -> dict[str, Any]:
     return {"local": digest([file_digest(p) for p in files if p.is_file()])}
 
 
+def task_files(task: Any) -> dict[str, str] | None:
+    """The identity of the task's data file (GenEval's metadata), or None for tasks whose prompts are the config."""
+    path = Path(str(task.metadata)) if task.get("metadata") else None
+    return {"metadata": file_digest(path)} if path is not None and path.is_file() else None
+
+
 def resolved(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
@@ -195,7 +215,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         store.discard()
     store.preflight()  # writes nothing: another process's directory, another config, unreadable files
     method = instantiate(cfg.method)
-    identity = {"inputs": method.inputs(), "model": model_files(cfg.model)}
+    identity = {"inputs": method.inputs(), "model": model_files(cfg.model), "data": task_files(cfg.task)}
     if store.complete and not store.overwrite:
         store.check_inputs(**identity)  # a finished run of other inputs is refused, naming what differs
         return store.load_metrics()
@@ -215,6 +235,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def execute(cfg: DictConfig, s: Setup, out_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     batches = generate_all(s, int(cfg.seed), out_dir)
+    ours, full = ([row for b in batches for row in b.pop(key, [])] for key in ("geneval", "full_geneval"))
     sizes = [p * p for p in s.bundle.shape[2]]
     metrics = {"run": {"task": s.task.name, "model": str(cfg.model.name), "method": str(cfg.method.name),
                        "budget": s.budget, "seed": int(cfg.seed), "family": "var", "arch": s.bundle.arch,
@@ -222,9 +243,12 @@ def execute(cfg: DictConfig, s: Setup, out_dir: Path) -> dict[str, Any]:
                "compression_ratio": compression_ratio(s.budget, sum(sizes)),
                **summarise(batches, sizes), "inputs": s.method.inputs(),
                "wall_s": round(time.perf_counter() - t0, 3), "device": str(s.device)}
-    if s.clip is not None:
+    if "clip_score" in s.task.metrics:
         metrics["clip_score"] = float(np.mean(sum((b["clip_score"] for b in batches), [])))
         metrics["full_clip_score"] = float(np.mean(sum((b["full_clip_score"] for b in batches), [])))
+    if s.geneval is not None:  # the authors' results.jsonl rows of the method's images, and both summaries
+        (out_dir / "geneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ours))
+        metrics["geneval"], metrics["full_geneval"] = geneval_summary(ours), geneval_summary(full)
     if s.distribution:
         metrics["fidelity"] = fidelity_metrics(s.distribution, out_dir / "images", s.task.fid_reference)
     return metrics
@@ -249,6 +273,9 @@ def report(metrics: dict[str, Any]) -> str:
         " runs interleaved)"]
     if "clip_score" in metrics:
         lines.insert(3, f"CLIP       score {metrics['clip_score']:.2f} (full cache {metrics['full_clip_score']:.2f})")
+    if "geneval" in metrics:
+        lines.insert(3, f"GenEval    overall {metrics['geneval']['overall']:.3f} (full cache "
+                        f"{metrics['full_geneval']['overall']:.3f}; {metrics['geneval']['images']} images)")
     if metrics.get("condition_kv_bytes"):
         lines.insert(4, f"condition  text cross-attention K/V {metrics['condition_kv_bytes'] / mib:.3f} MiB "
                         "(both streams, computed once, not compressed; not in the KV bytes above)")

@@ -1,5 +1,6 @@
-"""The next-scale tasks: ``task=var_class`` (fixed classes, ``conf/task/var_class.yaml``) and
-``task=infinity_prompts`` (fixed text prompts, ``conf/task/infinity_prompts.yaml``), each with fixed seeds.
+"""The next-scale tasks: ``task=var_class`` (fixed classes, ``conf/task/var_class.yaml``),
+``task=infinity_prompts`` (fixed text prompts, ``conf/task/infinity_prompts.yaml``) and ``task=geneval`` (GenEval's
+prompts from its metadata file, ``conf/task/geneval.yaml``), each with fixed seeds.
 
 A task gives the model's kind of condition (``classes`` for VAR, ``prompts`` for Infinity) and its sampling
 settings; a task of the other kind is refused with one message.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbench.errors import UsageError
+from kvbench.tasks.geneval import load_metadata
 from kvbench.var.metrics import DISTRIBUTION, OFFLINE, TEXT
 
 SAMPLING = {"classes": ("cfg", "top_k", "top_p"), "prompts": ("cfg", "tau", "top_k", "top_p")}
@@ -30,23 +32,29 @@ class VarTask:
     save_images: bool = True
     fid_reference: str | None = None
     clip_model: str | None = None
+    metadata: tuple[dict[str, Any], ...] | None = None  # GenEval: one metadata line per prompt
+    geneval_detector: str | None = None
+    geneval: tuple[tuple[str, Any], ...] = ()  # GenEval's options (kvbench.var.geneval.Settings)
 
     @classmethod
     def from_cfg(cls, task: Any, kind: str | None = None, num_classes: int | None = None) -> VarTask:
         """``kind``: the model's condition (``Bundle.condition``; None: the task's own); ``num_classes`` bounds
         class labels."""
-        kind = kind or ("prompts" if task.get("prompts") is not None else "classes")
+        kind = kind or ("prompts" if task.get("prompts") is not None or task.get("metadata") else "classes")
         if task.get("family") != "var":
             raise UsageError(f"task {task.name!r} is not a VAR task (family: var, the next-scale runner); this model "
                              f"runs e.g. {EXAMPLE[kind]}")
-        if task.get(kind) is None:
+        metadata = tuple(load_metadata(task.metadata)) if task.get("metadata") and kind == "prompts" else None
+        if task.get(kind) is None and metadata is None:
             raise UsageError(f"task {task.name!r} has no {kind}, which this model is conditioned on; e.g. "
                              f"{EXAMPLE[kind]}")
-        conditions = tuple(int(c) for c in task[kind]) if kind == "classes" else tuple(str(p) for p in task[kind])
+        conditions = (tuple(m["prompt"] for m in metadata) if metadata else tuple(int(c) for c in task[kind])
+                      if kind == "classes" else tuple(str(p) for p in task[kind]))
         settings = tuple((k, float(task[k]) if k != "top_k" else int(task[k])) for k in SAMPLING[kind])
+        options = tuple(sorted((task.get("geneval") or {}).items()))
         out = cls(str(task.name), kind, conditions, tuple(int(s) for s in task.seeds), settings,
                   tuple(task.metrics), bool(task.get("save_images", True)), task.get("fid_reference"),
-                  task.get("clip_model"))
+                  task.get("clip_model"), metadata, task.get("geneval_detector"), options)
         out.check(num_classes)
         return out
 
@@ -64,6 +72,10 @@ class VarTask:
         if "clip_score" in self.metrics and (self.kind != "prompts" or not self.clip_model):
             raise UsageError(f"task {self.name!r}: clip_score needs text prompts and task.clip_model (a CLIP folder "
                              "or hub id, e.g. openai/clip-vit-large-patch14)")
+        if "geneval" in self.metrics and not (self.metadata and self.geneval_detector and self.clip_model):
+            raise UsageError(f"task {self.name!r}: geneval needs GenEval's metadata (task=geneval, task.metadata), "
+                             "task.geneval_detector (a Mask2Former COCO-instance folder or hub id) and "
+                             "task.clip_model (openai/clip-vit-large-patch14)")
 
     def sampling(self) -> dict[str, Any]:
         return dict(self.settings)
