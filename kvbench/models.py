@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -127,21 +128,28 @@ def load_tokenizer(spec: Any) -> PreTrainedTokenizerBase:
         raise _load_error(spec, source, kwargs, err) from err
 
 
-def load_vision_processors(spec: Any, with_processor: bool) -> tuple[Any, Any, str]:
+#: transformers' video processors are built on torchvision; where it imports (GPU nodes) they are used.
+TORCHVISION = importlib.util.find_spec("torchvision") is not None
+
+
+def load_vision_processors(spec: Any, with_processor: bool, with_video: bool = False
+                           ) -> tuple[Any, Any, Any, str]:
     """A vision-language model's image processor (the PIL variant without torchvision), with ``with_processor``
-    its transformers processor (LLaVA-style models; Qwen-VL placeholders kvbench expands itself), and the resolved
+    its transformers processor (LLaVA-style models; Qwen-VL placeholders kvbench expands itself), with
+    ``with_video`` its video processor (``AutoVideoProcessor``, needs torchvision; else None), and the resolved
     source."""
-    from transformers import AutoImageProcessor, AutoProcessor
+    from transformers import AutoImageProcessor, AutoProcessor, AutoVideoProcessor
 
     source, kwargs = _source(spec)
     try:
         image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
         processor = AutoProcessor.from_pretrained(source, **kwargs) if with_processor else None
+        video = AutoVideoProcessor.from_pretrained(source, **kwargs) if with_video else None
     except Exception as err:
         if not _translated(err, source):
             raise
         raise _load_error(spec, source, kwargs, err) from err
-    return image_processor, processor, source
+    return image_processor, processor, video, source
 
 
 def load_model(spec: Any, device: torch.device, tokenizer: PreTrainedTokenizerBase | None = None

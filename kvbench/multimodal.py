@@ -7,16 +7,18 @@
   video frames (decoded with PyAV by the tasks) resized with the processor's ``smart_resize`` to multiples of
   patch x merge and laid out as the video processor does (:func:`kvbench.tasks.vision.patchify_video`). Deviation:
   the frames' pixel limits are those of the model's ``video_preprocessor_config.json`` when it has one, else of
-  its image processor (no torchvision here to build the video processor itself); Qwen2.5-VL's
-  ``second_per_grid_ts`` is ``temporal_patch_size / fps`` with the processor's default fps 2.0.
+  its image processor; Qwen2.5-VL's ``second_per_grid_ts`` is ``temporal_patch_size / fps`` with the
+  processor's default fps 2.0. Where torchvision imports (GPU nodes), the model's own video processor
+  (``AutoVideoProcessor``, ``do_sample_frames=False``: the task already sampled the frames) makes the pixels and
+  grid instead, and this hand layout is not used (``tests/test_vl_video_processor.py`` compares the two there).
   Spans: ``image:<k>`` per image, ``frame:<k>`` per temporal patch (two frames merged into one group of tokens).
 * ``llava`` (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision): the transformers processor expands ``<image>`` (a PIL image
   processor); ``image:<k>`` is the k-th run of image tokens. LLaVA-OneVision video: frames resized (bicubic) to the
   image processor's size, rescaled and normalised with its mean / std (deviation: the video processor's own, which
-  needs torchvision, is not read), ``pixel_values_videos`` (1, F, C, H, W), and ``<video>`` expanded to
-  F x ceil(side / 2)^2 + 1 tokens as the processor does (each frame's patch grid pooled 2 x 2, one newline token at
-  the end); ``frame:<k>`` = frame k's pooled tokens. Video for LLaVA-1.5 / NeXT (no video in those models) is
-  refused.
+  needs torchvision, is used where torchvision imports), ``pixel_values_videos`` (1, F, C, H, W), and ``<video>``
+  expanded to F x ceil(side / 2)^2 + 1 tokens as the processor does (each frame's patch grid pooled 2 x 2, one
+  newline token at the end); ``frame:<k>`` = frame k's pooled tokens. Video for LLaVA-1.5 / NeXT (no video in
+  those models) is refused.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class VisionEncoder:
         processor: LLaVA: the transformers processor that expands ``<image>``; None for Qwen-VL.
         video_pixels: (min, max) pixels of a video frame (Qwen-VL ``smart_resize``).
         fps: frames per second the video's temporal groups are timed with (Qwen2.5-VL).
+        video_processor: the model's video processor where torchvision imports (else frames are laid out here).
     """
 
     family: str
@@ -61,6 +64,7 @@ class VisionEncoder:
     processor: Any = None
     video_pixels: tuple[int, int] | None = None
     fps: float = 2.0
+    video_processor: Any = None
 
     def encode(self, tok: Any, text: str, images: Sequence[Any], frames: Sequence[Any]) -> Prompt:
         """The prompt of ``text`` (with :data:`IMAGE` / :data:`VIDEO` placeholders) and its images / frames."""
@@ -70,8 +74,10 @@ class VisionEncoder:
 
     def _qwen(self, tok: Any, text: str, images: Sequence[Any], frames: Sequence[Any]) -> Prompt:
         ip = self.image_processor
-        frames = fit_frames(frames, ip.patch_size * ip.merge_size, *self.video_pixels) if len(frames) else []
-        out = qwen_vl_inputs(text, images, frames, tok, ip, ip.merge_size)
+        video = self.processed_video(frames) if len(frames) and self.video_processor is not None else None
+        if len(frames) and video is None:
+            frames = fit_frames(frames, ip.patch_size * ip.merge_size, *self.video_pixels)
+        out = qwen_vl_inputs(text, images, frames, tok, ip, ip.merge_size, video)
         tensors = {k: out[k] for k in QWEN_TENSORS if k in out}
         if len(frames) and self.model_type == "qwen2_5_vl":
             tensors["second_per_grid_ts"] = torch.tensor([ip.temporal_patch_size / self.fps])
@@ -108,18 +114,27 @@ class VisionEncoder:
                              images=[load_image(i) for i in images], add_special_tokens=special, return_tensors="pt")
         return enc["input_ids"][0], {k: enc[k] for k in LLAVA_TENSORS if k in enc}
 
+    def processed_video(self, frames: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The model's video processor on the (already sampled) frames: ``pixel_values_videos`` (+ Qwen-VL's
+        ``video_grid_thw``)."""
+        enc = self.video_processor(videos=[[load_image(f) for f in frames]], do_sample_frames=False,
+                                   return_tensors="pt")
+        return {k: enc[k] for k in ("pixel_values_videos", "video_grid_thw") if k in enc}
+
     def _onevision_video(self, frames: Sequence[Any]) -> tuple[dict[str, torch.Tensor], int]:
         """``{"pixel_values_videos": (1, F, C, H, W)}`` and the pooled tokens per frame, as LLaVA-OneVision's video
-        processor and processor lay them out."""
+        processor and processor lay them out (the video processor itself where torchvision imports)."""
         import numpy as np
         from PIL import Image
 
+        side = math.ceil(math.isqrt(self.processor.num_image_tokens) / 2)
+        if self.video_processor is not None:
+            return self.processed_video(frames), side * side
         ip = self.image_processor
         h, w = ip.size["height"], ip.size["width"]
         arr = np.stack([np.asarray(load_image(f).resize((w, h), Image.Resampling.BICUBIC), np.float32) / 255.0
                         for f in frames])  # (F, H, W, C)
         arr = (arr - np.asarray(ip.image_mean, np.float32)) / np.asarray(ip.image_std, np.float32)
-        side = math.ceil(math.isqrt(self.processor.num_image_tokens) / 2)
         return {"pixel_values_videos": torch.from_numpy(arr).permute(0, 3, 1, 2)[None]}, side * side
 
 
@@ -147,7 +162,13 @@ def pixel_limits(source: str, image_processor: Any) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def vision_encoder(model: Any, tok: Any, image_processor: Any, source: str, processor: Any = None) -> VisionEncoder:
+def takes_video(family: str, model_type: str) -> bool:
+    """Whether a vision-language model takes video (Qwen2-VL family, LLaVA-OneVision)."""
+    return family == "qwen2_vl" or model_type == "llava_onevision"
+
+
+def vision_encoder(model: Any, tok: Any, image_processor: Any, source: str, processor: Any = None,
+                   video_processor: Any = None) -> VisionEncoder:
     """The encoder of a loaded vision-language model (its adapter's family, placeholder ids, pixel limits)."""
     from kvbench.engine.adapters import adapter_for
 
@@ -158,4 +179,4 @@ def vision_encoder(model: Any, tok: Any, image_processor: Any, source: str, proc
     image_id, video_id = adapter.vision_ids
     limits = pixel_limits(source, image_processor) if adapter.family == "qwen2_vl" else None
     return VisionEncoder(adapter.family, model.config.model_type, image_processor, image_id, video_id, processor,
-                         limits)
+                         limits, video_processor=video_processor)

@@ -55,8 +55,8 @@ from kvbench.gguf import PREFIX as GGUF_PREFIX
 from kvbench.identity import data_identity, model_identity
 from kvbench.loggers import log_run
 from kvbench.method import Method
-from kvbench.models import load_model, load_tokenizer, load_vision_processors, pick_device, resolve_source
-from kvbench.multimodal import VisionEncoder, vision_encoder
+from kvbench.models import TORCHVISION, load_model, load_tokenizer, load_vision_processors, pick_device, resolve_source
+from kvbench.multimodal import VisionEncoder, takes_video, vision_encoder
 from kvbench.pipeline import RunOptions
 from kvbench.results import ConfigMismatchError, CorruptRunError, RunDirBusyError, RunStore
 from kvbench.schema import SIZE_KEYS, TIMING_KEYS
@@ -266,8 +266,9 @@ def load(cfg: DictConfig, setup: Setup) -> None:
 def load_vision(spec: DictConfig, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> VisionEncoder:
     """A vision-language model's prompt encoder (its image processor, LLaVA's processor)."""
     family = adapter_for(model).family
-    image_processor, processor, source = load_vision_processors(spec, with_processor=family == "llava")
-    return vision_encoder(model, tok, image_processor, source, processor)
+    video = TORCHVISION and takes_video(family, model.config.model_type)
+    image_processor, processor, video_processor, source = load_vision_processors(spec, family == "llava", video)
+    return vision_encoder(model, tok, image_processor, source, processor, video_processor)
 
 
 def run_sample(engine: Engine, tok: PreTrainedTokenizerBase, sample: Sample, opts: RunOptions, skip: set[str]

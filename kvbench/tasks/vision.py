@@ -170,9 +170,11 @@ def patchify_video(frames: Sequence[Any], patch: int = 14, merge: int = 2, tempo
 
 
 def qwen_vl_inputs(text: str, images: Sequence[Any], frames: Sequence[Any], tokenizer: Any, image_processor: Any,
-                   merge: int = 2) -> dict[str, Any]:
+                   merge: int = 2, video: dict[str, Any] | None = None) -> dict[str, Any]:
     """Model inputs for a prompt with :data:`~kvbench.tasks.base.IMAGE` / ``VIDEO`` placeholders: each expanded
-    to ``<|vision_start|>`` + one pad token per merged patch + ``<|vision_end|>``, as Qwen2-VL's processor does."""
+    to ``<|vision_start|>`` + one pad token per merged patch + ``<|vision_end|>``, as Qwen2-VL's processor does.
+    ``video``: the frames' ``pixel_values_videos`` / ``video_grid_thw`` from the model's video processor (else the
+    frames are laid out by :func:`patchify_video`)."""
     from kvbench.tasks.base import IMAGE, VIDEO
 
     out: dict[str, Any] = {}
@@ -188,8 +190,9 @@ def qwen_vl_inputs(text: str, images: Sequence[Any], frames: Sequence[Any], toke
     if (VIDEO in text) != bool(len(frames)):
         raise UsageError("a prompt needs exactly one video placeholder when the sample has frames")
     if len(frames):
-        pv, thw = patchify_video(frames, image_processor.patch_size, merge, image_processor.temporal_patch_size,
-                                 image_processor.image_mean, image_processor.image_std)
+        pv, thw = (video["pixel_values_videos"], video["video_grid_thw"]) if video else patchify_video(
+            frames, image_processor.patch_size, merge, image_processor.temporal_patch_size,
+            image_processor.image_mean, image_processor.image_std)
         out["pixel_values_videos"], out["video_grid_thw"] = pv, thw
         text = text.replace(VIDEO, f"<|vision_start|>{'<|video_pad|>' * (int(thw.prod()) // merge**2)}<|vision_end|>")
     enc = tokenizer(text, return_tensors="pt")
