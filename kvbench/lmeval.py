@@ -40,18 +40,15 @@ from __future__ import annotations
 
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kvbench.__main__ import GROUPS
-from kvbench.cli import unknown_option
+from kvbench.cli import CONF_DIR, GROUPS, unknown_option
 from kvbench.errors import UsageError
 from kvbench.validate import check_config
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODEL = "kvbench.lmeval_model:KVBenchLM"  # loaded (with torch) when lm-eval builds the model, not for --help
 
 

@@ -7,15 +7,14 @@ A thin Hydra wrapper around :func:`kvbench.serve.run.run`. The config root is ``
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from kvbench.cli import CONF_DIR as CONF
 from kvbench.cli import unknown_option
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 CONF_DIR = str(CONF / "serve")
 GROUPS = ("system", "workload", "hardware", "arch", "slo")
 
