@@ -14,6 +14,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from kvbench.budget import check_budget
+from kvbench.report.status import scan
 from kvbench.results import config_hash
 from kvbench.runner import build, validate
 
@@ -77,6 +78,9 @@ def test_an_experiment_runs_as_a_sweep_and_the_command_line_narrows_it(tmp_path)
     done = sorted(p.parent.relative_to(tmp_path / "r").as_posix() for p in (tmp_path / "r").rglob("metrics.json"))
     assert done == [f"synth_needle/kvbench-tiny/snapkv/uniform/query_aware/budget={b}/seed=0"
                     for b in ("0.05", "0.1", "0.2")]  # one job: the experiment's budgets, only snapkv
+    (sweep,) = {p.parent for p in (tmp_path / "l").rglob("multirun.yaml")}
+    st = scan(tmp_path / "r", sweep)  # status re-expands the experiment's grid, narrowed by the command line
+    assert st[["job", "state"]].values.tolist() == [[0, "finished"]] * 3 and sorted(st.run_id) == done
 
 
 def _runs_of_cell(name: str, cell: list[str]) -> list[tuple[str, str]]:

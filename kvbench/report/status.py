@@ -124,25 +124,29 @@ def _job_log_error(sweep: Path, job: int) -> str | None:
 def sweep_jobs(sweep: str | Path) -> list[tuple[int, str | None, Path]]:
     """(job number, run_id, job directory) for every job of a Hydra multirun (basic sweeper grid).
 
-    The grid is re-expanded from ``multirun.yaml`` the way Hydra's basic sweeper does, and each job's config is
-    composed from kvbench's ``conf/`` to get its run_id (None if the job's overrides no longer compose).
+    The grid is re-expanded from ``multirun.yaml`` the way Hydra's basic sweeper does (the sweeper's ``params``,
+    e.g. an experiment file's grid, then the command line's overrides, a later value of a key replacing an earlier
+    one), and each job's config is composed from kvbench's ``conf/`` to get its run_id (None if the job's
+    overrides no longer compose).
     """
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     import kvbench  # noqa: F401  (registers the config resolvers)
-    from kvbench.__main__ import CONF_DIR
+    from kvbench.cli import CONF_DIR
 
     sweep = Path(sweep)
     multirun = sweep / "multirun.yaml"
     if not multirun.exists():
         raise UsageError(f"{sweep} is not a Hydra sweep directory (no multirun.yaml)")
-    overrides = yaml.safe_load(multirun.read_text())["hydra"]["overrides"]["task"]
+    hydra_cfg = yaml.safe_load(multirun.read_text())["hydra"]
+    params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
+    overrides = [f"{k}={v}" for k, v in params.items()] + list(hydra_cfg["overrides"]["task"])
     batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
     jobs = [job for batch in batches for job in batch]
     out = []
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for num, job in enumerate(jobs):
             out += [(num, run_id, sweep / str(num)) for run_id in _run_ids(compose, job)]
     return out
