@@ -24,6 +24,15 @@ EDGE_BYTES = 2**20
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (a method's input files, release files, calibrations)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def digest(obj: Any) -> str:
     """sha256 (16 hex chars) of an object's canonical JSON."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_canonical, ensure_ascii=False).encode()

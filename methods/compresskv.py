@@ -3,7 +3,6 @@ error-aware layer budgets (the ``error_aware`` allocator)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from kvbench import model_slug
 from kvbench.budget import Allocator
 from kvbench.engine.context import LayerContext
 from kvbench.errors import UsageError
+from kvbench.identity import sha256_file
 from kvbench.method import Method
 from kvbench.ops import pool1d
 
@@ -141,11 +141,11 @@ def load_calibration(path: str | Path, layer_scores: str | Path | None = None) -
         scores, meta = None, {"format": "authors (TUDa-HWAI/CompressKV scores/*_head_idx.json)"}
     else:
         raise UsageError(f"{path} is neither a kvbench CompressKV calibration nor the authors' *_head_idx.json")
-    source, digests = str(path), {"calibration": hashlib.sha256(path.read_bytes()).hexdigest()}
+    source, digests = str(path), {"calibration": sha256_file(path)}
     if layer_scores is not None:
         scores = _authors_layer_scores(Path(layer_scores).expanduser())
         source += f" + {layer_scores}"
-        digests["layer_scores"] = hashlib.sha256(Path(layer_scores).expanduser().read_bytes()).hexdigest()
+        digests["layer_scores"] = sha256_file(Path(layer_scores).expanduser())
     return Calibration(heads, [float(x) for x in scores] if scores is not None else None, source, meta, digests)
 
 

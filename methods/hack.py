@@ -9,8 +9,9 @@ from torch import Tensor
 
 from kvbench.engine.context import LayerContext
 from kvbench.errors import UsageError
+from kvbench.identity import sha256_file
 from kvbench.method import Method
-from kvbench.var.hack import HackParams, calibration_path, file_digest
+from kvbench.var.hack import HackParams, calibration_path
 
 
 @dataclass
@@ -38,4 +39,4 @@ class HACK(HackParams, Method):
 
     def inputs(self) -> dict[str, str]:
         path = calibration_path(self)
-        return {"hack_calibration": file_digest(path)} if path.is_file() else {}
+        return {"hack_calibration": sha256_file(path)} if path.is_file() else {}

@@ -26,7 +26,6 @@ attention is computed in fp32 for the probes.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import random
@@ -45,6 +44,7 @@ from transformers import AttentionInterface, PreTrainedTokenizerBase
 from kvbench.engine.context import LayerContext
 from kvbench.engine.engine import attention_modules
 from kvbench.errors import UsageError
+from kvbench.identity import sha256_file
 from kvbench.pipeline import encode
 from kvbench.tasks.synthetic import make_samples
 from methods.compresskv import FORMAT, VERSION, srh_scores
@@ -353,7 +353,7 @@ def model_info(model: nn.Module, name: str, pretrained: str | None = None, revis
                             "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
                             "n_kv_heads": cfg.num_key_value_heads}
     if local_dir and Path(local_dir).is_dir():
-        info["weights_sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        info["weights_sha256"] = {p.name: sha256_file(p)
                                   for p in sorted(Path(local_dir).glob("*.safetensors"))}
     return info
 

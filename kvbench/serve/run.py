@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kvbench.errors import UsageError
+from kvbench.identity import sha256_file
 from kvbench.results import RunStore
 from kvbench.serve.arch import arch_from_cfg
 from kvbench.serve.core import ServerConfig
@@ -56,10 +56,6 @@ def calibrate_file(path: Path, rounds: int) -> None:
     from kvbench.serve.calibrate import write_calibration  # loads torch and the embedded model
 
     write_calibration(path, rounds)
-
-
-def sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def context(cfg: DictConfig, kv: KVPolicy, out_dir: Path) -> SimContext:
@@ -127,7 +123,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     elif store.complete and store.owned():
         return store.load_metrics()
     ctx = context(cfg, kv, out)  # may calibrate (hardware=cpu) before the directory is claimed
-    inputs = {"calibration": sha256(cfg.hardware.calibration)} if cfg.hardware.get("calibration") else {}
+    inputs = {"calibration": sha256_file(cfg.hardware.calibration)} if cfg.hardware.get("calibration") else {}
     store.open(inputs)
     system: System = instantiate(cfg.system)
     runs = simulate_all(system, cfg, ctx)

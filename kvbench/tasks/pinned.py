@@ -10,7 +10,6 @@ hub repository, its SHA-256 and whether that matched a pinned value, so a result
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.errors import UsageError
+from kvbench.identity import sha256_file
 
 SOURCE_FILE = "source.json"
 
@@ -33,15 +33,6 @@ class Checksum:
     def __post_init__(self) -> None:
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ValueError(f"not a lower-case hex SHA-256: {self.sha256!r}")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check(path: str | os.PathLike, expected: Checksum | None, what: str) -> str:

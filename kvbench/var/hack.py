@@ -27,7 +27,6 @@ formula below that they leave open is a named parameter, documented as our choic
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -133,10 +132,6 @@ def load_calibration(params: HackParams) -> dict[str, Any]:
     if data.get("version") != VERSION or data.get("method") != "hack":
         raise UsageError(f"hack: {path} is not a version-{VERSION} HACK calibration; rewrite it with calibrate_hack.py")
     return data
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class HackScorer(VarMethod):
