@@ -145,8 +145,8 @@ def test_a_geneval_run_scores_the_methods_and_the_full_caches_images(tmp_path, t
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
             "model=kvbench-tiny-infinity", "task=geneval", "method=snapkv", "budget=0.3", f"paths.results={tmp_path}",
-            f"task.metadata={FIXTURE}", f"task.geneval_detector={tiny_mask2former}", f"task.clip_model={tiny_clip}",
-            "task.seeds=[0]", "task.geneval.threshold=0.0", "progress=false"])
+            f"task.loader.data_dir={FIXTURE.parent}", f"task.geneval_detector={tiny_mask2former}",
+            f"task.clip_model={tiny_clip}", "task.seeds=[0]", "task.geneval.threshold=0.0", "progress=false"])
     m = run(cfg)
     for key in ("geneval", "full_geneval"):
         assert m[key]["images"] == 6 and 0 <= m[key]["overall"] <= 1
@@ -157,6 +157,11 @@ def test_a_geneval_run_scores_the_methods_and_the_full_caches_images(tmp_path, t
     assert rows[0]["image"] == "seed0_prompt0.png" and (out / "images" / rows[0]["image"]).is_file()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         bad = compose("config", overrides=["model=kvbench-tiny-infinity", "task=geneval", f"paths.results={tmp_path}",
-                                           f"task.metadata={FIXTURE}", "task.clip_model=null"])
+                                           f"task.loader.data_dir={FIXTURE.parent}", "task.clip_model=null"])
     with pytest.raises(UsageError, match="geneval needs"):
         run(bad)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        typo = compose("config", overrides=["model=kvbench-tiny-infinity", "task=geneval", f"paths.results={tmp_path}",
+                                            f"task.loader.data_dir={FIXTURE.parent}", "+task.geneval.treshold=0.5"])
+    with pytest.raises(UsageError, match="unknown GenEval options.*treshold"):
+        run(typo)

@@ -32,12 +32,19 @@ def prepare(dest: Path, names: list[str] | None = None) -> list[Path]:
     return [download(URL, Path(dest) / FILE, expected=CHECKSUM, root=dest)]
 
 
+def metadata_file(task: Any) -> Path | None:
+    """The metadata file of a GenEval task node (``task.loader.data_dir``), None for other tasks."""
+    loader = task.get("loader") or {}
+    return Path(str(loader["data_dir"])) / FILE if task.get("name") == BENCHMARK and loader.get("data_dir") else None
+
+
 def load_metadata(path: str | Path) -> list[dict[str, Any]]:
     """The metadata lines of ``path``, checked: each has a known tag, a prompt and a non-empty include list."""
     if not Path(path).is_file():
         raise DataMissingError(f"GenEval's metadata {path} does not exist: run `{prepare_command(BENCHMARK)}` (it "
                                f"fetches {REPO}@{COMMIT[:7]}/prompts/{FILE} from GitHub) with KVBENCH_DATA (or "
-                               "paths.data=...) pointing at the data root, or set task.metadata=/path/to/the/file")
+                               "paths.data=...) pointing at the data root, or set task.loader.data_dir to the folder "
+                               "that holds it")
     lines = Path(path).read_text().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     bad = [i for i, r in enumerate(rows) if r.get("tag") not in TAGS or not r.get("prompt") or not r.get("include")]

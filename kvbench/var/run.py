@@ -31,6 +31,7 @@ from kvbench.budget import compression_ratio
 from kvbench.errors import UsageError
 from kvbench.identity import digest, file_digest
 from kvbench.results import RunStore
+from kvbench.tasks.geneval import metadata_file
 from kvbench.var.baselines import var_method
 from kvbench.var.bundle import Bundle, load_bundle
 from kvbench.var.compress import VarMethod
@@ -200,7 +201,7 @@ def model_files(spec: Any) -> dict[str, Any]:
 
 def task_files(task: Any) -> dict[str, str] | None:
     """The identity of the task's data file (GenEval's metadata), or None for tasks whose prompts are the config."""
-    path = Path(str(task.metadata)) if task.get("metadata") else None
+    path = metadata_file(task)
     return {"metadata": file_digest(path)} if path is not None and path.is_file() else None
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbench.errors import UsageError
-from kvbench.tasks.geneval import load_metadata
+from kvbench.tasks.geneval import load_metadata, metadata_file
+from kvbench.var.geneval import Settings
 from kvbench.var.metrics import DISTRIBUTION, OFFLINE, TEXT
 
 SAMPLING = {"classes": ("cfg", "top_k", "top_p"), "prompts": ("cfg", "tau", "top_k", "top_p")}
@@ -40,11 +41,12 @@ class VarTask:
     def from_cfg(cls, task: Any, kind: str | None = None, num_classes: int | None = None) -> VarTask:
         """``kind``: the model's condition (``Bundle.condition``; None: the task's own); ``num_classes`` bounds
         class labels."""
-        kind = kind or ("prompts" if task.get("prompts") is not None or task.get("metadata") else "classes")
+        meta_path = metadata_file(task)
+        kind = kind or ("prompts" if task.get("prompts") is not None or meta_path else "classes")
         if task.get("family") != "var":
             raise UsageError(f"task {task.name!r} is not a VAR task (family: var, the next-scale runner); this model "
                              f"runs e.g. {EXAMPLE[kind]}")
-        metadata = tuple(load_metadata(task.metadata)) if task.get("metadata") and kind == "prompts" else None
+        metadata = tuple(load_metadata(meta_path)) if meta_path is not None and kind == "prompts" else None
         if task.get(kind) is None and metadata is None:
             raise UsageError(f"task {task.name!r} has no {kind}, which this model is conditioned on; e.g. "
                              f"{EXAMPLE[kind]}")
@@ -73,9 +75,12 @@ class VarTask:
             raise UsageError(f"task {self.name!r}: clip_score needs text prompts and task.clip_model (a CLIP folder "
                              "or hub id, e.g. openai/clip-vit-large-patch14)")
         if "geneval" in self.metrics and not (self.metadata and self.geneval_detector and self.clip_model):
-            raise UsageError(f"task {self.name!r}: geneval needs GenEval's metadata (task=geneval, task.metadata), "
+            raise UsageError(f"task {self.name!r}: geneval needs GenEval's metadata (task=geneval), "
                              "task.geneval_detector (a Mask2Former COCO-instance folder or hub id) and "
                              "task.clip_model (openai/clip-vit-large-patch14)")
+        if unknown := sorted(set(dict(self.geneval)) - set(Settings.__dataclass_fields__)):
+            raise UsageError(f"task {self.name!r}: unknown GenEval options {unknown}; known: "
+                             f"{sorted(Settings.__dataclass_fields__)}")
 
     def sampling(self) -> dict[str, Any]:
         return dict(self.settings)
