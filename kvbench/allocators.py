@@ -11,21 +11,6 @@ Importing this module imports no torch; a class is imported when it is first ask
 
 from __future__ import annotations
 
-from typing import Any
+from kvbench.registry import public_module
 
-from kvbench.registry import Registry
-
-REGISTRY = Registry("allocator")
-names = REGISTRY.names
-get = REGISTRY.get
-params = REGISTRY.params
-build = REGISTRY.build
-describe = REGISTRY.describe
-
-
-def __getattr__(name: str) -> Any:
-    return REGISTRY.cls(name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *REGISTRY.class_names()])
+REGISTRY = public_module("allocator", globals())

@@ -128,3 +128,14 @@ def _target(folder: Path, name: str) -> str:
     if not parents:
         raise UsageError(f"conf/{folder.name}/{name}.yaml names no _target_ and extends no other option")
     return _target(folder, parents[0])
+
+
+def public_module(group: str, namespace: dict[str, Any]) -> Registry:
+    """Fill a public module's namespace (``kvbench.methods``, ``kvbench.allocators``) with the group's registry:
+    ``names``, ``get``, ``params``, ``build``, ``describe``, and every class by its name (module ``__getattr__``,
+    imported when first asked for)."""
+    reg = Registry(group)
+    namespace.update(REGISTRY=reg, names=reg.names, get=reg.get, params=reg.params, build=reg.build,
+                     describe=reg.describe, __getattr__=reg.cls,
+                     __dir__=lambda: sorted([*namespace, *reg.class_names()]))
+    return reg
