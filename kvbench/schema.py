@@ -48,6 +48,7 @@ class PredictionRecord(TypedDict):
     peak_mem_bytes: Annotated[int | None, PEAK]  # CUDA only
     meta: dict[str, Any]  # the sample's and question's metadata (length, depth, category, ...)
     shared_prefill: NotRequired[bool]  # budget sweeps with one prefill (kvbench.sweep)
+    shared_answer: NotRequired[bool]  # one answer for the budgets of a method that keeps the full cache (kvbench.sweep)
     episode: NotRequired[int]  # episodic: the routed episode
     n_episodes: NotRequired[int]
     layer_keep: NotRequired[list[int]]

@@ -13,15 +13,19 @@ query-agnostic: every question appended over its compressed context and rolled b
 ``kvbench.results`` and single runs cannot tell them apart. Records carry ``shared_prefill: true``; their
 ``prefill_s`` is the shared prefill (the same number in every variant's record), ``compress_s`` the variant's own
 scoring and selection, and ``peak_kv_bytes`` the peak a separate run of that variant holds (replayed exactly:
-earlier layers compressed, the current one full). On CUDA, ``peak_mem_bytes`` is the process's peak since the
-shared prefill began, i.e. with every variant's cache held.
+earlier layers compressed, the current one full). The budgets of a method that neither compresses nor plans
+(fullkv) keep the same full cache, so one of them answers for all (``answer_groups``): one decode per prompt
+instead of one per budget, its records copied to each budget's run directory and marked ``shared_answer: true``.
+On CUDA, ``peak_mem_bytes`` is the process's peak since the shared prefill began, i.e. with every variant's cache
+held.
 
 What is shared between methods is only the prefill forward and the last logits. Each method is its own instance
 (built from its own config, shared by its budgets) with its own per-layer ``LayerContext.memo`` (``_SharedMemo``:
 window attention or H2O's column sums are computed once per layer and method, never passed to another method or
-parameter set); a method without compression (fullkv) takes the full layers as they are. A method grid's configs
-are composed as ``method=<name>`` with the job's overrides would be (``method_configs``: the method's defaults,
-e.g. its allocator, included) and must agree on everything but the method, allocator and protocol.
+parameter set); a method without compression (fullkv) takes the full layers as they are, once for all its
+budgets. A method grid's configs are composed as ``method=<name>`` with the job's overrides would be
+(``method_configs``: the method's defaults, e.g. its allocator, included) and must agree on everything but the
+method, allocator and protocol.
 
 The only engine internal this relies on is ``Engine._compress_layer(module, queries, layer, scale)``, the per-layer
 compression the engine runs right after a layer's prefill attention; ``SweepEngine`` runs it once per variant.
@@ -232,25 +236,50 @@ def check_variants(model: nn.Module, variants: list[Variant]) -> None:
 def sweep_sample(engine: SweepEngine, tok: PreTrainedTokenizerBase, sample: Sample, opts: RunOptions,
                  done: dict[Hashable, set[str]]) -> Iterator[tuple[Hashable, dict[str, Any]]]:
     """(variant key, record) for every question of ``sample`` that a variant (a budget, or a (method, budget))
-    has not done yet, each as soon as it is scored; one prefill per prompt."""
+    has not done yet, each as soon as it is scored; one prefill per prompt, one answer per group of variants
+    whose caches are identical (``answer_groups``)."""
     todo = {k: [q for q in sample.questions if f"{sample.id}/{q.id}" not in ids] for k, ids in done.items()}
     if opts.protocol == "query_agnostic":
-        keys = [k for k, qs in todo.items() if qs]
-        if not keys:
+        groups = answer_groups(engine, [k for k, qs in todo.items() if qs], todo)
+        if not groups:
             return
         ctx = context_prompt(tok, sample, opts)  # the same context for every variant, resumed or not
-        for k, _, stats in shared_prefill(engine, ctx, {"context": (0, len(ctx))}, keys):
+        for k, _, stats in shared_prefill(engine, ctx, {"context": (0, len(ctx))}, list(groups)):
             for record in ask_questions(engine, tok, sample, todo[k], opts, {**stats, "context_tokens": len(ctx)},
                                         ctx):
-                yield k, record
+                yield from copies(groups[k], record)
         return
     for q in sample.questions:
-        keys = [k for k, qs in todo.items() if any(x.id == q.id for x in qs)]
-        if keys:
+        groups = answer_groups(engine, [k for k, qs in todo.items() if any(x.id == q.id for x in qs)])
+        if groups:
             ids, spans, extra = question_prompt(tok, sample, q, opts)
-            for k, logits, stats in shared_prefill(engine, ids, spans, keys):
-                yield k, question_record(engine, tok, sample, q, logits, opts,
+            for k, logits, stats in shared_prefill(engine, ids, spans, list(groups)):
+                record = question_record(engine, tok, sample, q, logits, opts,
                                          {**stats, **extra, "prompt_hash": prompt_hash(ids)})
+                yield from copies(groups[k], record)
+
+
+def answer_groups(engine: SweepEngine, keys: list[Hashable], todo: dict[Hashable, list] | None = None
+                  ) -> dict[Hashable, list[Hashable]]:
+    """The keys that answer, each with every key it answers for (itself first). The budgets of one method that
+    neither compresses nor plans (fullkv) hold the same full cache, so the same answers: one of them answers, once
+    per prompt, for all of them (with the same questions still to do). Every other key answers for itself."""
+    groups: dict[Hashable, list[Hashable]] = {}
+    for k in keys:
+        method = engine.variants[k].method
+        budget_free = not (method.compresses or method.plans)
+        ask = tuple(q.id for q in todo[k]) if todo else ()
+        groups.setdefault(("same", id(method), ask) if budget_free else ("own", k), []).append(k)
+    return {g[0]: g for g in groups.values()}
+
+
+def copies(keys: list[Hashable], record: dict[str, Any]) -> Iterator[tuple[Hashable, dict[str, Any]]]:
+    """``record`` for each key of one answer group; a group of several marks its records ``shared_answer``."""
+    if len(keys) == 1:
+        yield keys[0], record
+        return
+    for k in keys:
+        yield k, {**copy.deepcopy(record), "shared_answer": True}
 
 
 def shared_prefill(engine: SweepEngine, ids: list[int], spans: dict[str, tuple[int, int]], keys: list[Hashable]

@@ -27,7 +27,7 @@ from methods.snapkv import SnapKV
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (0.05, 0.2, 64)  # fractions and a token budget; 0.05 clamps the 32-token window at 1K tokens
 TIMING = {"prefill_s", "compress_s", "question_s", "decode_s_per_token", "peak_mem_bytes", "shared_prefill",
-          "process_max_rss_bytes"}
+          "shared_answer", "process_max_rss_bytes"}
 
 
 def config(root: Path, *overrides: str):

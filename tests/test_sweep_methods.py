@@ -120,6 +120,51 @@ def test_grid_resumes_each_run_and_skips_finished_ones(tmp_path) -> None:
     assert records(Path(finished.run_dir))[:2] == before
 
 
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts ``Engine.generate`` calls (one per answered question)."""
+    calls: list[int] = []
+    real = Engine.generate
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", counted)
+    return calls
+
+
+@pytest.mark.parametrize(("protocol", "task", "questions"), [("query_aware", "synth_multikey_dense", 2),
+                                                              ("query_agnostic", "synth_multiquery", 6)])
+def test_fullkv_budgets_of_a_grid_answer_once(tmp_path, monkeypatch, protocol: str, task: str, questions: int) -> None:
+    """fullkv keeps the same full cache at every budget: one decode per question for all its budgets, the same
+    records in each budget's run directory (marked shared_answer), equal to a separate run's."""
+    common = (f"protocol={protocol}", f"task={task}", "limit=2")
+    calls = decodes(monkeypatch)
+    grid(tmp_path / "grid", *common, "methods=[fullkv,snapkv]", "budget=[0.1,0.2,0.5]")
+    assert len(calls) == questions * (1 + 3)  # fullkv once, snapkv per budget
+    dirs = run_dirs(tmp_path / "grid")
+    full = [records(dirs[("fullkv", f"budget={b}")]) for b in (0.1, 0.2, 0.5)]
+    assert full[0] == full[1] == full[2] and all(r["shared_answer"] is True for r in full[0])
+    assert not any("shared_answer" in r for r in records(dirs[("snapkv", "budget=0.1")]))
+    separate = run(config(tmp_path / "separate", *common, "method=fullkv", "budget=0.2"))
+    sep = records(next(p.parent for p in (tmp_path / "separate").rglob("metrics.json")))
+    assert [strip(r) for r in sep] == [strip(r) for r in full[1]]
+    assert strip(separate) == strip(run(config(tmp_path / "grid", *common, "method=fullkv", "budget=0.2")))
+
+
+def test_fullkv_budgets_resumed_unevenly_answer_what_each_lacks(tmp_path, monkeypatch) -> None:
+    """Budgets of fullkv with different questions left to do answer apart (each only what it lacks)."""
+    common = ("protocol=query_agnostic", "task=synth_multiquery")
+    run(config(tmp_path, *common, "method=fullkv", "budget=0.2", "limit=1"))
+    calls = decodes(monkeypatch)
+    grid(tmp_path, *common, "methods=[fullkv]", "budget=[0.1,0.2]", "limit=2")
+    assert len(calls) == 3 + 3  # sample 1: budget 0.1 only; sample 2: one answer for both budgets
+    dirs = run_dirs(tmp_path)
+    low, high = records(dirs[("fullkv", "budget=0.1")]), records(dirs[("fullkv", "budget=0.2")])
+    assert [strip(r) for r in low] == [strip(r) for r in high] and len(low) == 6
+    assert ["shared_answer" in r for r in high] == [False] * 3 + [True] * 3
+
+
 def test_a_method_that_cannot_share_runs_after_the_shared_group(tmp_path, capsys) -> None:
     """CAKE (cascading prefill eviction, decode-time eviction) and a cross-layer allocator run alone, one after
     another over the same model, each exactly as a separate run."""
