@@ -133,8 +133,10 @@ def vision_weights(codes: torch.Tensor) -> dict[str, torch.Tensor]:
         b2[VAL.start + v] -= unlit / (lit - unlit)
     b2[BIAS], b2[IMG] = BIAS_VALUE, 1.0
     offset = 10.0  # GELU(x + 10) = x + 10 to 1e-20 for |x| < 1: the merger's hidden layer passes values linearly
+    # the bias cancelling the offset is summed in float64 and rounded once: a float32 BLAS matvec rounds differently
+    # on different CPUs and thread counts, and the asset must be rebuilt bit-identically on any machine
     w["merger.mlp.0.weight"], w["merger.mlp.0.bias"] = torch.eye(width), torch.full((width,), offset)
-    w["merger.mlp.2.weight"], w["merger.mlp.2.bias"] = w2, b2 - w2 @ torch.full((width,), offset)
+    w["merger.mlp.2.weight"], w["merger.mlp.2.bias"] = w2, b2 - (offset * w2.double().sum(dim=1)).float()
     return w
 
 
