@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -70,3 +72,29 @@ def topk_per_head(scores: Tensor, counts: Tensor) -> list[Tensor]:
         return [scores.new_zeros(0, dtype=torch.long) for _ in range(scores.shape[0])]
     order = scores.float().argsort(dim=-1, descending=True, stable=True)  # (H, m); ties -> lower index first
     return [order[h, : int(c)] for h, c in enumerate(counts.tolist())]
+
+
+class Workspace:
+    """Scratch buffers that outlive one call, by name: ``get(name, shape, device)`` -> an uninitialised view.
+
+    On CPU a fresh large tensor is mapped afresh by the C allocator and page-faulted on first write on every call
+    (a 4 MiB probability buffer costs about as much as the softmax written into it); a buffer kept here is faulted
+    in once and only grows. On other devices the framework's caching allocator already reuses memory, so ``get``
+    returns a fresh ``torch.empty`` and nothing is held.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32
+            ) -> Tensor:
+        if torch.device(device).type != "cpu":
+            return torch.empty(shape, device=device, dtype=dtype)
+        size, key = math.prod(shape), (name, torch.device(device), dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < size:
+            buf = self._buffers[key] = torch.empty(size, device=device, dtype=dtype)
+        return buf[:size].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()

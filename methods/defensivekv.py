@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from kvbench.engine.context import LayerContext
 from kvbench.method import Method
-from kvbench.ops import pool1d
+from kvbench.ops import Workspace, pool1d
 
 
 @dataclass
@@ -38,6 +38,7 @@ class DefensiveKV(Method):
     kernel: int = 5
     tau: float = 0.9
     norm_chunk: int = 256
+    _work: Workspace = field(default_factory=Workspace, repr=False, compare=False)
 
     def score(self, ctx: LayerContext) -> Tensor:
         key = f"defensivekv:{ctx.window}:{self.kernel}"  # what does not depend on the budget, once per layer
@@ -64,7 +65,7 @@ class DefensiveKV(Method):
 
         One batched matmul per chunk of ``norm_chunk`` tokens (the chunks of all n tokens, so that every product is
         the same matmul whatever ``tokens`` is) against the G stacked W_O slices of each KV head, into one
-        (H, chunk, G * hidden) buffer reused by every chunk (fresh large allocations cost page faults on CPU), the
+        (H, chunk, G * hidden) workspace buffer reused by every chunk and layer (``kvbench.ops.Workspace``), the
         absolute value taken in place.
         """
         h, g, d = ctx.n_kv_heads, ctx.n_groups, ctx.values.shape[-1]
@@ -72,7 +73,7 @@ class DefensiveKV(Method):
         weight = ctx.module.o_proj.weight.detach()  # (hidden, H_q * d); out= buffers need no autograd
         w_o = weight.T.float().reshape(h, g, d, -1).transpose(1, 2).reshape(h, d, -1)  # (H, d, G * hidden)
         out = torch.empty(h, tokens, device=ctx.values.device)
-        buf = torch.empty(h * min(self.norm_chunk, ctx.n) * w_o.shape[-1], device=ctx.values.device)  # reused
+        buf = self._work.get("products", (h * min(self.norm_chunk, ctx.n) * w_o.shape[-1],), ctx.values.device)
         for s in range(0, tokens, self.norm_chunk):
             v = ctx.values[:, s : s + self.norm_chunk].float()  # (H, c, d)
             c = v.shape[1]

@@ -16,6 +16,7 @@ from kvbench.engine.context import LayerContext
 from kvbench.engine.store import LayerKV
 from kvbench.errors import UsageError
 from kvbench.method import Method
+from kvbench.ops import Workspace
 
 INSTRUCTION = ("Extract the essential information of this conversation: speakers, personas, dated events, personal "
                "details, commitments, opinions, relationships and emotional moments.")
@@ -80,6 +81,7 @@ class EpiCache(Method):
     profile_seed: int = 90210
     _profiles: dict[int, list[float]] = field(default_factory=dict, repr=False)
     _st_model: Any = field(default=None, repr=False)
+    _work: Workspace = field(default_factory=Workspace, repr=False, compare=False)
 
     episodic: ClassVar[bool] = True
     shares_prefill: ClassVar[bool] = False
@@ -97,16 +99,22 @@ class EpiCache(Method):
 
     # -- scoring with a probe -------------------------------------------------------------------------------------
     def probe_scores(self, queries: Tensor, layer: LayerKV, scale: float) -> Tensor:
+        """(H, max len_h) scores, -inf past each head's end: per KV head, the max over the probe's queries and the
+        head's query group of the attention each cached key receives (softmax in fp32 over that head's keys).
+
+        The logits of a head are one (G * p, d) x (d, len_h) matmul written, with the probabilities, into two
+        workspace buffers that live across layers and probes (``kvbench.ops.Workspace``): the same values, bit for
+        bit, as the einsum-then-softmax of the reference in tests/test_fast_scoring.py."""
         h, queries = layer.n_heads, queries.detach()  # out= buffers need no autograd
-        g = queries.shape[0] // h
+        g, p, d = queries.shape[0] // h, queries.shape[1], queries.shape[2]
         out = torch.full((h, int(layer.lens.max())), float("-inf"), device=queries.device)
-        buf = torch.empty(g * queries.shape[1] * out.shape[1], device=queries.device)  # probabilities, reused
         for k in range(h):
-            keys = layer.head(k)[0]  # (len_k, d)
-            size = g * queries.shape[1] * keys.shape[0]
-            logits = torch.einsum("gpd,nd->gpn", queries[k * g : (k + 1) * g].float(), keys.float()).mul_(scale)
-            probs = torch.softmax(logits, -1, out=buf[:size].view_as(logits))  # (G, p, len_k)
-            s = probs.amax((0, 1))  # (len_k,): max over the probe's queries and the group
+            keys = layer.head(k)[0].float()  # (len_k, d)
+            q = queries[k * g : (k + 1) * g].float().reshape(g * p, d)  # (G * p, d)
+            shape = (g * p, keys.shape[0])
+            logits = torch.mm(q, keys.T, out=self._work.get("logits", shape, q.device)).mul_(scale)  # (G * p, len_k)
+            probs = torch.softmax(logits, -1, out=self._work.get("probs", shape, q.device))
+            s = probs.amax(0)  # (len_k,): max over the probe's queries and the group
             s[: self.sink] = float("inf")
             out[k, : len(s)] = s
         return out

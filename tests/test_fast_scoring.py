@@ -24,7 +24,7 @@ import methods.snapkv
 import methods.taskkv
 from kvbench.engine import Engine, LayerContext
 from kvbench.engine.store import LayerKV
-from kvbench.ops import pool1d, variance
+from kvbench.ops import Workspace, pool1d, variance
 from methods.defensivekv import DefensiveKV
 from methods.epicache import EpiCache
 
@@ -119,6 +119,31 @@ def test_pool1d_equals_the_pooling_kernels_bit_for_bit(dtype, mode, kernel):
         out, ref = pool1d(x, kernel, mode), ref_pool1d(x, kernel, mode)
         assert out.dtype == ref.dtype and torch.equal(out, ref), shape
     assert pool1d(x, 1, mode) is x
+
+
+@pytest.mark.parametrize(("h", "g", "p", "lens", "d"), [(2, 2, 40, (333, 333), 16), (1, 4, 7, (100,), 64),
+                                                      (3, 1, 25, (50, 80, 65), 8)])
+def test_probe_scores_equal_the_einsum_softmax_bit_for_bit(h, g, p, lens, d):
+    gen = torch.Generator().manual_seed(sum(lens))
+    keys, values = torch.randn(sum(lens), d, generator=gen) * 2, torch.randn(sum(lens), d, generator=gen)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    layer = LayerKV(keys, values, torch.tensor(lens), positions)  # ragged when the lengths differ
+    method = EpiCache()
+    for _ in range(2):  # the second call reuses (and outgrows, for another shape) the workspace buffers
+        q = torch.randn(h * g, p, d, generator=gen) * 2
+        out = method.probe_scores(q, layer, d**-0.5)
+        assert torch.equal(out, ref_probe_scores(method, q, layer, d**-0.5))
+        p += 3
+
+
+def test_workspace_reuses_its_buffer_and_grows():
+    work = Workspace()
+    a = work.get("x", (4, 8), torch.device("cpu"))
+    b = work.get("x", (2, 3), torch.device("cpu"))  # smaller: the same storage
+    assert a.shape == (4, 8) and b.shape == (2, 3) and b.data_ptr() == a.data_ptr()
+    assert work.get("y", (2, 3), torch.device("cpu")).data_ptr() != a.data_ptr()  # another name, another buffer
+    c = work.get("x", (10, 10), torch.device("cpu"))  # larger: a new buffer, kept from now on
+    assert c.numel() == 100 and work.get("x", (5,), torch.device("cpu")).data_ptr() == c.data_ptr()
 
 
 def test_variance_is_torch_var():
