@@ -146,6 +146,22 @@ def test_workspace_reuses_its_buffer_and_grows():
     assert c.numel() == 100 and work.get("x", (5,), torch.device("cpu")).data_ptr() == c.data_ptr()
 
 
+@pytest.mark.parametrize(("h", "g", "d", "hidden", "n"), [(2, 2, 64, 256, 600), (3, 3, 64, 576, 300),
+                                                           (1, 4, 32, 96, 50)])
+def test_value_norms_equal_the_reference_bit_for_bit_whatever_the_chunk(h, g, d, hidden, n):
+    """The embedded model's shapes (256-token chunks), SmolLM2-135M's (64: capped at 1 MiB of products), tiny."""
+    gen = torch.Generator().manual_seed(n)
+    module = nn.Module()
+    module.o_proj = nn.Linear(h * g * d, hidden, bias=False)
+    nn.init.normal_(module.o_proj.weight, generator=gen)
+    values = torch.randn(h, n, d, generator=gen)
+    ctx = LayerContext(layer_idx=0, n_layers=1, module=module, queries=torch.zeros(h * g, 1, d), keys=values,
+                       values=values, positions=torch.arange(n), window=4, keep=n // 2, scaling=d**-0.5)
+    ref = ref_value_norms(DefensiveKV(), ctx, n - 4)
+    for chunk in (256, 64, 7):
+        assert torch.equal(DefensiveKV(norm_chunk=chunk).value_norms(ctx, n - 4), ref), chunk
+
+
 def test_variance_is_torch_var():
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):

@@ -418,6 +418,9 @@ class Engine:
         p, layer = self._pending[i], self.store.layers[i]
         h, m = p.scores.shape
         counts = torch.minimum(counts.clamp(0, m), valid_candidates(m, h, p.pad).to(counts.device))
+        if p.pad is None and bool((counts == m).all()):  # every candidate stays (a cascade step that grants a layer
+            self.decode_budget[i] = (m, p.n - m)  # at least what it holds): the cache and its scores are as they are
+            return
         picks = [idx.sort().values for idx in topk_per_head(p.scores, counts)]
         tail = torch.arange(m, p.n, device=p.scores.device)
         layer.select(head_indices([torch.cat([idx, tail]) for idx in picks], p.pad))
