@@ -95,6 +95,3 @@ class Workspace:
         if buf is None or buf.numel() < size:
             buf = self._buffers[key] = torch.empty(size, device=device, dtype=dtype)
         return buf[:size].view(shape)
-
-    def clear(self) -> None:
-        self._buffers.clear()

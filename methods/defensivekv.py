@@ -69,8 +69,9 @@ class DefensiveKV(Method):
         (H, chunk, G * hidden) workspace buffer reused by every chunk and layer (``kvbench.ops.Workspace``), the
         absolute value taken in place. A chunk has ``norm_chunk`` tokens at most and fewer when its products would
         pass ``PRODUCTS_PER_CHUNK`` floats (1 MiB: the buffer stays in a core's L2 cache for the abs and sum that
-        follow; SmolLM2-135M: 64 tokens, 15 % faster than 256). Each product row is one token's matmul row and the
-        reductions run over the same axes, so the norms do not depend on the chunk (tests/test_scoring.py).
+        follow; SmolLM2-135M: 64 tokens, 14 % faster than 256). Each product row is one token's matmul row and the
+        reductions run over the same axes, so the norms do not depend on the chunk, bit for bit
+        (tests/test_fast_scoring.py).
         """
         h, g, d = ctx.n_kv_heads, ctx.n_groups, ctx.values.shape[-1]
         tokens = ctx.n if tokens is None else tokens
