@@ -11,7 +11,7 @@ from torch import Tensor
 from kvbench.errors import UsageError
 
 
-def pool1d(x: Tensor, kernel: int, mode: str = "avg") -> Tensor:
+def pool1d(x: Tensor, kernel: int, mode: str = "avg", work: Workspace | None = None) -> Tensor:
     """Smooth scores along the last (key) axis with stride 1 and padding kernel//2.
 
     ``avg`` uses zero padding with count_include_pad (edge values divided by the full kernel), ``max`` pads with
@@ -21,6 +21,7 @@ def pool1d(x: Tensor, kernel: int, mode: str = "avg") -> Tensor:
     Computed as ``kernel`` shifted adds (or maxima) of the padded input, in the order and accumulator dtype (fp32
     for half types) of PyTorch's pooling kernels, so the result equals ``F.avg_pool1d`` / ``F.max_pool1d`` bit for
     bit (tests/test_fast_scoring.py) at a fraction of their CPU cost on the (rows, long m) shapes the methods pool.
+    With ``work`` the padded input is built in its reused ``pool1d`` buffer (the result is always a fresh tensor).
     """
     if kernel <= 1 or mode == "none":
         return x
@@ -30,27 +31,45 @@ def pool1d(x: Tensor, kernel: int, mode: str = "avg") -> Tensor:
         raise UsageError(f"unknown pooling {mode!r}: use 'avg', 'max' or 'none'")
     m, r = x.shape[-1], kernel // 2
     if mode == "max":
-        padded = F.pad(x, (r, r), value=float("-inf"))  # (..., m + 2r)
+        padded = _padded(x, r, float("-inf"), x.dtype, work)  # (..., m + 2r)
         out = torch.maximum(padded[..., :m], padded[..., 1 : m + 1])
         for i in range(2, kernel):
             torch.maximum(out, padded[..., i : i + m], out=out)
         return out
-    padded = F.pad(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, (r, r))  # fp32 accumulator
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # fp32 accumulator
+    padded = _padded(x, r, 0.0, acc, work)
     out = padded[..., :m] + padded[..., 1 : m + 1]  # window terms added left to right, as the pooling kernels do
     for i in range(2, kernel):
         out.add_(padded[..., i : i + m])
     return out.div_(kernel).to(x.dtype)
 
 
-def variance(x: Tensor, dim: int) -> Tensor:
+def _padded(x: Tensor, r: int, value: float, dtype: torch.dtype, work: Workspace | None) -> Tensor:
+    """x (..., m) padded with ``r`` entries of ``value`` on both sides, in ``dtype``: (..., m + 2r)."""
+    if work is None:
+        return F.pad(x.to(dtype), (r, r), value=value)
+    out = work.get("pool1d", (*x.shape[:-1], x.shape[-1] + 2 * r), x.device, dtype)
+    out[..., :r].fill_(value)
+    out[..., -r:].fill_(value)
+    out[..., r:-r].copy_(x)
+    return out
+
+
+def variance(x: Tensor, dim: int, work: Workspace | None = None) -> Tensor:
     """Unbiased variance over ``dim`` (``torch.var``'s default), two-pass in float64, cast back to x's dtype.
 
     ``torch.var`` over a strided axis (the window queries of (H, w, m) attention) runs a scalar Welford loop that
     costs more than the rest of a method's scoring on CPU; the two-pass sum in float64 gives the same value to
-    within rounding of the float64 accumulation (tests/test_fast_scoring.py) at a small fraction of the time.
+    within rounding of the float64 accumulation (tests/test_fast_scoring.py) at a small fraction of the time. With
+    ``work`` the float64 copy goes to its reused ``variance`` buffer (a fresh 2 MiB one per layer costs more in page
+    faults than the arithmetic); the deviations are then taken in place, the same values bit for bit.
     """
-    xd = x.double()
-    return ((xd - xd.mean(dim, keepdim=True)).square_().sum(dim) / (x.shape[dim] - 1)).to(x.dtype)
+    if work is None:
+        xd = x.to(torch.float64, copy=True)
+    else:
+        xd = work.get("variance", tuple(x.shape), x.device, torch.float64).copy_(x)
+    xd.sub_(xd.mean(dim, keepdim=True)).square_()  # (x - mean)^2, in place
+    return (xd.sum(dim) / (x.shape[dim] - 1)).to(x.dtype)
 
 
 def group_reduce(x: Tensor, n_kv_heads: int, how: str = "mean") -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -14,7 +14,7 @@ from kvbench.budget import CrossLayerAllocator, LayerScores
 from kvbench.engine.context import LayerContext
 from kvbench.errors import UsageError
 from kvbench.method import Method
-from kvbench.ops import pool1d, variance
+from kvbench.ops import Workspace, pool1d, variance
 
 # (tau1, tau2) per model and cache size C, from the authors' config/model2tau.json (antgroup/cakekv e6adc5e).
 # The hub-id pattern picks the table's model key; any other model or C falls back to (1.0, 1.0), as in pred_cake.py.
@@ -77,6 +77,7 @@ class CAKE(Method):
     model: str = ""
     cascading: bool = True
     decode_evict: bool = True
+    _work: Workspace = field(default_factory=Workspace, repr=False, compare=False)
 
     shares_prefill: ClassVar[bool] = False
 
@@ -95,14 +96,14 @@ class CAKE(Method):
 
     def score(self, ctx: LayerContext) -> Tensor:
         attn = ctx.window_attention()  # (H_q, w, n - w)
-        var = variance(attn, 1)  # (H_q, n - w), unbiased over the window queries
+        var = variance(attn, 1, self._work)  # (H_q, n - w), unbiased over the window queries
         a32 = attn.float()
         entropy = -(a32 + 1e-10).log_().mul_(a32).sum()  # -sum A log(A + 1e-10), one temporary
         tau1, tau2 = self.taus(ctx.keep)
         ctx.stats["seq_len"] = ctx.n  # the prompt's length: cascading re-plans clamp against it, not the trimmed one
         ctx.stats["preference"] = float(entropy ** (1 / tau1) * var.float().sum() ** (1 / tau2))
         indicator = attn.mean(1) + self.gamma * var  # (H_q, n - w)
-        return ctx.group(pool1d(indicator, self.kernel, "avg"), "mean")  # (H_kv, n - w)
+        return ctx.group(pool1d(indicator, self.kernel, "avg", self._work), "mean")  # (H_kv, n - w)
 
     def decode_score(self, ctx: LayerContext) -> Tensor:
         w, n = ctx.window, ctx.n

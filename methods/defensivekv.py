@@ -55,7 +55,8 @@ class DefensiveKV(Method):
         attn = ctx.window_attention().float()  # (H_q, w, n - w)
         grouped = attn.reshape(h, ctx.n_groups, w, n - w)  # (H, G, w, n - w)
         ave = grouped.mean((1, 2))  # (H, n - w)
-        pooled = pool1d(grouped, self.kernel, "avg") if self.kernel > 1 else grouped.clone()  # (H, G, w, n - w)
+        # (H, G, w, n - w), a fresh tensor (renormalised in place below)
+        pooled = pool1d(grouped, self.kernel, "avg", self._work) if self.kernel > 1 else grouped.clone()
         pooled.div_(pooled.sum(-1, keepdim=True).clamp_min(1e-30)).mul_(grouped.sum(-1, keepdim=True))  # in place
         m = pooled.amax((1, 2))  # (H, n - w)
         d = torch.maximum(m, m.mean(-1, keepdim=True))

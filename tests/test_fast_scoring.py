@@ -32,7 +32,7 @@ from methods.epicache import EpiCache
 # ---------------------------------------------------------------------------------------------------------------
 # the straightforward implementations
 # ---------------------------------------------------------------------------------------------------------------
-def ref_pool1d(x: Tensor, kernel: int, mode: str = "avg") -> Tensor:
+def ref_pool1d(x: Tensor, kernel: int, mode: str = "avg", work: Workspace | None = None) -> Tensor:
     if kernel <= 1 or mode == "none":
         return x
     flat = x.reshape(-1, 1, x.shape[-1])
@@ -41,7 +41,7 @@ def ref_pool1d(x: Tensor, kernel: int, mode: str = "avg") -> Tensor:
     return F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(x.shape)
 
 
-def ref_variance(x: Tensor, dim: int) -> Tensor:
+def ref_variance(x: Tensor, dim: int, work: Workspace | None = None) -> Tensor:
     return x.var(dim)
 
 
@@ -114,10 +114,12 @@ def use_references(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("kernel", [3, 5, 7, 9])
 def test_pool1d_equals_the_pooling_kernels_bit_for_bit(dtype, mode, kernel):
     g = torch.Generator().manual_seed(kernel)
-    for shape in [(3, 1), (2, 4), (5, 7), (4, 2016), (2, 3, 32, 333)]:
+    work = Workspace()  # one workspace for every shape: its padding buffer is reused, grown and shrunk
+    for shape in [(3, 1), (2, 4), (5, 7), (4, 2016), (2, 3, 32, 333), (2, 5)]:
         x = (torch.rand(*shape, generator=g) * 10.0 ** -int(torch.randint(0, 6, (1,), generator=g))).to(dtype)
         out, ref = pool1d(x, kernel, mode), ref_pool1d(x, kernel, mode)
         assert out.dtype == ref.dtype and torch.equal(out, ref), shape
+        assert torch.equal(pool1d(x, kernel, mode, work), ref), shape
     assert pool1d(x, 1, mode) is x
 
 
@@ -170,6 +172,11 @@ def test_variance_is_torch_var():
         assert out.dtype == dtype and out.shape == (4, 500)
         torch.testing.assert_close(out, attn.var(1), rtol=1e-6, atol=0)
         torch.testing.assert_close(variance(attn, -1), attn.var(-1), rtol=1e-6, atol=0)
+    work, x = Workspace(), torch.rand(4, 32, 500, generator=g, dtype=torch.float64)
+    for shape in [(4, 32, 500), (2, 8, 30), (4, 32, 500)]:  # the float64 buffer reused, and the input untouched
+        part = x[: shape[0], : shape[1], : shape[2]]
+        y = part.clone()
+        assert torch.equal(variance(y, 1, work), variance(y, 1)) and torch.equal(y, part)
 
 
 @pytest.mark.parametrize(("hkv", "g", "n", "n_q", "d"),

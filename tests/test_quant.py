@@ -173,6 +173,25 @@ def test_mixed_plan_counts_and_bytes():
     assert not layer.k.pending.any(), "planned entries leave the residual"
 
 
+@pytest.mark.parametrize("rule", ["minority", "half", "majority"])  # how many tokens are HIGH
+def test_each_class_is_quantised_as_if_alone(rule):
+    """A plan's two classes are stored one after the other (the larger first); whatever the order, each class
+    holds exactly what quantising its rows alone gives (its own key groups, its own value groups)."""
+    h, n, d, g = 2, 80, 32, 16
+    k, v = rand(h, n, d), rand(h, n, d, seed=1)
+    token = torch.arange(n)
+    high = {"minority": token % 5 == 0, "half": token % 2 == 0, "majority": token % 5 != 0}[rule].expand(h, n)
+    layer = QuantLayerKV.from_dense(k, v, torch.arange(n), QuantSpec(group=g, residual=None))
+    layer.apply_plan(torch.where(high, HIGH, LOW).to(torch.int8), bits_high=4, bits_low=2)
+    for mask, bits in ((high[0], 4), (~high[0], 2)):
+        alone = QuantLayerKV.from_dense(k[:, mask], v[:, mask], torch.arange(n)[mask],
+                                        QuantSpec(group=g, residual=None))
+        alone.apply_plan(torch.full((h, int(mask.sum())), LOW, dtype=torch.int8), bits_high=FULL, bits_low=bits)
+        for head in range(h):
+            got, want = layer.head(head), alone.head(head)
+            assert torch.equal(got[0][mask], want[0]) and torch.equal(got[1][mask], want[1]), (bits, head)
+
+
 def test_plan_keeps_high_in_full_precision_and_refuses_requantising():
     layer = QuantLayerKV.from_dense(rand(1, 8, 16), rand(1, 8, 16), torch.arange(8), QuantSpec(group=4,
                                                                                                residual=None))

@@ -33,10 +33,14 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
     return ((packed[:, :, None] >> shifts) & (2**bits - 1)).reshape(packed.shape[0], -1)
 
 
-def minmax_codes(x: Tensor, mn: Tensor, scale: Tensor, bits: int) -> Tensor:
-    """Codes of x (fp32) for broadcastable zero points and scales; a zero scale (constant group) gives code 0."""
+def minmax_codes(x: Tensor, mn: Tensor, scale: Tensor, bits: int, rows: Tensor | None = None) -> Tensor:
+    """Codes of x (fp32) for zero points and scales broadcastable to it, or, with ``rows``, for the rows
+    ``mn[rows]`` / ``scale[rows]`` (gathered after the zero-scale guard, on the small tensors); a zero scale (constant
+    group) gives code 0. One fresh tensor, then in place: the values of the out-of-place expression, bit for bit."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return ((x - mn) / safe).round().clamp(0, 2**bits - 1)
+    if rows is not None:
+        mn, safe = mn[rows], safe[rows]
+    return (x - mn).div_(safe).round_().clamp_(0, 2**bits - 1)
 
 
 def round_out(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
@@ -60,7 +64,7 @@ def quantize_tokens(x: Tensor, gid: Tensor, n_groups: int, bits: int, dtype: tor
     mn = x.new_full((n_groups, x.shape[1]), float("inf")).scatter_reduce(0, idx, x, "amin")
     mx = x.new_full((n_groups, x.shape[1]), float("-inf")).scatter_reduce(0, idx, x, "amax")
     zero, scale = grid(mn, mx, bits, dtype)
-    return minmax_codes(x, zero.float()[gid], scale.float()[gid], bits), scale, zero
+    return minmax_codes(x, zero.float(), scale.float(), bits, gid), scale, zero
 
 
 def quantize_channels(x: Tensor, group: int, bits: int, dtype: torch.dtype) -> tuple[Tensor, ...]:

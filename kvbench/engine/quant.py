@@ -267,11 +267,14 @@ class QuantLayerKV:
             if bool(((flat != EVICT) & (side.bits != FULL) & (side.bits != target)).any()):
                 raise ValueError("the plan asks for other bit widths for entries already quantised (re-quantising "
                                  "would compound errors): plan them at the bits they have")
-        heads = ragged_index(self.lens)[0]
         keep = (flat != EVICT).nonzero().squeeze(1)
-        self._take(keep, torch.bincount(heads[keep], minlength=self.n_heads))
-        flat = flat[keep]
-        for code, bits in ((HIGH, bits_high), (LOW, bits_low)):
+        if len(keep) < len(flat):  # (with nothing evicted the layer stays as it is)
+            self._take(keep, torch.bincount(ragged_index(self.lens)[0][keep], minlength=self.n_heads))
+            flat = flat[keep]
+        # the larger class first: every store compacts the full-precision rows left, so the second one moves only
+        # the smaller class (the order changes no value: each class is quantised from its own full-precision rows)
+        classes = sorted(((LOW, bits_low), (HIGH, bits_high)), key=lambda c: -int((flat == c[0]).sum()))
+        for code, bits in classes:
             for name, per_channel in (("k", True), ("v", False)):
                 side = getattr(self, name)
                 todo = ((flat == code) & (side.bits == FULL)).nonzero().squeeze(1)
