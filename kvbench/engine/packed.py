@@ -39,7 +39,7 @@ def minmax_codes(x: Tensor, mn: Tensor, scale: Tensor, bits: int, rows: Tensor |
     group) gives code 0. One fresh tensor, then in place: the values of the out-of-place expression, bit for bit."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     if rows is not None:
-        mn, safe = mn[rows], safe[rows]
+        mn, safe = mn.index_select(0, rows), safe.index_select(0, rows)
     return (x - mn).div_(safe).round_().clamp_(0, 2**bits - 1)
 
 
@@ -104,7 +104,8 @@ class Packed:
     def dequantize(self, bits: int, slots: Tensor) -> Tensor:
         """Code rows ``slots`` -> (len(slots), d) fp32: code * scale + zero, the scales broadcast over ``width``."""
         param = self.param[slots]
-        codes = unpack(self.codes[slots], bits).view(len(slots), self.scale.shape[1], self.width)  # (m, c, width)
+        codes = unpack(self.codes.index_select(0, slots), bits)  # (m, d) codes of the rows
+        codes = codes.view(len(slots), self.scale.shape[1], self.width)  # (m, c, width)
         scale = self.scale.index_select(0, param).float()[:, :, None]  # (m, c, 1)
         zero = self.zero.index_select(0, param).float()[:, :, None]
         return torch.addcmul(zero, codes.float(), scale).view(len(slots), -1)
@@ -115,7 +116,8 @@ class Packed:
     def take(self, slots: Tensor) -> Packed:
         """Only the code rows ``slots`` (in that order), and only the scale rows they use."""
         used, inverse = torch.unique(self.param[slots], return_inverse=True)
-        return Packed(self.codes[slots], self.scale[used], self.zero[used], inverse, self.width)
+        return Packed(self.codes.index_select(0, slots), self.scale.index_select(0, used),
+                      self.zero.index_select(0, used), inverse, self.width)
 
     def extend(self, other: Packed) -> Packed:
         param = torch.cat([self.param, other.param + self.scale.shape[0]])
@@ -158,14 +160,17 @@ class Side:
         for b in (FULL, *self.packed):
             idx = (bits == b).nonzero().squeeze(1)
             if len(idx):
-                rows = self.full[slot[idx]] if b == FULL else self.packed[b].dequantize(b, slot[idx]).to(out.dtype)
+                if b == FULL:
+                    rows = self.full.index_select(0, slot[idx])
+                else:
+                    rows = self.packed[b].dequantize(b, slot[idx]).to(out.dtype)
                 out.index_copy_(0, idx, rows)
         return out
 
     def take(self, rows: Tensor) -> Side:
         """The rows ``rows`` in that order; storage not referenced any more is dropped."""
         bits, slot = self.bits[rows], self.slot[rows].clone()
-        full = self.full[slot[bits == FULL]]
+        full = self.full.index_select(0, slot[bits == FULL])
         packed = {}
         for b in [FULL, *self.packed]:
             mask = bits == b
@@ -200,7 +205,7 @@ class Side:
             slot[rows] = torch.arange(len(rows), device=rows.device) + (0 if old is None else old.codes.shape[0])
             packed[bits] = block if old is None else old.extend(block)
         is_full = new_bits == FULL
-        full = self.full[slot[is_full]]
+        full = self.full.index_select(0, slot[is_full])
         slot[is_full] = torch.arange(int(is_full.sum()), device=slot.device)
         return Side(new_bits, slot, pending, stamps, full, packed)
 

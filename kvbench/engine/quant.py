@@ -248,7 +248,7 @@ class QuantLayerKV:
             return side.store(rows, FULL, None, stamp)
         if bool((side.bits[rows] != FULL).any()):
             raise ValueError("only full-precision entries can be quantised (re-quantising would compound errors)")
-        x = side.full[side.slot[rows]]
+        x = side.full.index_select(0, side.slot[rows])  # (m, d) the rows in full precision
         block = quantize_block(x, heads, self.n_heads, bits, self.spec.group, per_channel, self.dtype)
         return side.store(rows, bits, block, stamp)
 

@@ -211,20 +211,17 @@ class LayerKV:
     def select(self, keep: list[Tensor]) -> None:
         """Keep, for each head h, the within-head token indices ``keep[h]`` (sorted here, any order accepted).
 
-        Builds a new buffer of the kept size plus the growth rule's slack; the old buffer is released."""
+        Builds a new buffer of the kept size plus the growth rule's slack, each head's rows gathered straight into
+        its segment (``index_select``: several times faster than advanced indexing for row gathers on CPU); the old
+        buffer is released."""
         lens = [len(i) for i in keep]
-        src = torch.cat([self._start[h] + idx.sort().values for h, idx in enumerate(keep)])  # (T',) buffer rows
         caps = capacities(lens)
-        gathered = [buf[src] for buf in (self._k, self._v, self._pos)]
-        new = [g.new_empty((sum(caps), *g.shape[1:])) for g in gathered]
-        if all(n == lens[0] for n in lens):
-            for g, buf in zip(gathered, new, strict=True):
-                buf.view(len(lens), caps[0], *buf.shape[1:])[:, : lens[0]] = g.view(len(lens), lens[0], *g.shape[1:])
-        else:
-            dst = torch.cat([torch.arange(s, s + n, device=src.device)
-                             for s, n in zip(_starts(caps), lens, strict=True)])  # (T',) rows in the new buffer
-            for g, buf in zip(gathered, new, strict=True):
-                buf.index_copy_(0, dst, g)
+        bufs = (self._k, self._v, self._pos)
+        new = [buf.new_empty((sum(caps), *buf.shape[1:])) for buf in bufs]
+        for h, (idx, start) in enumerate(zip(keep, _starts(caps), strict=True)):
+            src = idx.sort().values + self._start[h]  # (len_h,) rows of the old buffer, in token order
+            for buf, out in zip(bufs, new, strict=True):
+                torch.index_select(buf, 0, src, out=out[start : start + lens[h]])
         self._set(*new, lens, caps, owned=True)
 
     def truncate(self, lens: Tensor) -> None:
