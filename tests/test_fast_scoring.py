@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import ARCHS, load_method
 from torch import Tensor, nn
 
+import kvbench.engine.engine
 import methods.cake
 import methods.compresskv
 import methods.defensivekv
@@ -24,7 +25,7 @@ import methods.snapkv
 import methods.taskkv
 from kvbench.engine import Engine, LayerContext
 from kvbench.engine.store import LayerKV
-from kvbench.ops import Workspace, pool1d, variance
+from kvbench.ops import Workspace, pool1d, topk_per_head, variance
 from methods.defensivekv import DefensiveKV
 from methods.epicache import EpiCache
 
@@ -104,6 +105,7 @@ def use_references(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DefensiveKV, "force_stage1", ref_force_stage1)
     monkeypatch.setattr(LayerContext, "attention_column_sums", ref_column_sums)
     monkeypatch.setattr(EpiCache, "probe_scores", ref_probe_scores)
+    monkeypatch.setattr(kvbench.engine.engine, "topk_per_head", ref_topk_per_head)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,6 +123,27 @@ def test_pool1d_equals_the_pooling_kernels_bit_for_bit(dtype, mode, kernel):
         assert out.dtype == ref.dtype and torch.equal(out, ref), shape
         assert torch.equal(pool1d(x, kernel, mode, work), ref), shape
     assert pool1d(x, 1, mode) is x
+
+
+def ref_topk_per_head(scores: Tensor, counts: Tensor) -> list[Tensor]:
+    order = scores.float().argsort(dim=-1, descending=True, stable=True)  # ties -> lower index first
+    return [order[h, : int(c)].sort().values for h, c in enumerate(counts.clamp(max=scores.shape[1]).tolist())]
+
+
+def test_topk_per_head_is_the_stable_sort_prefix():
+    """Tie-heavy rows (six distinct values, -inf padding, NaN), ragged counts including 0 and more than m: the same
+    sets as the stable descending sort, whether the fast top-k or the sort fallback answers."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(600):
+        h, m = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+        scores = torch.randint(0, 6, (h, m), generator=g).float() if trial % 4 else torch.rand(h, m, generator=g)
+        if trial % 3 == 0:
+            scores[scores == 0] = float("-inf")
+        if trial % 11 == 0:
+            scores[0, 0] = float("nan")
+        counts = torch.randint(0, m + 3, (h,), generator=g)
+        got, want = topk_per_head(scores, counts), ref_topk_per_head(scores, counts)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (scores, counts)
 
 
 @pytest.mark.parametrize(("h", "g", "p", "lens", "d"), [(2, 2, 40, (333, 333), 16), (1, 4, 7, (100,), 64),

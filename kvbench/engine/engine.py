@@ -421,7 +421,7 @@ class Engine:
         if p.pad is None and bool((counts == m).all()):  # every candidate stays (a cascade step that grants a layer
             self.decode_budget[i] = (m, p.n - m)  # at least what it holds): the cache and its scores are as they are
             return
-        picks = [idx.sort().values for idx in topk_per_head(p.scores, counts)]
+        picks = topk_per_head(p.scores, counts)  # (ascending indices per head)
         tail = torch.arange(m, p.n, device=p.scores.device)
         layer.select(head_indices([torch.cat([idx, tail]) for idx in picks], p.pad))
         self.decode_budget[i] = (int(counts[0]), p.n - m)
