@@ -86,8 +86,8 @@ def group_reduce(x: Tensor, n_kv_heads: int, how: str = "mean") -> Tensor:
 
 
 def topk_per_head(scores: Tensor, counts: Tensor) -> list[Tensor]:
-    """Indices of the ``counts[h]`` highest scores of each row, in ascending index order (a set: every caller
-    sorts them into cache order). scores (H, m), counts (H,) -> H index tensors.
+    """Indices of the ``counts[h]`` highest scores of each row, as a set in ascending index order (cache order).
+    scores (H, m), counts (H,) -> H index tensors.
 
     Ties at a row's boundary go to the lower index, as a stable descending sort keeps them. One ``topk`` of the
     largest count gives that set whenever no tie straddles the boundary (2-3x cheaper than the sort on CPU);

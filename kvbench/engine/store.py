@@ -219,7 +219,7 @@ class LayerKV:
         bufs = (self._k, self._v, self._pos)
         new = [buf.new_empty((sum(caps), *buf.shape[1:])) for buf in bufs]
         for h, (idx, start) in enumerate(zip(keep, _starts(caps), strict=True)):
-            src = idx.sort().values + self._start[h]  # (len_h,) rows of the old buffer, in token order
+            src = idx.to(self._k.device).sort().values + self._start[h]  # (len_h,) old buffer rows, token order
             for buf, out in zip(bufs, new, strict=True):
                 torch.index_select(buf, 0, src, out=out[start : start + lens[h]])
         self._set(*new, lens, caps, owned=True)
