@@ -98,7 +98,8 @@ class CAKE(Method):
         attn = ctx.window_attention()  # (H_q, w, n - w)
         var = variance(attn, 1, self._work)  # (H_q, n - w), unbiased over the window queries
         a32 = attn.float()
-        entropy = -(a32 + 1e-10).log_().mul_(a32).sum()  # -sum A log(A + 1e-10), one temporary
+        shifted = torch.add(a32, 1e-10, out=self._work.get("entropy", tuple(a32.shape), a32.device))  # reused
+        entropy = -shifted.log_().mul_(a32).sum()  # -sum A log(A + 1e-10)
         tau1, tau2 = self.taus(ctx.keep)
         ctx.stats["seq_len"] = ctx.n  # the prompt's length: cascading re-plans clamp against it, not the trimmed one
         ctx.stats["preference"] = float(entropy ** (1 / tau1) * var.float().sum() ** (1 / tau2))
