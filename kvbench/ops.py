@@ -96,15 +96,15 @@ def topk_per_head(scores: Tensor, counts: Tensor) -> list[Tensor]:
     c = counts.clamp(0, m).tolist()
     if h == 0 or max(c) == 0:
         return [scores.new_zeros(0, dtype=torch.long) for _ in range(h)]
-    s = scores.float()
+    s, n = scores.float(), counts.clamp(0, m).to(scores.device, torch.long)  # n (H,): counts, scores' device
     vals, idx = s.topk(max(c), dim=-1)  # (H, max c), descending
-    kth = vals.gather(1, (counts.clamp(1, m) - 1).to(vals.device)[:, None])  # (H, 1) each row's boundary value
-    inside = ((vals == kth) & (torch.arange(vals.shape[1], device=vals.device) < counts.to(vals.device)[:, None]))
-    straddles = ((s == kth).sum(1) > inside.sum(1)) & (counts.to(vals.device) > 0)  # (H,) boundary splits ties
+    kth = vals.gather(1, (n.clamp_min(1) - 1)[:, None])  # (H, 1) each row's boundary value
+    inside = (vals == kth) & (torch.arange(vals.shape[1], device=vals.device) < n[:, None])  # ties among the picks
+    straddles = ((s == kth).sum(1) > inside.sum(1)) & (n > 0)  # (H,) the boundary splits ties
     if bool((s.isnan().any(1) | straddles).any()):
         order = s.argsort(dim=-1, descending=True, stable=True)  # (H, m); ties -> lower index first
-        return [order[k, :n].sort().values for k, n in enumerate(c)]
-    return [idx[k, :n].sort().values for k, n in enumerate(c)]
+        return [order[k, :ck].sort().values for k, ck in enumerate(c)]
+    return [idx[k, :ck].sort().values for k, ck in enumerate(c)]
 
 
 class Workspace:
