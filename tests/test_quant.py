@@ -15,7 +15,7 @@ from transformers import AttentionInterface
 
 from kvbench.budget import Pyramid, Uniform
 from kvbench.engine import Engine, KVStore
-from kvbench.engine.packed import FULL, pack, unpack
+from kvbench.engine.packed import FULL, grid, pack, quantize_block, unpack
 from kvbench.engine.quant import EVICT, HIGH, LOW, QuantLayerKV, QuantSpec
 from kvbench.errors import UsageError
 from methods.fullkv import FullKV
@@ -53,6 +53,66 @@ def test_pack_hand_made_codes():
 def test_pack_unpack_random_codes_exact(bits):
     codes = torch.randint(0, 2**bits, (37, 64), generator=torch.Generator().manual_seed(bits))
     assert torch.equal(unpack(pack(codes, bits), bits).long(), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_reads_any_layout_and_integer_type(bits):
+    codes = torch.randint(0, 2**bits, (40, 64), generator=torch.Generator().manual_seed(bits))
+    want = pack(codes, bits)
+    assert torch.equal(pack(codes.T.contiguous().T, bits), want), "a transposed (non-contiguous) view"
+    assert torch.equal(pack(codes.to(torch.uint8), bits), want) and torch.equal(pack(codes.float(), bits), want)
+    odd = torch.randint(0, 2**bits, (40, 65), generator=torch.Generator().manual_seed(1))[:, 1:]  # offset storage
+    assert torch.equal(unpack(pack(odd, bits), bits).long(), odd)
+
+
+def reference_block(x: Tensor, heads: Tensor, bits: int, group: int, per_channel: bool, dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """quantize_block written as a loop over groups: keys per channel over ``group`` consecutive rows of a head,
+    values per row over channel groups -> codes (m, d), scale, zero, param (the scale row of each row)."""
+    x = x.float()
+    if per_channel:
+        members = [idx[s : s + group] for h in heads.unique() for idx in [(heads == h).nonzero().squeeze(1)]
+                   for s in range(0, len(idx), group)]
+        axis = 0
+    else:
+        width = min(group, x.shape[1])
+        members = [(r, slice(c, c + width)) for r in range(len(x)) for c in range(0, x.shape[1], width)]
+        axis = -1
+    codes, scales, zeros, param = torch.zeros_like(x), [], [], torch.zeros(len(x), dtype=torch.long)
+    for p, where in enumerate(members):
+        block = x[where]
+        zero, scale = grid(block.amin(axis), block.amax(axis), bits, dtype)
+        safe = torch.where(scale > 0, scale.float(), 1.0)
+        codes[where] = ((block - zero.float()) / safe).round().clamp(0, 2**bits - 1)
+        scales.append(scale), zeros.append(zero)
+        if per_channel:
+            param[where] = p
+        else:
+            param[where[0]] = where[0]
+    scale, zero = torch.stack(scales), torch.stack(zeros)
+    if not per_channel:  # one row of (d / width) scales per token
+        scale, zero = scale.view(len(x), -1), zero.view(len(x), -1)
+    return codes, scale, zero, param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [1, 8, 32])
+@pytest.mark.parametrize("per_channel", [True, False], ids=["keys", "values"])
+def test_quantize_block_matches_a_per_group_loop(per_channel, group, bits, dtype):
+    """Ragged heads (one empty, short last groups), rows taken out of order from a larger source, constant
+    groups: the padded-group layout gives the codes, scales and zero points of a plain loop over groups."""
+    gen = torch.Generator().manual_seed(bits * group)
+    counts = torch.tensor([37, 0, 8, 70])
+    heads = torch.repeat_interleave(torch.arange(4), counts)  # head-major, token order
+    source = (3 * torch.randn(200, 32, generator=gen)).to(dtype)
+    source[::4] = source[:, 0] = 1.5  # constant rows and a constant channel: constant value and key groups
+    rows = torch.randperm(200, generator=gen)[: len(heads)]
+    block = quantize_block(source, rows, heads, 4, bits, group, per_channel, dtype)
+    codes, scale, zero, param = reference_block(source[rows], heads, bits, group, per_channel, dtype)
+    assert torch.equal(unpack(block.codes, bits).long(), codes.long())
+    assert torch.equal(block.scale, scale) and torch.equal(block.zero, zero) and torch.equal(block.param, param)
+    assert block.scale.dtype == dtype and (block.scale == 0).any(), "constant groups have scale 0"
 
 
 # -- round-trip error ------------------------------------------------------------------------------------------------
@@ -175,8 +235,9 @@ def test_mixed_plan_counts_and_bytes():
 
 @pytest.mark.parametrize("rule", ["minority", "half", "majority"])  # how many tokens are HIGH
 def test_each_class_is_quantised_as_if_alone(rule):
-    """A plan's two classes are stored one after the other (the larger first); whatever the order, each class
-    holds exactly what quantising its rows alone gives (its own key groups, its own value groups)."""
+    """A plan's two classes are quantised from the same full-precision rows and stored with one compaction; each
+    class holds exactly what quantising its rows alone gives (its own key groups, its own value groups), whichever
+    class is larger."""
     h, n, d, g = 2, 80, 32, 16
     k, v = rand(h, n, d), rand(h, n, d, seed=1)
     token = torch.arange(n)

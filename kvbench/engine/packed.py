@@ -16,14 +16,19 @@ BITS = (2, 4, 8)  # packed bit widths
 
 # -- packing and min-max quantisation -------------------------------------------------------------------------------
 def pack(codes: Tensor, bits: int) -> Tensor:
-    """(m, d) integer codes in [0, 2^bits) -> (m, d * bits / 8) uint8, 8/bits codes per byte, low bits first."""
+    """(m, d) integer codes in [0, 2^bits) -> (m, d * bits / 8) uint8, 8/bits codes per byte, low bits first.
+
+    The 8/bits consecutive code bytes of an output byte are read as one little-endian integer word (int32 for 2
+    bits, int16 for 4) and shifted together, two to three times faster on a CPU than one strided pass per code."""
     per = 8 // bits
-    m, d = codes.shape
-    c = codes.to(torch.uint8).view(m, d // per, per)
-    out = torch.zeros(m, d // per, dtype=torch.uint8, device=codes.device)
-    for j in range(per):
-        out |= c[:, :, j] << (bits * j)
-    return out
+    c = codes.to(torch.uint8, copy=True).contiguous()  # a fresh buffer: aligned for the word view below
+    if per == 1:
+        return c
+    words = c.view(torch.int32 if per == 4 else torch.int16)  # (m, d / per): code j of a byte in bits 8j..8j+7
+    out = words | words >> (8 - bits)
+    for j in range(2, per):  # move code j from bit 8j to bit bits * j (the codes do not overlap: OR = sum)
+        out |= words >> (8 - bits) * j
+    return (out & 0xFF).to(torch.uint8)
 
 
 def unpack(packed: Tensor, bits: int) -> Tensor:
@@ -33,18 +38,17 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
     return ((packed[:, :, None] >> shifts) & (2**bits - 1)).reshape(packed.shape[0], -1)
 
 
-def minmax_codes(x: Tensor, mn: Tensor, scale: Tensor, bits: int, rows: Tensor | None = None) -> Tensor:
-    """Codes of x (fp32) for zero points and scales broadcastable to it, or, with ``rows``, for the rows
-    ``mn[rows]`` / ``scale[rows]`` (gathered after the zero-scale guard, on the small tensors); a zero scale (constant
-    group) gives code 0. One fresh tensor, then in place: the values of the out-of-place expression, bit for bit."""
+def minmax_codes_(x: Tensor, mn: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Codes of x (fp32), written into x, for zero points and scales broadcastable to it; a zero scale (constant
+    group) gives code 0. In place: the values of ``((x - mn) / scale).round().clamp(0, 2^bits - 1)``, bit for bit."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if rows is not None:
-        mn, safe = mn.index_select(0, rows), safe.index_select(0, rows)
-    return (x - mn).div_(safe).round_().clamp_(0, 2**bits - 1)
+    return x.sub_(mn).div_(safe).round_().clamp_(0, 2**bits - 1)
 
 
 def round_out(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
-    """x (fp32) stored in ``dtype``, rounded towards +inf (up) or -inf (down) instead of to nearest."""
+    """x (fp32) stored in ``dtype``, rounded towards +inf (up) or -inf (down) instead of to nearest (fp32: x)."""
+    if dtype == x.dtype:  # nothing to round (the general path below returns x too, with seven more passes)
+        return x
     y = x.to(dtype)
     bad = y.float() < x if up else y.float() > x
     return torch.where(bad, torch.nextafter(y, torch.full_like(y, float("inf") if up else float("-inf"))), y)
@@ -57,33 +61,40 @@ def grid(mn: Tensor, mx: Tensor, bits: int, dtype: torch.dtype) -> tuple[Tensor,
     return zero, round_out((mx - zero.float()) / (2**bits - 1), dtype, up=True)
 
 
-def quantize_tokens(x: Tensor, gid: Tensor, n_groups: int, bits: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """Keys: per channel over token groups. x (m, d) fp32, gid (m,) group of each row -> codes (m, d), scale and
-    zero (n_groups, d) in ``dtype`` (the codes are computed from the stored, rounded scale and zero)."""
-    idx = gid[:, None].expand_as(x)
-    mn = x.new_full((n_groups, x.shape[1]), float("inf")).scatter_reduce(0, idx, x, "amin")
-    mx = x.new_full((n_groups, x.shape[1]), float("-inf")).scatter_reduce(0, idx, x, "amax")
-    zero, scale = grid(mn, mx, bits, dtype)
-    return minmax_codes(x, zero.float(), scale.float(), bits, gid), scale, zero
+def quantize_tokens(xp: Tensor, bits: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Keys: per channel over token groups. xp (groups, group, d) fp32, each group's rows padded with copies of its
+    first row (``padded_groups``), overwritten -> codes (groups, group, d) (xp itself), scale and zero (groups, d)
+    in ``dtype`` (the codes are computed from the stored, rounded scale and zero). The padding copies change no
+    minimum or maximum."""
+    zero, scale = grid(xp.amin(1), xp.amax(1), bits, dtype)
+    return minmax_codes_(xp, zero.float()[:, None], scale.float()[:, None], bits), scale, zero
 
 
 def quantize_channels(x: Tensor, group: int, bits: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """Values: per token over channel groups. x (m, d) fp32 -> codes (m, d), scale and zero (m, d / group)."""
+    """Values: per token over channel groups. x (m, d) fp32, overwritten -> codes (m, d) (x itself), scale and zero
+    (m, d / group)."""
     m, d = x.shape
     xg = x.view(m, d // group, group)
     mn, mx = xg.amin(-1), xg.amax(-1)  # (m, d/group)
     zero, scale = grid(mn, mx, bits, dtype)
-    codes = minmax_codes(xg, zero.float()[..., None], scale.float()[..., None], bits)
+    codes = minmax_codes_(xg, zero.float()[..., None], scale.float()[..., None], bits)
     return codes.view(m, d), scale, zero
 
 
-def token_groups(heads: Tensor, n_heads: int, group: int) -> tuple[Tensor, int]:
-    """Rows (m,) of a class, head-major in token order -> group id of each row (``group`` consecutive rows of a
-    head, the last one of each head possibly shorter) and the number of groups."""
+def padded_groups(heads: Tensor, n_heads: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows (m,) of a class, head-major in token order, in groups of ``group`` consecutive rows of a head (the last
+    one of each head possibly shorter) -> ``gid`` (m,) the group of each row, ``slot`` (m,) its row in the padded
+    layout (groups, group) and ``src`` (groups * group,) the row each padded slot holds: itself, or its group's
+    first row in the slots past a short group's end."""
     counts = torch.bincount(heads, minlength=n_heads)  # (H,)
     rank = torch.arange(len(heads), device=heads.device) - cu_from_lens(counts)[heads]
     offsets = cu_from_lens((counts + group - 1) // group)  # (H+1,) first group of each head
-    return offsets[heads] + rank // group, int(offsets[-1])
+    gid = offsets[heads] + rank // group
+    slot = gid * group + rank % group
+    src = torch.full((int(offsets[-1]) * group,), -1, dtype=torch.long, device=heads.device)
+    src[slot] = torch.arange(len(heads), device=heads.device)
+    src = src.view(-1, group)
+    return gid, slot, torch.where(src < 0, src[:, :1], src).view(-1)  # every group's first slot is a real row
 
 
 # -- one side (keys or values) --------------------------------------------------------------------------------------
@@ -192,33 +203,50 @@ class Side:
         return Side(torch.cat([self.bits, self.bits.new_full((m,), FULL)]), torch.cat([self.slot, slot]), pending,
                     torch.cat([self.stamp, self.stamp.new_zeros(m)]), torch.cat([self.full, x]), dict(self.packed))
 
-    def store(self, rows: Tensor, bits: int, block: Packed | None, stamp: Tensor) -> Side:
-        """Give full-precision ``rows`` the representation ``bits`` (``block`` holds their codes, row order), no
-        longer pending; the full-precision storage is compacted."""
+    def store(self, parts: list[Part]) -> Side:
+        """Give the full-precision rows of each part (disjoint) their new representation, no longer pending;
+        the full-precision storage is compacted once."""
         new_bits, slot = self.bits.clone(), self.slot.clone()
         pending, stamps = self.pending.clone(), self.stamp.clone()
-        pending[rows], stamps[rows] = False, stamp
         packed = dict(self.packed)
-        if block is not None:
-            old = packed.get(bits)
-            new_bits[rows] = bits
-            slot[rows] = torch.arange(len(rows), device=rows.device) + (0 if old is None else old.codes.shape[0])
-            packed[bits] = block if old is None else old.extend(block)
+        for part in parts:
+            pending[part.rows], stamps[part.rows] = False, part.stamp
+            if part.block is not None:
+                old = packed.get(part.bits)
+                new_bits[part.rows] = part.bits
+                first = 0 if old is None else old.codes.shape[0]
+                slot[part.rows] = torch.arange(first, first + len(part.rows), device=slot.device)
+                packed[part.bits] = part.block if old is None else old.extend(part.block)
         is_full = new_bits == FULL
         full = self.full.index_select(0, slot[is_full])
         slot[is_full] = torch.arange(int(is_full.sum()), device=slot.device)
         return Side(new_bits, slot, pending, stamps, full, packed)
 
 
-def quantize_block(x: Tensor, heads: Tensor, n_heads: int, bits: int, group: int, per_channel: bool,
-                   dtype: torch.dtype) -> Packed:
-    """Rows x (m, d), head-major in token order -> a ``Packed`` block (keys: per channel over token groups of each
-    head; values: per token over channel groups)."""
-    x = x.float()
+@dataclass(frozen=True)
+class Part:
+    """New representation of some full-precision rows of a side: ``rows`` (m,) flat row indices, ``bits`` (16:
+    they stay in full precision), ``block`` their codes in row order (None at 16 bits) and ``stamp`` (m,)."""
+
+    rows: Tensor
+    bits: int
+    block: Packed | None
+    stamp: Tensor
+
+
+def quantize_block(source: Tensor, rows: Tensor, heads: Tensor, n_heads: int, bits: int, group: int,
+                   per_channel: bool, dtype: torch.dtype) -> Packed:
+    """The rows ``source[rows]`` (m, d), head-major in token order, with their heads (m,) -> a ``Packed`` block
+    (keys: per channel over token groups of each head; values: per token over channel groups).
+
+    Keys are gathered straight into the padded group layout, quantised there with broadcast scales and packed,
+    and only the packed rows are gathered back (no per-row scale gathers)."""
+    d = source.shape[1]
     if per_channel:
-        gid, n_groups = token_groups(heads, n_heads, group)
-        codes, scale, zero = quantize_tokens(x, gid, n_groups, bits, dtype)
-        return Packed(pack(codes, bits), scale, zero, gid, 1)
-    width = min(group, x.shape[1])
-    codes, scale, zero = quantize_channels(x, width, bits, dtype)
-    return Packed(pack(codes, bits), scale, zero, torch.arange(x.shape[0], device=x.device), width)
+        gid, slot, src = padded_groups(heads, n_heads, group)
+        xp = source.index_select(0, rows.index_select(0, src)).float().view(-1, group, d)  # (groups, group, d)
+        codes, scale, zero = quantize_tokens(xp, bits, dtype)
+        return Packed(pack(codes.view(-1, d), bits).index_select(0, slot), scale, zero, gid, 1)
+    width = min(group, d)
+    codes, scale, zero = quantize_channels(source.index_select(0, rows).float(), width, bits, dtype)
+    return Packed(pack(codes, bits), scale, zero, torch.arange(len(rows), device=source.device), width)

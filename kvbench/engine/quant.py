@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from kvbench.engine.attention import cached_attention
-from kvbench.engine.packed import BITS, FULL, Side, quantize_block
+from kvbench.engine.packed import BITS, FULL, Part, Side, quantize_block
 from kvbench.engine.store import LayerKV, cu_from_lens, ragged_index
 from kvbench.errors import UsageError
 
@@ -242,15 +242,20 @@ class QuantLayerKV:
 
     def _quantize(self, side: Side, rows: Tensor, bits: int, per_channel: bool) -> Side:
         """Quantise full-precision ``rows`` (head-major, token order) at ``bits`` (16: keep as they are)."""
-        heads = ragged_index(self.lens)[0][rows]
+        return side.store([self._part(side, rows, bits, per_channel, ragged_index(self.lens)[0])])
+
+    def _part(self, side: Side, rows: Tensor, bits: int, per_channel: bool, row_heads: Tensor) -> Part:
+        """The new representation of full-precision ``rows`` at ``bits``, for ``Side.store``; row_heads (T,) is
+        the head of every row of the layer."""
+        heads = row_heads[rows]
         stamp = self.lens[heads].to(torch.int32)
         if bits == FULL:
-            return side.store(rows, FULL, None, stamp)
+            return Part(rows, FULL, None, stamp)
         if bool((side.bits[rows] != FULL).any()):
             raise ValueError("only full-precision entries can be quantised (re-quantising would compound errors)")
-        x = side.full.index_select(0, side.slot[rows])  # (m, d) the rows in full precision
-        block = quantize_block(x, heads, self.n_heads, bits, self.spec.group, per_channel, self.dtype)
-        return side.store(rows, bits, block, stamp)
+        block = quantize_block(side.full, side.slot[rows], heads, self.n_heads, bits, self.spec.group, per_channel,
+                               self.dtype)
+        return Part(rows, bits, block, stamp)
 
     def apply_plan(self, plan: Tensor, bits_high: int, bits_low: int) -> None:
         """Apply a per-(head, token) plan: ``EVICT`` rows are dropped, ``HIGH`` / ``LOW`` rows are stored at
@@ -268,17 +273,16 @@ class QuantLayerKV:
                 raise ValueError("the plan asks for other bit widths for entries already quantised (re-quantising "
                                  "would compound errors): plan them at the bits they have")
         keep = (flat != EVICT).nonzero().squeeze(1)
+        row_heads = ragged_index(self.lens)[0]
         if len(keep) < len(flat):  # (with nothing evicted the layer stays as it is)
-            self._take(keep, torch.bincount(ragged_index(self.lens)[0][keep], minlength=self.n_heads))
-            flat = flat[keep]
-        # the larger class first: every store compacts the full-precision rows left, so the second one moves only
-        # the smaller class (the order changes no value: each class is quantised from its own full-precision rows)
-        classes = sorted(((LOW, bits_low), (HIGH, bits_high)), key=lambda c: -int((flat == c[0]).sum()))
-        for code, bits in classes:
-            for name, per_channel in (("k", True), ("v", False)):
-                side = getattr(self, name)
-                todo = ((flat == code) & (side.bits == FULL)).nonzero().squeeze(1)
-                setattr(self, name, self._quantize(side, todo, bits, per_channel) if len(todo) else side)
+            self._take(keep, torch.bincount(row_heads[keep], minlength=self.n_heads))
+            flat, row_heads = flat[keep], row_heads[keep]
+        for name, per_channel in (("k", True), ("v", False)):  # each class quantised from its own full rows,
+            side = getattr(self, name)  # then one compaction of the side
+            parts = [self._part(side, todo, bits, per_channel, row_heads)
+                     for code, bits in ((HIGH, bits_high), (LOW, bits_low))
+                     if len(todo := ((flat == code) & (side.bits == FULL)).nonzero().squeeze(1))]
+            setattr(self, name, side.store(parts) if parts else side)
 
     def pending_tokens(self) -> int:
         """Tokens per head not yet planned or flushed (the newest ones; every head appends the same tokens)."""
