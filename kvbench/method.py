@@ -85,8 +85,9 @@ class Method(ABC):
         return 0
 
     def prefill_attention(self, ctx: LayerContext, backend: str) -> Tensor:
-        """(n, H_q, d) prefill attention output of a fresh layer from ``ctx.queries/keys/values`` (the new tokens);
-        the same context (``memo``, ``stats``) then goes to the layer's ``plan``.
+        """(n, H_q, d) prefill attention output of a fresh layer from ``ctx.queries/keys/values`` (the new tokens).
+        The engine calls ``plan(ctx)`` on the same context first (timed as compression): what the plan computed
+        (ZipVL: its important tokens) is in ``ctx.memo``; the plan is applied after this attention.
         Only called when ``own_prefill_attention`` is set."""
         raise NotImplementedError(f"{type(self).__name__} sets own_prefill_attention but has no prefill_attention()")
 

@@ -45,7 +45,7 @@ known.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -57,6 +57,7 @@ from kvbench.engine.packed import FULL
 from kvbench.engine.quant import HIGH, LOW, QuantSpec, check_bits
 from kvbench.errors import UsageError
 from kvbench.method import Method
+from kvbench.ops import Workspace
 
 TAU = 0.975
 RECENT, RANDOM = 64, 64
@@ -79,17 +80,27 @@ def probe_scores(queries: Tensor, keys: Tensor, probes: Tensor, scale: float | N
     return probe_attention(queries[:, probes], keys, probes, scale)
 
 
-def probe_attention(probe_queries: Tensor, keys: Tensor, probes: Tensor, scale: float | None = None) -> Tensor:
+def probe_attention(probe_queries: Tensor, keys: Tensor, probes: Tensor, scale: float | None = None,
+                    work: Workspace | None = None) -> Tensor:
     """:func:`probe_scores` from the probes' own queries: probe_queries [H_q, p, d] at cache positions ``probes``
-    [p] (sorted), keys [H_kv, n, d]. Returns [H_kv, n]."""
-    h_q, _, d = probe_queries.shape
+    [p] (sorted), keys [H_kv, n, d]. Returns [H_kv, n].
+
+    The logits of each query head are one matmul against its KV head's keys (no repeated copy of the keys), into
+    one [H_q, p, n] buffer (``work``'s ``probe`` buffer when given, reused by every layer), then scaled, masked and
+    softmaxed in place: the values of the batched, out-of-place computation bit for bit, without four fresh
+    multi-MiB tensors per layer (tests/test_vlm_kernels.py)."""
+    h_q, p, d = probe_queries.shape
     h_kv, n = keys.shape[:2]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    k = keys.float().repeat_interleave(h_q // h_kv, dim=0)  # [H_q, n, d]
-    logits = probe_queries.float() @ k.transpose(1, 2) * scale  # [H_q, p, n]
-    visible = probes[:, None] >= torch.arange(n, device=keys.device)[None, :]  # [p, n] probe i sees j <= probes[i]
-    attn = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)  # [H_q, p, n]
-    seen = visible.sum(0).clamp(min=1)  # [n] probes that can attend to j
+    q, k = probe_queries.float(), keys.float()
+    logits = torch.empty(h_q, p, n, device=keys.device) if work is None else work.get("probe", (h_q, p, n), keys.device)
+    for i in range(h_q):  # query head i belongs to KV head i // G
+        torch.mm(q[i], k[i // (h_q // h_kv)].T, out=logits[i])  # [p, n]
+    logits.mul_(scale)
+    cols = torch.arange(n, device=keys.device)
+    hidden = probes[:, None] < cols[None, :]  # [p, n] probe i sees j <= probes[i]
+    attn = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1, out=logits)  # [H_q, p, n], in place
+    seen = (p - torch.searchsorted(probes, cols)).clamp(min=1)  # [n] probes at positions >= j (sorted probes)
     per_q = attn.sum(1) / seen  # [H_q, n]
     return per_q.view(h_kv, h_q // h_kv, n).mean(1)
 
@@ -160,6 +171,7 @@ class ZipVL(Method):
     keep_last: bool = True
     recompress_every: int = 100
     seed: int = 0
+    _work: Workspace = field(default_factory=Workspace, repr=False, compare=False)
 
     compresses: ClassVar[bool] = False  # every token is kept, at one of two precisions
     shares_prefill: ClassVar[bool] = False  # the sparse prefill attention changes the prefill itself
@@ -202,7 +214,7 @@ class ZipVL(Method):
         m, n = ctx.queries.shape[1], ctx.n
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.layer_idx)
         local = probe_positions(m, self.recent, self.random, gen).to(ctx.keys.device)  # (p,) within the m
-        scores = probe_attention(ctx.queries[:, local], ctx.keys, local + (n - m), ctx.scaling)  # (H_kv, n)
+        scores = probe_attention(ctx.queries[:, local], ctx.keys, local + (n - m), ctx.scaling, self._work)  # (H_kv, n)
         layer_scores = scores[:, n - m:].mean(0)  # (m,) token-level: one set for all heads
         count = min(adaptive_count(layer_scores, self.tau), ctx.keep)
         mask = important_mask(layer_scores, count)
@@ -216,10 +228,17 @@ class ZipVL(Method):
                          probe_flops_fraction=2 * len(local) * n / (m * m))
         return mask
 
+    def important_once(self, ctx: LayerContext) -> Tensor:
+        """:meth:`important`, computed once per layer context (``ctx.memo``): the plan and the sparse prefill
+        attention use the same set."""
+        if "zipvl_important" not in ctx.memo:
+            ctx.memo["zipvl_important"] = self.important(ctx)
+        return ctx.memo["zipvl_important"]
+
     def prefill_attention(self, ctx: LayerContext, backend: str) -> Tensor:
-        """Causal attention among the important tokens only; 0 at the others. -> (n, H_q, d)."""
-        keep = self.important(ctx)
-        ctx.memo["zipvl_important"] = keep
+        """Causal attention among the important tokens only; 0 at the others. -> (n, H_q, d). The important set is
+        the one the engine's ``plan(ctx)`` call just computed (in ``ctx.memo``), else computed here."""
+        keep = self.important_once(ctx)
         q, k, v = ctx.queries[None], ctx.keys[None], ctx.values[None]  # (1, H, n, d)
         if not self.sparse_prefill:
             return causal_attention(q, k, v, ctx.scaling, backend)[0]
@@ -230,8 +249,7 @@ class ZipVL(Method):
 
     def plan(self, ctx: LayerContext) -> Tensor:
         """(H, m) codes: ``HIGH`` for the important tokens, ``unimportant`` (LOW; v2: EVICT) for the others."""
-        keep = ctx.memo.get("zipvl_important")
-        keep = self.important(ctx) if keep is None else keep
+        keep = self.important_once(ctx)
         codes = torch.full(keep.shape, self.unimportant, dtype=torch.int8, device=keep.device)
         codes[keep] = HIGH
         return codes.expand(ctx.n_kv_heads, -1)

@@ -23,8 +23,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from kvbench.budget import tokens_per_head
+from kvbench.budget import Allocator, tokens_per_head
 from kvbench.engine import Engine
+from kvbench.method import Method
 from kvbench.models import load_model, pick_device
 from kvbench.pipeline import sync_time
 
@@ -51,14 +52,21 @@ def compressed_prefill(eng: Engine, ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def measure(model: torch.nn.Module, method_name: str, budget: float, ids: torch.Tensor, decode: int,
-            backend: str) -> dict[str, float]:
-    """One compressed prefill plus ``decode`` greedy steps; times in seconds, bytes exact."""
+def build(method_name: str) -> tuple[Method, Allocator]:
+    """The method and allocator of ``conf/method/<name>.yaml``, built once and used for every round, as a run
+    builds them once for all its samples (``kvbench.runner.build_method``): scratch buffers a method keeps
+    (``kvbench.ops.Workspace``) are allocated by the warm-up round, as by a run's first sample."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"method={method_name}"])
-    method = instantiate(cfg.method)
+    return instantiate(cfg.method), instantiate(cfg.allocator)
+
+
+def measure(model: torch.nn.Module, built: tuple[Method, Allocator], budget: float, ids: torch.Tensor, decode: int,
+            backend: str) -> dict[str, float]:
+    """One compressed prefill plus ``decode`` greedy steps; times in seconds, bytes exact."""
+    method, allocator = built
     budget = budget if method.layer_store == "evict" else 1.0  # quantising methods keep every token
-    with Engine(model, method, instantiate(cfg.allocator), budget, backend=backend) as eng:
+    with Engine(model, method, allocator, budget, backend=backend) as eng:
         eng.reset()
         t0 = sync_time(eng.device)
         logits = compressed_prefill(eng, ids)
@@ -102,9 +110,10 @@ def main() -> None:
     for n in args.lengths:
         ids = torch.randint(5, len(tok), (n,), generator=gen)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in args.methods}
+        built = {name: build(name) for name in args.methods}
         for round_ in range(args.repeats + 1):  # round 0 warms up; every round runs every method once
             for name in args.methods:
-                result = measure(model, name, args.budget, ids, args.decode, spec.attn_implementation)
+                result = measure(model, built[name], args.budget, ids, args.decode, spec.attn_implementation)
                 if round_:
                     runs[name].append(result)
         for name, results in runs.items():

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from kvbench.ops import Workspace
 from methods import guikv, zipvl
 
 
@@ -94,6 +95,27 @@ def test_zipvl_probe_attention_is_causally_normalised() -> None:
     s = zipvl.probe_scores(q2, k2, torch.tensor([2]), scale=1.0)
     e = math.exp(10.0)
     assert torch.allclose(s[0], (torch.tensor([1, e, 1]) / (e + 2) + 1 / 3) / 2)
+
+
+def out_of_place_probe_attention(probe_queries, keys, probes, scale):
+    """The probe attention written out of place (the code before the in-place rewrite)."""
+    h_q, h_kv, n = probe_queries.shape[0], keys.shape[0], keys.shape[1]
+    k = keys.float().repeat_interleave(h_q // h_kv, dim=0)
+    logits = probe_queries.float() @ k.transpose(1, 2) * scale
+    visible = probes[:, None] >= torch.arange(n)[None, :]
+    attn = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    return (attn.sum(1) / visible.sum(0).clamp(min=1)).view(h_kv, h_q // h_kv, n).mean(1)
+
+
+def test_zipvl_probe_attention_in_place_equals_out_of_place_bit_for_bit() -> None:
+    gen, work = torch.Generator().manual_seed(0), Workspace()  # one buffer, grown and shrunk across the shapes
+    for h_q, h_kv, n, p, dtype in [(4, 2, 300, 40, torch.float32), (8, 2, 1000, 128, torch.float32),
+                                   (2, 1, 50, 50, torch.bfloat16), (4, 4, 700, 9, torch.float16)]:
+        q, k = torch.randn(h_q, n, 16, generator=gen).to(dtype), torch.randn(h_kv, n, 16, generator=gen).to(dtype)
+        probes = zipvl.probe_positions(n, p // 2, p - p // 2, torch.Generator().manual_seed(n))
+        want = out_of_place_probe_attention(q[:, probes], k, probes, 0.25)
+        assert torch.equal(zipvl.probe_attention(q[:, probes], k, probes, 0.25), want)
+        assert torch.equal(zipvl.probe_attention(q[:, probes], k, probes, 0.25, work), want), (n, p)
 
 
 def test_zipvl_probe_positions() -> None:

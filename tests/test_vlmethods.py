@@ -4,6 +4,8 @@ engine-facing pieces on hand-made tensors (the scoring kernels themselves: tests
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import HEAD_DIM, N_HEADS, N_KV_HEADS, N_LAYERS, load_method
@@ -170,6 +172,33 @@ def test_zipvl_plans_important_tokens_high_and_the_rest_low_in_packed_bytes(tiny
                                                               N_KV_HEADS, HEAD_DIM) for i in range(N_LAYERS))
     assert state["stats"]["kv_bytes_full"] == N_LAYERS * N_KV_HEADS * N * HEAD_DIM * 4 * 2
     assert len(tokens) == 4 and state["lens_after"][0].tolist() == [N + 3] * N_KV_HEADS
+
+
+def test_zipvl_scoring_is_timed_as_compression_once_per_layer_and_feeds_both_uses(tiny_model, monkeypatch) -> None:
+    """The engine plans a layer before the method's own prefill attention: ``important`` (the probe scoring) runs
+    once per layer, inside the compression time, and the sparse attention and the stored plan use that set."""
+    calls: list[tuple[str, int]] = []
+    important, attention = ZipVL.important, ZipVL.prefill_attention
+
+    def slow_important(self, ctx):
+        calls.append(("important", ctx.layer_idx))
+        time.sleep(0.02)
+        return important(self, ctx)
+
+    def logged_attention(self, ctx, backend):
+        calls.append(("attention", ctx.layer_idx))
+        return attention(self, ctx, backend)
+
+    monkeypatch.setattr(ZipVL, "important", slow_important)
+    monkeypatch.setattr(ZipVL, "prefill_attention", logged_attention)
+    method, allocator = load_method("zipvl")
+    with Engine(tiny_model("llama"), method, allocator, budget=1.0) as eng:
+        eng.reset()
+        eng.forward(ids(), compress=True)
+        assert calls == [(kind, i) for i in range(N_LAYERS) for kind in ("important", "attention")]
+        assert eng.compress_seconds >= 0.02 * N_LAYERS
+        for i, layer in enumerate(eng.store.layers):  # the plan stored is the set the attention used
+            assert layer.precision_counts()["k"][4] == eng.layer_stats[i]["important_tokens"] * N_KV_HEADS
 
 
 def mixed_bytes(p: int, n: int, h: int, d: int, group: int = 32, high: int = 4, low: int = 2, fp: int = 4) -> int:

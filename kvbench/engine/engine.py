@@ -144,7 +144,7 @@ class Engine:
         self.attention_mask: Tensor | None = None  # (n, n) bool for a fresh-cache forward instead of causal
         self._hidden: dict[int, Tensor] = {}
         self._plan_queries: dict[int, list[Tensor]] = {}  # plans: queries of the tokens added since the last plan
-        self._prefill_ctx: dict[int, LayerContext] = {}  # own_prefill_attention: its context, reused by the plan
+        self._prefill_ctx: dict[int, tuple[LayerContext, Tensor]] = {}  # own_prefill_attention: context and plan
         self.layer_stats: dict[int, dict[str, Any]] = {}  # per-layer scalars a plan method reported at prefill
         self._hooks: list[Any] = []
         self._saved_impl: Any = None
@@ -335,13 +335,18 @@ class Engine:
     def _prefill_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, scale: float
                            ) -> Tensor:
         """A fresh layer's attention: dense causal (or ``attention_mask``), or the method's own when it declares
-        ``own_prefill_attention`` (its context is kept for the layer's plan). (1, Hq, q, d) x 3 -> (1, q, Hq, d)."""
+        ``own_prefill_attention``. Then the layer's plan comes first, timed as compression (ZipVL's probe scoring,
+        which also picks the tokens its sparse attention attends among); the method's attention reads it from
+        the context's memo, and the same plan is applied once the layer is stored (``_plan_layer``).
+        (1, Hq, q, d) x 3 -> (1, q, Hq, d)."""
         if self.attention_mask is not None:
             return masked_attention(query, key, value, self.attention_mask, scale)
         if not (self._compress and self.method.own_prefill_attention):
             return causal_attention(query, key, value, scale, self.backend)
+        t0 = sync_time(self.device)
         ctx = self._plan_context(module, query[0], key[0], value[0], self._positions, scale)
-        self._prefill_ctx[module.layer_idx] = ctx
+        self._prefill_ctx[module.layer_idx] = (ctx, self.method.plan(ctx))
+        self.compress_seconds += sync_time(self.device) - t0
         return self.method.prefill_attention(ctx, self.backend)[None]
 
     def _plan_context(self, module: nn.Module, queries: Tensor, keys: Tensor, values: Tensor, positions: Tensor,
@@ -355,11 +360,12 @@ class Engine:
     def _plan_layer(self, module: nn.Module, queries: Tensor, layer: Any, scale: float) -> None:
         """plans: apply the method's plan for the layer's last q tokens (q = ``queries.shape[1]``)."""
         t0 = sync_time(self.device)
-        ctx = self._prefill_ctx.pop(module.layer_idx, None)
+        ctx, plan = self._prefill_ctx.pop(module.layer_idx, (None, None))
         if ctx is None:
             view = layer_view(layer)
             ctx = self._plan_context(module, queries, view.keys, view.values, view.positions, scale)
-        layer.apply_tail_plan(self.method.plan(ctx), *self.method.plan_bits())
+            plan = self.method.plan(ctx)
+        layer.apply_tail_plan(plan, *self.method.plan_bits())
         if self._compress:
             self.layer_stats[module.layer_idx] = dict(ctx.stats)
         self.compress_seconds += sync_time(self.device) - t0
