@@ -86,20 +86,24 @@ def probe_attention(probe_queries: Tensor, keys: Tensor, probes: Tensor, scale: 
     [p] (sorted), keys [H_kv, n, d]. Returns [H_kv, n].
 
     The logits of each query head are one matmul against its KV head's keys (no repeated copy of the keys), into
-    one [H_q, p, n] buffer (``work``'s ``probe`` buffer when given, reused by every layer), then scaled, masked and
-    softmaxed in place: the values of the batched, out-of-place computation bit for bit, without four fresh
-    multi-MiB tensors per layer (tests/test_vlm_kernels.py)."""
+    one [H_q, p, n] buffer (``work``'s ``probe`` buffer when given, reused by every layer), then scaled and masked
+    in one pass, ``mask + scale * logits`` with a [p, n] mask of 0 and -inf, and softmaxed in place. For finite
+    logits these are the values of the batched, out-of-place ``(logits * scale).masked_fill(...)`` bit for bit
+    (0 + round(scale * x) is round(scale * x); at most a -0 becomes +0, which changes no probability), without
+    four fresh multi-MiB tensors per layer and without ``masked_fill``'s slow broadcast loop
+    (tests/test_vlm_kernels.py)."""
     h_q, p, d = probe_queries.shape
     h_kv, n = keys.shape[:2]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     q, k = probe_queries.float(), keys.float()
+    cols = torch.arange(n, device=keys.device)
+    hidden = probes[:, None] < cols[None, :]  # [p, n] probe i sees j <= probes[i]
+    mask = torch.zeros(p, n, device=keys.device).masked_fill_(hidden, float("-inf"))  # [p, n] 0 or -inf
     logits = torch.empty(h_q, p, n, device=keys.device) if work is None else work.get("probe", (h_q, p, n), keys.device)
     for i in range(h_q):  # query head i belongs to KV head i // G
         torch.mm(q[i], k[i // (h_q // h_kv)].T, out=logits[i])  # [p, n]
-    logits.mul_(scale)
-    cols = torch.arange(n, device=keys.device)
-    hidden = probes[:, None] < cols[None, :]  # [p, n] probe i sees j <= probes[i]
-    attn = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1, out=logits)  # [H_q, p, n], in place
+        torch.add(mask, logits[i], alpha=scale, out=logits[i])  # scaled and masked, while the head is in cache
+    attn = torch.softmax(logits, dim=-1, out=logits)  # [H_q, p, n], in place
     seen = (p - torch.searchsorted(probes, cols)).clamp(min=1)  # [n] probes at positions >= j (sorted probes)
     per_q = attn.sum(1) / seen  # [H_q, n]
     return per_q.view(h_kv, h_q // h_kv, n).mean(1)
