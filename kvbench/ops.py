@@ -107,6 +107,14 @@ def topk_per_head(scores: Tensor, counts: Tensor) -> list[Tensor]:
     return [idx[k, :ck].sort().values for k, ck in enumerate(c)]
 
 
+def stable_ranks(scores: Tensor) -> Tensor:
+    """(H, m) scores -> (H, m) long: each entry's place in its row's stable descending order (ties: the lower index
+    first; NaN first, as the sort puts it). ``ranks < counts[:, None]`` marks the sets ``topk_per_head`` returns."""
+    order = scores.float().argsort(dim=-1, descending=True, stable=True)  # (H, m)
+    places = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, places)
+
+
 class Workspace:
     """Scratch buffers that outlive one call, by name: ``get(name, shape, device)`` -> an uninitialised view.
 

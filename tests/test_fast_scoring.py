@@ -25,7 +25,8 @@ import methods.snapkv
 import methods.taskkv
 from kvbench.engine import Engine, LayerContext
 from kvbench.engine.store import LayerKV
-from kvbench.ops import Workspace, pool1d, topk_per_head, variance
+from kvbench.engine.view import head_indices, valid_candidates
+from kvbench.ops import Workspace, pool1d, stable_ranks, topk_per_head, variance
 from methods.defensivekv import DefensiveKV
 from methods.epicache import EpiCache
 
@@ -106,6 +107,7 @@ def use_references(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(LayerContext, "attention_column_sums", ref_column_sums)
     monkeypatch.setattr(EpiCache, "probe_scores", ref_probe_scores)
     monkeypatch.setattr(kvbench.engine.engine, "topk_per_head", ref_topk_per_head)
+    monkeypatch.setattr(Engine, "_trim", ref_trim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,6 +146,46 @@ def test_topk_per_head_is_the_stable_sort_prefix():
         counts = torch.randint(0, m + 3, (h,), generator=g)
         got, want = topk_per_head(scores, counts), ref_topk_per_head(scores, counts)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (scores, counts)
+
+
+def test_stable_ranks_give_the_top_k_sets_and_nested_re_trims():
+    """``ranks < c`` is the stable-sort prefix of each row (ties, -inf, NaN), and after keeping it, the kept ranks
+    cut at c' < c give what the top-c' of the kept scores alone would (the engine's cascading re-trims)."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(400):
+        h, m = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+        scores = torch.randint(0, 6, (h, m), generator=g).float() if trial % 4 else torch.rand(h, m, generator=g)
+        if trial % 3 == 0:
+            scores[scores == 0] = float("-inf")
+        if trial % 11 == 0:
+            scores[0, 0] = float("nan")
+        rank, c = stable_ranks(scores), int(torch.randint(0, m + 1, (1,), generator=g))
+        keep = rank < c
+        want = ref_topk_per_head(scores, torch.full((h,), c))
+        assert all(torch.equal(keep[k].nonzero().squeeze(1), want[k]) for k in range(h)), (scores, c)
+        kept, kept_rank = scores[keep].view(h, c), rank[keep].view(h, c)
+        c2 = int(torch.randint(0, c + 1, (1,), generator=g))
+        again = ref_topk_per_head(kept, torch.full((h,), c2))
+        assert all(torch.equal((kept_rank[k] < c2).nonzero().squeeze(1), again[k]) for k in range(h))
+
+
+def ref_trim(self: Engine, i: int, counts: Tensor) -> None:
+    """The engine's re-trim before ranks: a top-k of the (gathered) pending scores at every trim."""
+    p, layer = self._pending[i], self.store.layers[i]
+    h, m = p.scores.shape
+    counts = torch.minimum(counts.clamp(0, m), valid_candidates(m, h, p.pad).to(counts.device))
+    if p.pad is None and bool((counts == m).all()):
+        self.decode_budget[i] = (m, p.n - m)
+        return
+    picks = ref_topk_per_head(p.scores, counts)
+    tail = torch.arange(m, p.n)
+    layer.select(head_indices([torch.cat([idx, tail]) for idx in picks], p.pad))
+    self.decode_budget[i] = (int(counts[0]), p.n - m)
+    if bool((counts == counts[0]).all()) and p.pad is None:
+        p.scores = torch.stack([p.scores[k, idx] for k, idx in enumerate(picks)])
+        p.n = int(counts[0]) + p.n - m
+    else:
+        del self._pending[i]
 
 
 @pytest.mark.parametrize(("h", "g", "p", "lens", "d"), [(2, 2, 40, (333, 333), 16), (1, 4, 7, (100,), 64),

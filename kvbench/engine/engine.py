@@ -36,7 +36,7 @@ from kvbench.engine.quant import layer_kind
 from kvbench.engine.store import KVStore, LayerKV
 from kvbench.engine.view import head_indices, layer_view, mask_padding, valid_candidates
 from kvbench.engine.vl import VisionInputs
-from kvbench.ops import topk_per_head
+from kvbench.ops import stable_ranks, topk_per_head
 
 if TYPE_CHECKING:  # kvbench.method imports the engine's LayerContext
     from kvbench.method import Method
@@ -135,6 +135,7 @@ class Engine:
         self.compress_seconds = 0.0
         self.decode_budget: dict[int, tuple[int, int]] = {}  # layer -> (kept candidates, window) after prefill
         self._pending: dict[int, LayerScores] = {}  # cross-layer allocation: scored layers awaiting their counts
+        self._ranks: dict[int, Tensor] = {}  # their candidates' stable ranks, from the first trim on (``_trim``)
         self._positions: Tensor | None = None
         self._step_end = 0
         self._compress = False
@@ -181,7 +182,7 @@ class Engine:
         self.vision = None
         self.compress_seconds = 0.0
         self.decode_budget = {}
-        self._pending = {}
+        self._pending, self._ranks = {}, {}
         self._plan_queries, self._prefill_ctx, self.layer_stats = {}, {}, {}
 
     def snapshot(self) -> Any:
@@ -236,7 +237,7 @@ class Engine:
         self._step_end = start + n  # the logical length once the forward is done (no device sync to read it)
         self._compress = compress and (self.method.compresses or self.method.plans)
         self._decoding = decoding
-        self._pending = {}  # cross-layer allocation plans over the layers scored in this forward
+        self._pending, self._ranks = {}, {}  # cross-layer allocation plans over the layers scored in this forward
         return start
 
     def end(self, advance: bool = True) -> None:
@@ -419,7 +420,9 @@ class Engine:
     def _trim(self, i: int, counts: Tensor) -> None:
         """Keep layer i's top-``counts[h]`` candidates per head (within its current cache) plus its tail.
 
-        The layer's pending scores are gathered alongside, so a later, smaller plan (cascading) selects a subset.
+        The picks are ``topk_per_head``'s sets, read from the candidates' stable ranks (computed at the layer's first
+        trim). The pending scores and ranks are gathered alongside, so a later, smaller plan (cascading) selects a
+        subset with one comparison: the kept ranks are 0 .. c - 1, and the top c' < c of them are those below c'.
         """
         p, layer = self._pending[i], self.store.layers[i]
         h, m = p.scores.shape
@@ -427,15 +430,20 @@ class Engine:
         if p.pad is None and bool((counts == m).all()):  # every candidate stays (a cascade step that grants a layer
             self.decode_budget[i] = (m, p.n - m)  # at least what it holds): the cache and its scores are as they are
             return
-        picks = topk_per_head(p.scores, counts)  # (ascending indices per head)
+        if i not in self._ranks:  # the layer's first trim
+            self._ranks[i] = stable_ranks(p.scores)
+        rank = self._ranks[i]  # (H, m)
+        keep = rank < counts.to(rank.device)[:, None]  # (H, m) each head's top counts[h], ties to the lower index
+        picks = keep.nonzero()[:, 1].split(counts.tolist())  # ascending indices per head
         tail = torch.arange(m, p.n, device=p.scores.device)
         layer.select(head_indices([torch.cat([idx, tail]) for idx in picks], p.pad))
         self.decode_budget[i] = (int(counts[0]), p.n - m)
         if bool((counts == counts[0]).all()) and p.pad is None:
-            p.scores = torch.stack([p.scores[k, idx] for k, idx in enumerate(picks)])  # (H, counts)
-            p.n = int(counts[0]) + p.n - m
+            c = int(counts[0])
+            p.scores, self._ranks[i] = p.scores[keep].view(h, c), rank[keep].view(h, c)  # (H, c)
+            p.n = c + p.n - m
         else:  # ragged now: no dense scores left to re-trim with
-            del self._pending[i]
+            del self._pending[i], self._ranks[i]
 
     def _attend_probe(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
         if module.layer_idx in self.windows:  # a local layer keeps its window; the probe only passes through
