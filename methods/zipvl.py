@@ -20,11 +20,13 @@ normalisation from the authors' earlier ZipCache, https://arxiv.org/abs/2405.142
    tokens' own queries, against the whole cache) and they are re-compressed by the same rule.
 
 How kvbench runs it (:class:`ZipVL`): the important set is one set of tokens per layer (token-level sparsity: the
-layer score is the mean over KV heads), chosen before the layer's attention. The prefill attention is computed on
-the gathered ``Q[T], K[T], V[T]`` only (causal among them), so its QK^T / AV FLOPs really are ``p^2 / n^2`` of the
-dense ones; the layer's ``prefill_attention_flops_saved`` stat is ``1 - p^2 / n^2`` and ``probe_flops_fraction``
-the probes' own cost (``2 * probes * n / n^2``), both in ``Engine.layer_stats`` (each prediction's
-``layer_stats``, averaged into metrics.json's ``method_stats``). The attention output of the
+layer score is the mean over KV heads), chosen before the layer's attention: the engine calls ``plan`` first and
+times it as compression (the scoring is the method's cost even though its sparse attention uses it too). The
+prefill attention is computed on the gathered ``Q[T], K[T], V[T]`` only (causal among them), so its QK^T / AV FLOPs
+really are ``p^2 / n^2`` of the dense ones; the layer's ``prefill_attention_flops_saved`` stat is
+``1 - p^2 / n^2`` and ``probe_flops_fraction`` the probes' own cost (``2 * probes * n / n^2``), both in
+``Engine.layer_stats`` (each prediction's ``layer_stats``, averaged into metrics.json's ``method_stats``). The
+attention output of the
 unimportant tokens is 0 (reconstructed: the retrieved text does not say; the residual stream carries them through
 the layer). The KV cache goes to the quantised store as a per-token plan (``kvbench.engine.quant``): important
 tokens ``HIGH`` at ``bits_high``, the rest ``LOW`` at ``bits_low`` (ZipCache's 4 / 2 bits, reconstructed), keys per

@@ -336,9 +336,9 @@ class Engine:
     def _prefill_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, scale: float
                            ) -> Tensor:
         """A fresh layer's attention: dense causal (or ``attention_mask``), or the method's own when it declares
-        ``own_prefill_attention``. Then the layer's plan comes first, timed as compression (ZipVL's probe scoring,
-        which also picks the tokens its sparse attention attends among); the method's attention reads it from
-        the context's memo, and the same plan is applied once the layer is stored (``_plan_layer``).
+        ``own_prefill_attention``. For such a method the layer's plan comes first, timed as compression (ZipVL's
+        probe scoring, which also picks the tokens its sparse attention attends among); the method's attention reads
+        it from the context's memo, and the same plan is applied once the layer is stored (``_plan_layer``).
         (1, Hq, q, d) x 3 -> (1, q, Hq, d)."""
         if self.attention_mask is not None:
             return masked_attention(query, key, value, self.attention_mask, scale)

@@ -4,6 +4,7 @@ whose docstring describes the layout and the deviations from KIVI."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -19,7 +20,10 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     """(m, d) integer codes in [0, 2^bits) -> (m, d * bits / 8) uint8, 8/bits codes per byte, low bits first.
 
     The 8/bits consecutive code bytes of an output byte are read as one little-endian integer word (int32 for 2
-    bits, int16 for 4) and shifted together, two to three times faster on a CPU than one strided pass per code."""
+    bits, int16 for 4) and shifted together, two to three times faster on a CPU than one strided pass per code
+    (little-endian hosts only: x86, ARM and CUDA devices are; a big-endian host is refused)."""
+    if sys.byteorder != "little":
+        raise RuntimeError("packing KV codes assumes a little-endian host (the word view reads byte 0 first)")
     per = 8 // bits
     c = codes.to(torch.uint8, copy=True).contiguous()  # a fresh buffer: aligned for the word view below
     if per == 1:
