@@ -132,17 +132,25 @@ def ref_topk_per_head(scores: Tensor, counts: Tensor) -> list[Tensor]:
     return [order[h, : int(c)].sort().values for h, c in enumerate(counts.clamp(max=scores.shape[1]).tolist())]
 
 
+def tie_heavy_rows(trial: int, g: torch.Generator) -> Tensor:
+    """(h, m) random scores, 1-4 rows of 1-39: six distinct values in three trials of four (uniform otherwise),
+    -inf in place of the zeros every third trial, a NaN every eleventh."""
+    h, m = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+    scores = torch.randint(0, 6, (h, m), generator=g).float() if trial % 4 else torch.rand(h, m, generator=g)
+    if trial % 3 == 0:
+        scores[scores == 0] = float("-inf")
+    if trial % 11 == 0:
+        scores[0, 0] = float("nan")
+    return scores
+
+
 def test_topk_per_head_is_the_stable_sort_prefix():
     """Tie-heavy rows (six distinct values, -inf padding, NaN), ragged counts including 0 and more than m: the same
     sets as the stable descending sort, whether the fast top-k or the sort fallback answers."""
     g = torch.Generator().manual_seed(0)
     for trial in range(600):
-        h, m = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
-        scores = torch.randint(0, 6, (h, m), generator=g).float() if trial % 4 else torch.rand(h, m, generator=g)
-        if trial % 3 == 0:
-            scores[scores == 0] = float("-inf")
-        if trial % 11 == 0:
-            scores[0, 0] = float("nan")
+        scores = tie_heavy_rows(trial, g)
+        h, m = scores.shape
         counts = torch.randint(0, m + 3, (h,), generator=g)
         got, want = topk_per_head(scores, counts), ref_topk_per_head(scores, counts)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (scores, counts)
@@ -153,12 +161,8 @@ def test_stable_ranks_give_the_top_k_sets_and_nested_re_trims():
     cut at c' < c give what the top-c' of the kept scores alone would (the engine's cascading re-trims)."""
     g = torch.Generator().manual_seed(1)
     for trial in range(400):
-        h, m = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
-        scores = torch.randint(0, 6, (h, m), generator=g).float() if trial % 4 else torch.rand(h, m, generator=g)
-        if trial % 3 == 0:
-            scores[scores == 0] = float("-inf")
-        if trial % 11 == 0:
-            scores[0, 0] = float("nan")
+        scores = tie_heavy_rows(trial, g)
+        h, m = scores.shape
         rank, c = stable_ranks(scores), int(torch.randint(0, m + 1, (1,), generator=g))
         keep = rank < c
         want = ref_topk_per_head(scores, torch.full((h,), c))
